@@ -1,0 +1,28 @@
+"""Fine-tune a language model: `python launch.py [model=...] [method=...] [parallel=...]`.
+
+With no argument it trains the bundled tiny model on the bundled task on this machine.
+`python launch.py --cfg job` prints the composed config; `-m` runs sweeps.
+"""
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from launch.config import register_resolvers
+
+register_resolvers()
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def app(cfg: DictConfig) -> int:
+    from launch.main import main
+
+    code = main(cfg, HydraConfig.get().runtime.output_dir)
+    if code and HydraConfig.get().mode.name != "MULTIRUN":
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,37 @@
+"""Config helpers shared by the entry point, the workers and the SLURM jobs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def register_resolvers() -> None:
+    """`${repo:path}` makes bundled assets work from any working directory."""
+    if not OmegaConf.has_resolver("repo"):
+        OmegaConf.register_new_resolver("repo", lambda p="": str(REPO_ROOT / p))
+
+
+def finalize(cfg: DictConfig, run_dir: str) -> DictConfig:
+    """Resolve every interpolation (Hydra's included) into a plain, self-contained config
+    that workers on other machines can load without Hydra."""
+    with open_dict(cfg):
+        cfg.run_dir = str(Path(run_dir).resolve())
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    OmegaConf.set_struct(resolved, True)
+    return resolved
+
+
+def save(cfg: DictConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    OmegaConf.save(cfg, tmp)
+    tmp.replace(path)
+
+
+def load(path: str | Path) -> DictConfig:
+    cfg = OmegaConf.load(path)
+    OmegaConf.set_struct(cfg, True)
+    return cfg

@@ -1,0 +1,73 @@
+"""Checks that run before any process is spawned or job submitted.
+
+Each failure is a UserError: one paragraph naming the bad value and what is accepted.
+"""
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from parallel import refusal
+from trainers.errors import UserError
+from trainers.optim import SCHEDULES
+
+CHOICES = {
+    "data.on_bad_row": ("error", "skip"),
+    "data.format": ("auto", "messages", "prompt_completion"),
+    "optim.schedule": SCHEDULES,
+    "train.precision": ("auto", "fp32", "bf16"),
+}
+POSITIVE_INTS = (
+    "train.max_steps", "train.micro_batch_size", "train.grad_accum", "train.save_every",
+    "train.eval_every", "train.keep_last", "train.log_every", "data.max_seq_len",
+)
+
+
+def _get(cfg: DictConfig, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def world_size(cfg: DictConfig) -> int:
+    launcher = cfg.launcher
+    per_node = launcher.get("nproc_per_node") or launcher.get("gpus_per_node") or 1
+    return int(per_node) * int(launcher.get("nodes", 1) or 1)
+
+
+def check_values(cfg: DictConfig) -> None:
+    for key, accepted in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in accepted:
+            raise UserError(f"{key}={value!r} is not accepted; use one of: {', '.join(accepted)}.")
+    for key in POSITIVE_INTS:
+        value = _get(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{key}={value!r} must be a positive integer.")
+    lr = cfg.optim.lr
+    if not isinstance(lr, (int, float)) or not 0 < lr < 1:
+        raise UserError(f"optim.lr={lr!r} must be a number between 0 and 1 (e.g. 2e-4).")
+    m = cfg.method
+    if m.peft == "lora":
+        if not isinstance(m.r, int) or m.r < 1:
+            raise UserError(f"method.r={m.r!r} must be a positive integer (LoRA rank, e.g. 8, 16, 64).")
+        if not 0 <= m.dropout < 1:
+            raise UserError(f"method.dropout={m.dropout!r} must be in [0, 1).")
+
+
+def check(cfg: DictConfig) -> None:
+    """Everything that can be checked without loading weights."""
+    check_values(cfg)
+    reason = refusal(cfg, world_size(cfg))
+    if reason:
+        raise UserError(f"parallel={cfg.parallel.name} with method={cfg.method.name}: {reason}")
+
+
+def check_data(cfg: DictConfig) -> list[str]:
+    """Tokenize and validate every row (needs only the tokenizer). Returns report lines."""
+    from trainers.loop import load_training_data
+    from trainers.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    *_, reports = load_training_data(cfg, tokenizer)
+    return [r.describe() for r in reports]

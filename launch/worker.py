@@ -1,0 +1,49 @@
+"""Entry point of one training process (spawned locally or started by SLURM).
+
+`python -m launch.worker RUN_DIR/config.yaml`: the config was resolved and validated by
+the launcher, so a worker only sets up logging and runs the shared loop.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "datasets", "torch.distributed.checkpoint"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(cfg) -> int:
+    """Train, turning expected failures into a message and an exit code (no traceback)."""
+    from trainers.errors import TrainingError, UserError
+    from trainers.loop import train
+
+    try:
+        summary = train(cfg)
+    except (UserError, TrainingError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UserError) else 1
+    return 0 if summary["status"] in ("completed", "preempted") else 1
+
+
+def main(argv: list[str]) -> int:
+    from launch.config import load, register_resolvers
+
+    setup_logging()
+    register_resolvers()
+    return run(load(argv[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

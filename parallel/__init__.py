@@ -1,0 +1,32 @@
+"""Parallel plans. A plan wraps the model and optimizer and owns backward, step and its
+share of checkpoint state; the training loop is the same for all of them.
+
+Each plan lives in its own module and registers itself in PLANS by name; `refuse`
+checks a method x plan combination before any process starts.
+"""
+from __future__ import annotations
+
+import importlib
+
+from trainers.errors import UserError
+
+# name -> "module:Class". Imported lazily: DeepSpeed costs seconds to import.
+PLANS: dict[str, str] = {
+    "none": "parallel.single:SingleDevice",
+}
+
+
+def plan_class(name: str):
+    if name not in PLANS:
+        raise UserError(f"parallel={name!r} is not a known plan; available: {', '.join(PLANS)}.")
+    module, cls = PLANS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_plan(cfg, env):
+    return plan_class(cfg.parallel.name)(cfg, env)
+
+
+def refusal(cfg, world_size: int) -> str | None:
+    """Why this configuration cannot run under its plan (None if it can)."""
+    return plan_class(cfg.parallel.name).refuse(cfg, world_size)

@@ -1,0 +1,137 @@
+"""The interface every parallel plan implements, with the torch-native defaults.
+
+Checkpoints of torch-native plans go through torch.distributed.checkpoint (DCP): each
+rank writes its own shard, the same code serves one process and many, and a checkpoint
+written by N ranks loads into M.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from trainers.distributed import DistEnv
+from trainers.model import resolve_precision
+from trainers.optim import build_optimizer, build_scheduler, param_groups
+
+
+class Plan:
+    name = "base"
+
+    def __init__(self, cfg, env: DistEnv):
+        self.cfg = cfg
+        self.env = env
+        self.compute_dtype = resolve_precision(cfg.train.precision, env.device)
+        self.model: torch.nn.Module | None = None  # what the loop calls forward on
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+
+    # ------------------------------------------------------------------ compatibility
+    @classmethod
+    def refuse(cls, cfg, world_size: int) -> str | None:
+        """A reason this plan cannot run `cfg` (checked before any process starts)."""
+        return None
+
+    # --------------------------------------------------------------------- topology
+    @property
+    def dp_rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def dp_world(self) -> int:
+        return self.env.world_size
+
+    @property
+    def model_device(self) -> torch.device:
+        """Where build_model should put the freshly loaded model."""
+        return self.env.device
+
+    # ------------------------------------------------------------------------ setup
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        self.inner = model  # the (peft) model, unwrapped
+        self.model = self.wrap(model)
+        self.optimizer = build_optimizer(param_groups(self.model, self.cfg.optim, self.cfg.method), self.cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.max_steps)
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The module to run evaluation / generation on (all ranks call it together)."""
+        return self.model
+
+    # ------------------------------------------------------------------- train step
+    def autocast(self):
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.compute_dtype)
+
+    def no_sync(self, accumulating: bool):
+        """Skip gradient communication on all but the last micro-batch of a step."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss` is this micro-batch's share of the global-batch mean. Plans that average
+        gradients over data-parallel ranks scale it back up so the result is a true mean."""
+        (loss * self.dp_world).backward()
+
+    def clip_grad_norm(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+
+    def step(self) -> float:
+        norm = self.clip_grad_norm()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    # ------------------------------------------------------------------ checkpoints
+    _sd_options = StateDictOptions(ignore_frozen_params=True)
+
+    def save(self, directory: Path) -> None:
+        """Write this plan's model + optimizer state (every rank calls this)."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._sd_options)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / "state"))
+
+    def load(self, directory: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._sd_options)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(directory / "state"))
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+        )
+
+    def scheduler_state(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_scheduler_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+
+    def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
+        """The whole (unsharded) model state on rank 0's CPU, {} on other ranks."""
+        sd = get_model_state_dict(
+            self.model,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only),
+        )
+        return sd if self.env.is_main else {}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""The shared training recipe: data, model, objectives, loop, checkpoints, metrics."""

@@ -1,0 +1,131 @@
+"""Checkpoint directories: atomic commit, `latest`, retention, and finding what to resume.
+
+A checkpoint is written into `step_<N>.tmp/`, and only after every rank has finished
+does rank 0 write the COMMITTED marker, rename it to `step_<N>/` and move `latest`
+(an atomic os.replace). A crash at any moment therefore leaves the previous committed
+checkpoint as the one that is resumed; half-written directories are never taken.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from trainers.distributed import DistEnv, barrier
+from trainers.errors import TrainingError
+from trainers.rng import rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
+MARKER = "COMMITTED"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def committed_steps(root: Path) -> list[int]:
+    if not root.is_dir():
+        return []
+    steps = []
+    for d in root.iterdir():
+        m = STEP_DIR.match(d.name)
+        if m and (d / MARKER).exists():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest committed checkpoint: `latest` if it is valid, else a scan."""
+    pointer = root / "latest"
+    if pointer.exists():
+        d = root / pointer.read_text().strip()
+        if (d / MARKER).exists():
+            return d
+    steps = committed_steps(root)
+    return root / f"step_{steps[-1]}" if steps else None
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, plan, env: DistEnv, keep_last: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.plan = plan
+        self.env = env
+        self.keep_last = max(1, int(keep_last))
+        if env.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for d in self.root.glob("step_*.tmp"):  # left by a crash mid-write
+                shutil.rmtree(d, ignore_errors=True)
+        barrier()
+
+    # ----------------------------------------------------------------------- saving
+    def save(self, step: int, trainer_state: dict) -> Path:
+        final = self.root / f"step_{step}"
+        tmp = self.root / f"step_{step}.tmp"
+        try:
+            if self.env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            barrier()
+            self.plan.save(tmp)
+            (tmp / "rng").mkdir(exist_ok=True)
+            torch.save(rng_state(), tmp / "rng" / f"rank{self.env.rank}.pt")
+            barrier()
+            if self.env.is_main:
+                state = dict(trainer_state, step=step, world_size=self.env.world_size,
+                             scheduler=self.plan.scheduler_state())
+                _fsync_write(tmp / "trainer_state.json", json.dumps(state, indent=1))
+                _fsync_write(tmp / MARKER, "ok\n")
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                _fsync_write(self.root / "latest", final.name)
+                self._prune()
+            barrier()
+        except OSError as e:
+            if self.env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            prev = latest_checkpoint(self.root)
+            why = "the disk is full" if e.errno == errno.ENOSPC else str(e)
+            raise TrainingError(
+                f"Could not write checkpoint {final}: {why}. Nothing committed was lost: the "
+                f"last committed checkpoint is {prev or 'none'}. Free space or point "
+                f"hydra.run.dir at a larger disk, then relaunch to resume."
+            ) from None
+        return final
+
+    def _prune(self) -> None:
+        steps = committed_steps(self.root)
+        latest = (self.root / "latest").read_text().strip()
+        for s in steps[: -self.keep_last]:
+            if f"step_{s}" != latest:
+                shutil.rmtree(self.root / f"step_{s}", ignore_errors=True)
+
+    # ---------------------------------------------------------------------- loading
+    def restore(self) -> dict | None:
+        """Load the newest committed checkpoint into the plan; returns its trainer state."""
+        directory = latest_checkpoint(self.root)
+        if directory is None:
+            return None
+        state = json.loads((directory / "trainer_state.json").read_text())
+        self.plan.load(directory)
+        self.plan.load_scheduler_state(state["scheduler"])
+        rng_file = directory / "rng" / f"rank{self.env.rank}.pt"
+        if state["world_size"] == self.env.world_size and rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        else:
+            log.warning("world size changed (%s -> %s): RNG streams restart from the seed",
+                        state["world_size"], self.env.world_size)
+        state["path"] = str(directory)
+        return state

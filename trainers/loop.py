@@ -1,0 +1,176 @@
+"""The training recipe every plan and objective shares. Read it top to bottom:
+
+    data -> model -> plan.prepare -> resume -> [step: micro-batches -> backward -> step
+    -> log -> eval -> checkpoint] -> final eval -> export -> summary
+
+A step's loss is the sum of token losses over the whole global batch divided by its
+target-token count; each micro-batch contributes its share, so splitting the batch over
+micro-batches, accumulation steps or ranks changes speed and memory but not the numbers.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from parallel import build_plan
+from trainers.batches import BatchLayout, GlobalBatches
+from trainers.checkpoint import Checkpointer
+from trainers.data import collate, load_examples, pack, unpacked
+from trainers.distributed import all_reduce_sum, any_rank, init_distributed, shutdown
+from trainers.errors import TrainingError
+from trainers.evaluate import Evaluator
+from trainers.export import export
+from trainers.metrics import MetricsLogger, plot_losses, write_summary
+from trainers.model import build_model, count_parameters, load_tokenizer
+from trainers.objectives import get_objective
+from trainers.peft_methods import SUPPORTS_PACKING, method_summary
+from trainers.rng import seed_everything
+
+log = logging.getLogger("train")
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 set a flag; ranks agree on it at the next step boundary, save
+    and exit as `preempted` (the scheduler requeues; the next launch resumes)."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+
+def load_training_data(cfg, tokenizer):
+    """Tokenized, validated (and maybe packed) train/eval sequences plus raw eval rows."""
+    packed = bool(cfg.data.packing) and cfg.method.peft in SUPPORTS_PACKING
+    group = (lambda ex: pack(ex, cfg.data.max_seq_len)) if packed else unpacked
+    train_ex, _, train_report = load_examples(cfg.data.train, tokenizer, cfg.data)
+    eval_seqs, eval_rows, eval_report = [], [], None
+    if cfg.data.get("eval"):
+        eval_ex, eval_rows, eval_report = load_examples(cfg.data.eval, tokenizer, cfg.data)
+        eval_seqs = group(eval_ex)
+    return group(train_ex), eval_seqs, eval_rows, packed, [r for r in (train_report, eval_report) if r]
+
+
+def train(cfg) -> dict:
+    env = init_distributed()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    stop = StopRequest()
+    t_start = time.time()
+
+    tokenizer = load_tokenizer(cfg.model)
+    train_seqs, eval_seqs, eval_rows, packed, reports = load_training_data(cfg, tokenizer)
+
+    plan = build_plan(cfg, env)
+    batches = GlobalBatches(
+        train_seqs, BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, plan.dp_world), cfg.seed
+    )
+    seed_everything(cfg.seed)  # every rank builds identical initial weights
+    plan.prepare(build_model(cfg.model, cfg.method, plan.model_device))
+    objective = get_objective(cfg.objective.name)
+    trainable, total = count_parameters(plan.inner)
+    if env.is_main:
+        for r in reports:
+            log.info("data: %s", r.describe())
+        log.info(
+            "plan: world_size=%d plan=%s method=%s trainable=%s/%s (%.3f%%) packed=%s global_batch=%d rows",
+            env.world_size, plan.name, method_summary(cfg.method), f"{trainable:,}", f"{total:,}",
+            100 * trainable / max(total, 1), packed, batches.layout.global_rows,
+        )
+        describe = getattr(plan, "describe", None)
+        if describe:
+            log.info("plan: %s", describe())
+
+    ckpt = Checkpointer(run_dir, plan, env, cfg.train.keep_last)
+    resumed = ckpt.restore()
+    start = resumed["step"] if resumed else 0
+    tokens_seen = resumed["tokens_seen"] if resumed else 0
+    if resumed and env.is_main:
+        log.info("resumed from %s (step %d)", resumed["path"], start)
+
+    evaluator = Evaluator(cfg, plan, tokenizer, eval_seqs, eval_rows, packed) if eval_seqs else None
+    metrics = MetricsLogger(run_dir, env.is_main, start, cfg.train.max_steps)
+    status, error, last = "completed", None, {}
+    step = start
+    try:
+        if evaluator and start == 0:
+            metrics.log({"step": 0, **evaluator.run()})
+        while step < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            micro, n_targets = batches.micro_batches(step, plan.dp_rank)
+            loss_sum, real_tokens = 0.0, 0
+            for i, rows in enumerate(micro):
+                batch = collate(rows, tokenizer.pad_token_id, packed)
+                with plan.no_sync(i < len(micro) - 1), plan.autocast():
+                    ce = objective(plan.model, batch, env.device)
+                plan.backward(ce / n_targets)
+                loss_sum += float(ce.detach())
+                real_tokens += batch["n_real_tokens"]
+            loss_sum, real_tokens = all_reduce_sum([loss_sum, real_tokens], env.device)
+            loss = loss_sum / n_targets
+            if not math.isfinite(loss):
+                raise TrainingError(
+                    f"The loss became {loss} at step {step + 1} (lr {plan.lr:.3g}). Training "
+                    f"stopped before the optimizer step; the last committed checkpoint is "
+                    f"untouched. Lower optim.lr, or check the data and train.precision."
+                )
+            lr = plan.lr
+            grad_norm = plan.step()
+            step += 1
+            tokens_seen += int(real_tokens)
+            dt = time.perf_counter() - t0
+            last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                    "tokens": int(real_tokens), "tokens_per_s": real_tokens / dt}
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                metrics.log(dict(last))
+            if evaluator and step % cfg.train.eval_every == 0:
+                last.update(evaluator.run())
+                metrics.log({"step": step, **{k: last[k] for k in ("eval_loss", "eval_exact_match")}})
+            preempt = any_rank(stop.requested, env.device)
+            if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or preempt:
+                ckpt.save(step, {"epoch": batches.epoch_of(step), "tokens_seen": tokens_seen})
+            if preempt:
+                status = "preempted"
+                break
+        if status == "completed":
+            if evaluator and step % cfg.train.eval_every != 0:
+                final_eval = evaluator.run()
+                last.update(final_eval)
+                metrics.log({"step": step, **final_eval})
+            written = export(plan, cfg, tokenizer, run_dir)
+            if env.is_main:
+                log.info("export: %s", written)
+    except TrainingError as e:
+        status, error = "failed", str(e)
+        raise
+    except BaseException as e:
+        status, error = "failed", f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        metrics.close()
+        summary = {
+            "status": status, "final_step": step, "world_size": env.world_size,
+            "plan": cfg.parallel.name, "method": cfg.method.name,
+            "final_loss": last.get("loss"), "final_eval_loss": last.get("eval_loss"),
+            "final_eval_exact_match": last.get("eval_exact_match"),
+            "trainable_params": trainable, "tokens_seen": tokens_seen,
+            "wall_time_s": round(time.time() - t_start, 2), "error": error,
+        }
+        if env.is_main:
+            plot_losses(run_dir)
+            write_summary(run_dir, summary)
+        plan.close()
+    shutdown()
+    return summary
