@@ -13,6 +13,7 @@ from trainers.errors import UserError
 # name -> "module:Class". Imported lazily: DeepSpeed costs seconds to import.
 PLANS: dict[str, str] = {
     "none": "parallel.single:SingleDevice",
+    "ddp": "parallel.ddp:DDP",
 }
 
 

@@ -25,6 +25,9 @@ from trainers.optim import build_optimizer, build_scheduler, param_groups
 
 class Plan:
     name = "base"
+    # Which parts of the model state this plan splits over data-parallel ranks
+    # (subset of {"params", "grads", "optim"}); used for the expected bytes per rank.
+    shards: frozenset[str] = frozenset()
 
     def __init__(self, cfg, env: DistEnv):
         self.cfg = cfg
@@ -60,9 +63,34 @@ class Plan:
 
     def prepare(self, model: torch.nn.Module) -> None:
         self.inner = model  # the (peft) model, unwrapped
+        self._unsharded_bytes = self.count_state_bytes(model)
         self.model = self.wrap(model)
         self.optimizer = build_optimizer(param_groups(self.model, self.cfg.optim, self.cfg.method), self.cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.max_steps)
+
+    def expected_state_bytes(self) -> dict[str, int]:
+        """Model-state bytes per rank this plan should hold: parameters, gradients of the
+        trainable ones, and AdamW's two fp32 moments, divided where the plan shards."""
+        n = self.dp_world
+        return {k: v // n if k in self.shards else v for k, v in self._unsharded_bytes.items()}
+
+    @staticmethod
+    def count_state_bytes(model: torch.nn.Module) -> dict[str, int]:
+        params = grads = optim = 0
+        for p in model.parameters():
+            params += p.numel() * p.element_size()
+            if p.requires_grad:
+                grads += p.numel() * p.element_size()
+                optim += p.numel() * 8
+        return {"params": params, "grads": grads, "optim": optim}
+
+    def describe(self) -> str:
+        b = self.expected_state_bytes()
+        mib = {k: v / 2**20 for k, v in b.items()}
+        return (
+            f"expected model state per rank: params {mib['params']:.1f} MiB + grads {mib['grads']:.1f} MiB "
+            f"+ optimizer {mib['optim']:.1f} MiB = {sum(mib.values()):.1f} MiB"
+        )
 
     @property
     def eval_model(self) -> torch.nn.Module:

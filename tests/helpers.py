@@ -1,0 +1,49 @@
+"""Run the real CLI in a subprocess and read what it wrote."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Small, fast, deterministic settings shared by most tests (no dropout so that runs
+# split differently over micro-batches/ranks are comparable).
+FAST = [
+    "train.max_steps=10",
+    "train.micro_batch_size=4",
+    "train.grad_accum=2",
+    "train.eval_every=1000",
+    "train.save_every=1000",
+    "data.metric_rows=8",
+    "method.dropout=0",
+]
+
+
+def launch(*overrides: str, timeout: int = 600, env: dict | None = None, check: bool = True):
+    """`python launch.py OVERRIDES...` in a fresh process; returns CompletedProcess."""
+    full_env = dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *overrides],
+        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> train loss (the last record wins, as after a resume)."""
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
