@@ -19,8 +19,9 @@ def setup_logging() -> None:
         stream=sys.stderr,
         force=True,
     )
-    for noisy in ("httpx", "urllib3", "datasets", "torch.distributed.checkpoint"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from launch.quiet import quiet_libraries
+
+    quiet_libraries()
 
 
 def run(cfg) -> int:

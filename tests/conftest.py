@@ -38,3 +38,4 @@ def build_tiny_model(out: Path, layers: int = 2, hidden: int = 64, seed: int = 0
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+from tests.conftest_slurm import slurm_cluster  # noqa: F401,E402

@@ -33,11 +33,12 @@ def dequantized_base(model_cfg, method_cfg):
                 if child.bias is not None:
                     linear.bias.data = child.bias.data.float().cpu()
                 setattr(module, child_name, linear)
-    model.float()
+    # Drop the quantized markers first: transformers refuses .float() on a quantized model.
     model.config.quantization_config = None
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     model.is_quantized = False
+    model.float()
     return model
 
 

@@ -38,7 +38,7 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        record = {k: (round(v, 8) if isinstance(v, float) else v) for k, v in record.items()}
+        record = dict(record)
         record["elapsed_s"] = round(self.elapsed(), 3)
         self._file.write(json.dumps(record) + "\n")
         step = record["step"]

@@ -117,10 +117,11 @@ def build_model(model_cfg, method_cfg, device: torch.device):
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count as their logical size."""
+    """(trainable, total) parameter counts; 4-bit weights count as their logical size,
+    ZeRO-3-partitioned ones (DeepSpeed leaves them empty) as their full size."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", None) or p.numel()
         if hasattr(p, "quant_state") and p.quant_state is not None:
             n = int(torch.Size(p.quant_state.shape).numel())
         total += n

@@ -29,6 +29,8 @@ def token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def sft(model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    # use_cache=False also matters for packing: transformers only builds the per-row
+    # (block-diagonal) mask from position_ids when no KV cache is passed.
     out = model(**forward_inputs(batch, device), use_cache=False)
     logits = out.logits
     labels = batch["labels"].to(device)
