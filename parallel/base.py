@@ -107,6 +107,20 @@ class Plan:
         """Skip gradient communication on all but the last micro-batch of a step."""
         return contextlib.nullcontext()
 
+    def forward_backward(self, micro_batches: list[dict], n_targets: int, objective) -> tuple[float, int]:
+        """Forward and backward over this rank's micro-batches of one optimizer step.
+
+        Returns this rank's summed token loss and real (non-padding) token count; the loop
+        sums both over ranks. Plans with their own schedule (pipeline) override this."""
+        loss_sum, tokens = 0.0, 0
+        for i, batch in enumerate(micro_batches):
+            with self.no_sync(i < len(micro_batches) - 1), self.autocast():
+                ce = objective(self.model, batch, self.env.device)
+            self.backward(ce / n_targets)
+            loss_sum += float(ce.detach())
+            tokens += batch["n_real_tokens"]
+        return loss_sum, tokens
+
     def backward(self, loss: torch.Tensor) -> None:
         """`loss` is this micro-batch's share of the global-batch mean. Plans that average
         gradients over data-parallel ranks scale it back up so the result is a true mean."""

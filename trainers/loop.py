@@ -110,14 +110,8 @@ def train(cfg) -> dict:
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
             micro, n_targets = batches.micro_batches(step, plan.dp_rank)
-            loss_sum, real_tokens = 0.0, 0
-            for i, rows in enumerate(micro):
-                batch = collate(rows, tokenizer.pad_token_id, packed)
-                with plan.no_sync(i < len(micro) - 1), plan.autocast():
-                    ce = objective(plan.model, batch, env.device)
-                plan.backward(ce / n_targets)
-                loss_sum += float(ce.detach())
-                real_tokens += batch["n_real_tokens"]
+            micro = [collate(rows, tokenizer.pad_token_id, packed) for rows in micro]
+            loss_sum, real_tokens = plan.forward_backward(micro, n_targets, objective)
             loss_sum, real_tokens = all_reduce_sum([loss_sum, real_tokens], env.device)
             loss = loss_sum / n_targets
             if not math.isfinite(loss):
