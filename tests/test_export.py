@@ -1,0 +1,57 @@
+"""Export: the adapter reloads with peft and the merged model computes the same logits."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.helpers import FAST, launch, summary
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(10, 90, (2, 24), generator=g)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_merged_equals_base_plus_adapter(tmp_path, tiny_model, method):
+    from peft import PeftModel
+
+    run = tmp_path / "run"
+    launch(f"model.path={tiny_model}", f"method={method}", *FAST[:-1], "train.max_steps=4", f"hydra.run.dir={run}")
+    assert summary(run)["status"] == "completed"
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, run / "export" / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged", dtype=torch.float32).eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    x = _inputs()
+    with torch.no_grad():
+        want, got, before = with_adapter(input_ids=x).logits, merged(input_ids=x).logits, plain(input_ids=x).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got - before).abs().max() > 1e-3  # the adapter did train something
+
+
+def test_qlora_merge_uses_the_dequantized_base(tmp_path, tiny_model):
+    from peft import PeftModel
+
+    from trainers.export import dequantized_base
+
+    run = tmp_path / "run"
+    launch(f"model.path={tiny_model}", "method=qlora", *FAST[:-1], "train.max_steps=4", f"hydra.run.dir={run}")
+    merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged", dtype=torch.float32).eval()
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run / "config.yaml")
+    reference = PeftModel.from_pretrained(dequantized_base(cfg.model, cfg.method), run / "export" / "adapter").eval()
+    x = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, reference(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_full_finetune_exports_a_plain_model(tmp_path, tiny_model):
+    run = tmp_path / "run"
+    launch(f"model.path={tiny_model}", "method=full", *FAST[:-1], "train.max_steps=3", f"hydra.run.dir={run}")
+    merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged", dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    diff = max((a - b).abs().max().item() for a, b in zip(merged.parameters(), plain.parameters()))
+    assert diff > 1e-4 and not (run / "export" / "adapter").exists()
