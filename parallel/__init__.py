@@ -14,6 +14,7 @@ from trainers.errors import UserError
 PLANS: dict[str, str] = {
     "none": "parallel.single:SingleDevice",
     "ddp": "parallel.ddp:DDP",
+    "fsdp2": "parallel.fsdp2:FSDP2",
 }
 
 

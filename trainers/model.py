@@ -120,10 +120,15 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as their logical size,
     ZeRO-3-partitioned ones (DeepSpeed leaves them empty) as their full size."""
     trainable = total = 0
+    # An FSDP2-sharded 4-bit weight (a DTensor) has no quant_state; its Linear4bit keeps it.
+    module_states = {id(m.weight): m.quant_state for m in model.modules()
+                     if getattr(m, "quant_state", None) is not None and isinstance(getattr(m, "weight", None), torch.Tensor)}
     for p in model.parameters():
         n = getattr(p, "ds_numel", None) or p.numel()
-        if hasattr(p, "quant_state") and p.quant_state is not None:
-            n = int(torch.Size(p.quant_state.shape).numel())
+        state = getattr(p, "quant_state", None)
+        state = module_states.get(id(p)) if state is None else state
+        if state is not None:
+            n = int(torch.Size(state.shape).numel())
         total += n
         if p.requires_grad:
             trainable += n

@@ -1,0 +1,183 @@
+"""parallel=fsdp2: torch FSDP2 (`fully_shard`): parameters, gradients and optimizer state
+are sharded over data-parallel ranks (DTensor Shard(0)).
+
+Each decoder layer is one FSDP unit (all-gathered before its forward, resharded after),
+the root (embeddings, final norm, lm_head, and a PEFT wrapper's own parameters such as
+prompt embeddings) is the last unit. PEFT is applied before sharding, so the same layer
+search works through a PeftModel. QLoRA shards too: the NF4 weights are stored as bf16
+(`bnb_4bit_quant_storage`), so FSDP sees ordinary tensors and bitsandbytes restores the
+quantization state after the all-gather.
+
+Gradients: FSDP2 averages them over ranks; `Plan.backward` multiplies each micro-batch's
+share of the global mean by the world size, so the result is the exact global-batch
+gradient (a power-of-two world size scales without rounding). During accumulation
+`set_requires_gradient_sync(False)` keeps unsharded gradients local, and the last
+micro-batch reduce-scatters their sum once.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.distributed as dist
+
+from parallel.base import Plan
+
+log = logging.getLogger(__name__)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks of a Hugging Face model (also inside a PEFT
+    wrapper): the classes the model names in `_no_split_modules` (LlamaDecoderLayer, ...),
+    else the children of the largest homogeneous nn.ModuleList."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    # keep outermost matches only (a block class never nests in a well-formed model)
+    outer = [m for m in layers if not any(m is not o and m in set(o.modules()) for o in layers)]
+    if outer:
+        return outer
+    best: list[torch.nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1:
+            if sum(p.numel() for p in m.parameters()) > sum(p.numel() for b in best for p in b.parameters()):
+                best = list(m)
+    return best
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose forward `generate` calls repeatedly (the HF *ForCausalLM)."""
+    from transformers import PreTrainedModel
+
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and hasattr(m, "generate"):
+            return m
+    return model
+
+
+class FSDP2(Plan):
+    name = "fsdp2"
+    shards = frozenset({"params", "grads", "optim"})
+
+    @classmethod
+    def refuse(cls, cfg, world_size: int) -> str | None:
+        # Measured with 2 ranks: full lora qlora dora rslora loraplus prefix prompt ia3 all
+        # train, evaluate, checkpoint, resume and export under fsdp2. What fails:
+        m = cfg.method
+        if m.get("quantize") and m.get("peft") is None:
+            return (
+                f"full fine-tuning of a 4-bit base (method.quantize={m.quantize}) does not work under "
+                f"FSDP2: its sharded NF4 weights carry only packed data, without their quantization "
+                f"state, and gathering the full state dict for export fails after training. Train "
+                f"adapters on the 4-bit base with method=qlora under parallel=fsdp2, fine-tune all "
+                f"weights with method.quantize=null, or keep this combination on parallel=ddp."
+            )
+        return None
+
+    # ------------------------------------------------------------------------ setup
+    @property
+    def model_device(self) -> torch.device:
+        # On GPU, load non-quantized weights on CPU: fully_shard moves only this rank's
+        # shard to the mesh device. 4-bit layers are quantized (and keep their
+        # quantization state) where they are loaded, so they load on the device directly.
+        if self.env.device.type == "cuda" and not self.cfg.method.get("quantize"):
+            return torch.device("cpu")
+        return self.env.device
+
+    def _mesh(self):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if not dist.is_initialized():
+            # One process (launcher.nproc_per_node=1): a one-rank group, so that the
+            # same sharded code path (and checkpoint format) runs for debugging.
+            dist.init_process_group(
+                backend="nccl" if self.env.device.type == "cuda" else "gloo",
+                store=dist.HashStore(), rank=0, world_size=1,
+            )
+        return init_device_mesh(self.env.device.type, (self.dp_world,), mesh_dim_names=("dp",))
+
+    def _policies(self) -> dict:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+
+        p = self.cfg.parallel
+        kwargs: dict = {}
+        if p.get("mixed_precision", True):
+            # Parameters are all-gathered in the compute dtype (no cast when it is fp32:
+            # a cast would also rewrite the bf16-stored NF4 weights); gradients are
+            # reduced in fp32.
+            param_dtype = None if self.compute_dtype == torch.float32 else self.compute_dtype
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        if p.get("cpu_offload", False):
+            if self.env.device.type == "cpu" and self.env.is_main:
+                log.info("parallel.cpu_offload=true on a CPU run: the state is in CPU memory already")
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.env.device.type == "cuda")
+        else:
+            kwargs["offload_policy"] = OffloadPolicy()
+        return kwargs
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+        mesh = self._mesh()
+        kwargs = self._policies()
+        layers = decoder_layers(model)
+        if not layers:
+            from trainers.errors import UserError
+
+            raise UserError(
+                f"parallel=fsdp2 found no repeated decoder layers in {type(model).__name__} to shard; "
+                f"use parallel=ddp for this model."
+            )
+        reshard = bool(self.cfg.parallel.get("reshard_after_forward", True))
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, **kwargs)
+        # The root keeps its (small) parameters gathered from forward to backward.
+        fully_shard(model, mesh=mesh, **kwargs)
+        lm = causal_lm(model)
+        if lm is not model:
+            # PeftModel.generate calls the inner model's forward, which no FSDP hook
+            # covers: make generate itself gather/release the root's parameters.
+            register_fsdp_forward_method(model, "generate")
+        self.layers = layers
+        return model
+
+    # ------------------------------------------------------------------- train step
+    def no_sync(self, accumulating: bool):
+        if self.model is None or not hasattr(self.model, "set_requires_gradient_sync"):
+            return contextlib.nullcontext()
+        # Set, not restored: the next micro-batch sets it again, and the last one of a
+        # step (accumulating=False) turns the reduce-scatter back on.
+        self.model.set_requires_gradient_sync(not accumulating)
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self) -> torch.Tensor:
+        # clip_grad_norm_ handles DTensor gradients: the per-shard norms are combined
+        # over the mesh, so the total (a DTensor) is the global norm on every rank.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    # ----------------------------------------------------------------------- export
+    def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
+        sd = super().full_state_dict(trainable_only)
+        peft_config = getattr(self.inner, "active_peft_config", None)
+        if getattr(peft_config, "is_prompt_learning", False):
+            # PEFT saves prompt/prefix embeddings by running the live prompt encoder
+            # (not from `sd`), on rank 0 only: gather the root unit (which holds the
+            # prompt encoder) on every rank now, so that rank 0 sees plain tensors.
+            self.model.unshard()
+            self._root_unsharded = True
+        return sd
+
+    def close(self) -> None:
+        if getattr(self, "_root_unsharded", False):
+            self.model.reshard()
+            self._root_unsharded = False
+
+    def describe(self) -> str:
+        text = super().describe()
+        if self.cfg.parallel.get("cpu_offload", False):
+            text += " (sharded state offloaded to CPU memory)"
+        return text
