@@ -15,6 +15,7 @@ CHOICES = {
     "data.format": ("auto", "messages", "prompt_completion"),
     "optim.schedule": SCHEDULES,
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.checkpoint.mode": ("async", "sync"),
 }
 POSITIVE_INTS = (
     "train.max_steps", "train.micro_batch_size", "train.grad_accum", "train.save_every",

@@ -7,6 +7,7 @@ written by N ranks loads into M.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from trainers.distributed import DistEnv
 from trainers.model import resolve_precision
@@ -36,6 +38,7 @@ class Plan:
         self.model: torch.nn.Module | None = None  # what the loop calls forward on
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
+        self._stager: DefaultStager | None = None
 
     # ------------------------------------------------------------------ compatibility
     @classmethod
@@ -144,10 +147,33 @@ class Plan:
     # ------------------------------------------------------------------ checkpoints
     _sd_options = StateDictOptions(ignore_frozen_params=True)
 
+    def _checkpoint_state(self) -> dict:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._sd_options)
+        return {"model": model_sd, "optim": optim_sd}
+
     def save(self, directory: Path) -> None:
         """Write this plan's model + optimizer state (every rank calls this)."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._sd_options)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / "state"))
+        dcp.save(self._checkpoint_state(), checkpoint_id=str(directory / "state"))
+
+    @property
+    def can_save_async(self) -> bool:
+        """Only the DCP path streams in the background; a plan with its own save() (e.g.
+        DeepSpeed's engine checkpoints) writes in the foreground."""
+        return type(self).save is Plan.save
+
+    def save_async(self, directory: Path, process_group) -> Future:
+        """Stage the state to CPU now (pinned memory on a GPU) and write it from a
+        background thread on `process_group`; returns the write's future."""
+        if self._stager is None:
+            on_gpu = self.env.device.type == "cuda"
+            self._stager = DefaultStager(StagingOptions(on_gpu, False, False, on_gpu))
+        return dcp.async_save(
+            self._checkpoint_state(),
+            checkpoint_id=str(directory / "state"),
+            process_group=process_group,
+            async_stager=self._stager,
+            no_dist=not torch.distributed.is_initialized(),
+        )
 
     def load(self, directory: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._sd_options)
@@ -176,4 +202,6 @@ class Plan:
         return sd if self.env.is_main else {}
 
     def close(self) -> None:
-        pass
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None

@@ -172,6 +172,7 @@ class FSDP2(Plan):
         return sd
 
     def close(self) -> None:
+        super().close()
         if getattr(self, "_root_unsharded", False):
             self.model.reshard()
             self._root_unsharded = False

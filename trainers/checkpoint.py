@@ -7,15 +7,18 @@ checkpoint as the one that is resumed; half-written directories are never taken.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from trainers.distributed import DistEnv, barrier
 from trainers.errors import TrainingError
@@ -58,11 +61,27 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, plan, env: DistEnv, keep_last: int):
+    """Saves, commits, prunes and restores checkpoints for any plan.
+
+    mode="async": the state is staged to CPU in the foreground (training waits only for
+    that copy), then written by a background thread on a dedicated gloo process group (so
+    its collectives never interleave with training's), and committed once every rank's
+    write is done. At most one save is in flight: the next save, and the end of the run,
+    wait for it. mode="sync" (and plans that write their own format) write in the
+    foreground.
+    """
+
+    def __init__(self, run_dir: Path, plan, env: DistEnv, keep_last: int, mode: str = "async"):
         self.root = Path(run_dir) / "checkpoints"
         self.plan = plan
         self.env = env
         self.keep_last = max(1, int(keep_last))
+        self.asynchronous = mode == "async" and plan.can_save_async
+        self._inflight: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self._group = None
+        if self.asynchronous and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")
         if env.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             for d in self.root.glob("step_*.tmp"):  # left by a crash mid-write
@@ -70,32 +89,59 @@ class Checkpointer:
         barrier()
 
     # ----------------------------------------------------------------------- saving
-    def save(self, step: int, trainer_state: dict) -> Path:
+    def save(self, step: int, trainer_state: dict) -> None:
+        self.wait()
         final = self.root / f"step_{step}"
         tmp = self.root / f"step_{step}.tmp"
-        try:
+        state = dict(trainer_state, step=step, world_size=self.env.world_size,
+                     scheduler=self.plan.scheduler_state())
+        rng = rng_state()
+        with self._disk_errors(final):
             if self.env.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir(parents=True)
+                (tmp / "rng").mkdir(parents=True)
             barrier()
-            self.plan.save(tmp)
-            (tmp / "rng").mkdir(exist_ok=True)
-            torch.save(rng_state(), tmp / "rng" / f"rank{self.env.rank}.pt")
-            barrier()
-            if self.env.is_main:
-                state = dict(trainer_state, step=step, world_size=self.env.world_size,
-                             scheduler=self.plan.scheduler_state())
-                _fsync_write(tmp / "trainer_state.json", json.dumps(state, indent=1))
-                _fsync_write(tmp / MARKER, "ok\n")
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                _fsync_write(self.root / "latest", final.name)
-                self._prune()
-            barrier()
+            if not self.asynchronous:
+                self.plan.save(tmp)
+                self._finish(tmp, final, state, rng, group=None)
+                return
+            write = self.plan.save_async(tmp, self._group)
+        self._inflight = threading.Thread(
+            target=self._finish_in_background, args=(write, tmp, final, state, rng), daemon=True,
+            name=f"checkpoint-step-{step}",
+        )
+        self._inflight.start()
+
+    def _finish_in_background(self, write, tmp: Path, final: Path, state: dict, rng: dict) -> None:
+        try:
+            with self._disk_errors(final):
+                write.result()
+                self._finish(tmp, final, state, rng, group=self._group)
+        except BaseException as e:  # reported by wait() on the training thread
+            self._failure = e
+
+    def _finish(self, tmp: Path, final: Path, state: dict, rng: dict, group) -> None:
+        """Every rank adds its RNG state; once all are done rank 0 commits."""
+        torch.save(rng, tmp / "rng" / f"rank{self.env.rank}.pt")
+        barrier(group)
+        if self.env.is_main:
+            _fsync_write(tmp / "trainer_state.json", json.dumps(state, indent=1))
+            _fsync_write(tmp / MARKER, "ok\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_write(self.root / "latest", final.name)
+            self._prune()
+            log.info("checkpoint committed: %s", final)
+        barrier(group)
+
+    @contextlib.contextmanager
+    def _disk_errors(self, final: Path):
+        try:
+            yield
         except OSError as e:
             if self.env.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(final.with_name(final.name + ".tmp"), ignore_errors=True)
             prev = latest_checkpoint(self.root)
             why = "the disk is full" if e.errno == errno.ENOSPC else str(e)
             raise TrainingError(
@@ -103,7 +149,17 @@ class Checkpointer:
                 f"last committed checkpoint is {prev or 'none'}. Free space or point "
                 f"hydra.run.dir at a larger disk, then relaunch to resume."
             ) from None
-        return final
+
+    def wait(self) -> None:
+        """Block until the in-flight save is committed; re-raise its failure here."""
+        if self._inflight is not None:
+            self._inflight.join()
+            self._inflight = None
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            if isinstance(failure, TrainingError):
+                raise failure
+            raise TrainingError(f"Background checkpoint write failed: {failure}") from failure
 
     def _prune(self) -> None:
         steps = committed_steps(self.root)

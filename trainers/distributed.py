@@ -57,9 +57,9 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

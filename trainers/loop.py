@@ -35,12 +35,13 @@ log = logging.getLogger("train")
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 set a flag; ranks agree on it at the next step boundary, save
-    and exit as `preempted` (the scheduler requeues; the next launch resumes)."""
+    """SIGTERM / SIGUSR1 / SIGUSR2 set a flag; ranks agree on it at the next step boundary,
+    save and exit as `preempted` (the scheduler requeues; the next launch resumes).
+    SIGUSR2 is what SLURM sends before a time limit (sbatch --signal, see launch/slurm.py)."""
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             try:
                 signal.signal(sig, self._handler)
             except ValueError:  # not the main thread
@@ -93,7 +94,7 @@ def train(cfg) -> dict:
         if describe:
             log.info("plan: %s", describe())
 
-    ckpt = Checkpointer(run_dir, plan, env, cfg.train.keep_last)
+    ckpt = Checkpointer(run_dir, plan, env, cfg.train.keep_last, cfg.train.checkpoint.mode)
     resumed = ckpt.restore()
     start = resumed["step"] if resumed else 0
     tokens_seen = resumed["tokens_seen"] if resumed else 0
@@ -136,6 +137,7 @@ def train(cfg) -> dict:
             if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or preempt:
                 ckpt.save(step, {"epoch": batches.epoch_of(step), "tokens_seen": tokens_seen})
             if preempt:
+                ckpt.wait()
                 status = "preempted"
                 break
         if status == "completed":
@@ -143,6 +145,7 @@ def train(cfg) -> dict:
                 final_eval = evaluator.run()
                 last.update(final_eval)
                 metrics.log({"step": step, **final_eval})
+            ckpt.wait()
             written = export(plan, cfg, tokenizer, run_dir)
             if env.is_main:
                 log.info("export: %s", written)
@@ -153,6 +156,13 @@ def train(cfg) -> dict:
         status, error = "failed", f"{type(e).__name__}: {e}"
         raise
     finally:
+        if error is None:
+            ckpt.wait()
+        else:  # let an in-flight save commit; the run is failing anyway
+            try:
+                ckpt.wait()
+            except TrainingError:
+                pass
         metrics.close()
         summary = {
             "status": status, "final_step": step, "world_size": env.world_size,
