@@ -38,9 +38,22 @@ def run(cfg) -> int:
     return 0 if summary["status"] in ("completed", "preempted") else 1
 
 
+def die_with_parent() -> None:
+    """A worker must not outlive a launcher killed with SIGKILL: an orphan would keep
+    training and writing checkpoints into the run directory a relaunch resumes from."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to do
+        pass
+
+
 def main(argv: list[str]) -> int:
     from launch.config import load, register_resolvers
 
+    die_with_parent()
     setup_logging()
     register_resolvers()
     return run(load(argv[0]))
