@@ -24,6 +24,7 @@ def run_local(cfg, config_path: Path) -> int:
         setup_logging()
         return run(cfg)
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -42,6 +43,12 @@ def run_local(cfg, config_path: Path) -> int:
     )
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "launch.worker", str(config_path))
+    except SignalException as e:
+        # The workers got the same signal, saved a checkpoint at the next step boundary and
+        # wrote summary.json with status "preempted"; relaunching resumes.
+        print(f"stopped by signal {e.sigval.name}: relaunch with hydra.run.dir={cfg.run_dir} to resume",
+              file=sys.stderr)
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         failures = ", ".join(f"rank {r} exit code {f.exitcode}" for r, f in sorted(e.failures.items()))
         raise TrainingError(f"A worker failed ({failures}); its error is printed above.") from None

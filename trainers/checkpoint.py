@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -116,6 +117,8 @@ class Checkpointer:
         try:
             with self._disk_errors(final):
                 write.result()
+                # Fault injection for tests: hold the write open so a kill lands mid-write.
+                time.sleep(float(os.environ.get("LLM_LAUNCHER_CKPT_COMMIT_DELAY_S", 0)))
                 self._finish(tmp, final, state, rng, group=self._group)
         except BaseException as e:  # reported by wait() on the training thread
             self._failure = e

@@ -1,0 +1,107 @@
+"""Checkpoints under faults, for every torch-native and DeepSpeed plan (2 processes):
+SIGTERM saves and exits `preempted`, SIGKILL during a background write falls back to the
+previous committed checkpoint, and N -> M ranks reshard with the same next-step loss."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from parallel import PLANS
+from tests.helpers import FAST, REPO, launch, losses, summary
+
+pytestmark = pytest.mark.slow
+STEPS = 10
+
+
+def common(tiny_model, plan: str, world: int = 2) -> list[str]:
+    # micro 2 x accum 2 x 2 ranks == micro 2 x accum 4 x 1 rank: the same global batch
+    accum = 4 // world
+    return [f"model.path={tiny_model}", *FAST, f"train.max_steps={STEPS}", "train.micro_batch_size=2",
+            f"train.grad_accum={accum}", f"parallel={plan}", f"launcher.nproc_per_node={world}"]
+
+
+def start(args: list[str], run: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args, f"hydra.run.dir={run}"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, **(env or {})), start_new_session=True)
+
+
+def wait_until(predicate, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def logged_steps(run: Path) -> int:
+    m = run / "metrics.jsonl"
+    return m.read_text().count('"loss"') if m.exists() else 0
+
+
+def assert_same_losses(run: Path, ref: Path, rel: float = 1e-6):
+    got, want = losses(run), losses(ref)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for s in want:
+        assert got[s] == pytest.approx(want[s], rel=rel, abs=1e-7), f"step {s}"
+
+
+@pytest.mark.parametrize("plan", ["ddp", "zero2", "zero3", "fsdp2"])
+def test_sigterm_saves_preempted_and_resumes_exactly(tmp_path, tiny_model, plan):
+    if plan not in PLANS:
+        pytest.skip(f"parallel={plan} is not registered")
+    args = common(tiny_model, plan) + ["train.save_every=1000"]
+    ref = tmp_path / "ref"
+    launch(*args, f"hydra.run.dir={ref}")
+    stop_after = random.Random(plan).randint(2, STEPS - 3)
+    run = tmp_path / "run"
+    proc = start(args, run)
+    wait_until(lambda: logged_steps(run) >= stop_after, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    s = summary(run)
+    assert s["status"] == "preempted" and s["final_step"] >= stop_after
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{s['final_step']}"
+    launch(*args, f"hydra.run.dir={run}")
+    assert summary(run)["status"] == "completed"
+    assert_same_losses(run, ref)
+
+
+def test_sigkill_during_async_write_resumes_from_previous_commit(tmp_path, tiny_model):
+    args = common(tiny_model, "ddp") + ["train.save_every=3"]
+    ref = tmp_path / "ref"
+    launch(*args, f"hydra.run.dir={ref}")
+    run = tmp_path / "run"
+    # Fault injection: background writes pause before committing, so the kill lands mid-write.
+    proc = start(args, run, env={"LLM_LAUNCHER_CKPT_COMMIT_DELAY_S": "30"})
+    ckpts = run / "checkpoints"
+    wait_until(lambda: (ckpts / "step_3" / "COMMITTED").exists() and (ckpts / "step_6.tmp").exists(), proc)
+    wait_until(lambda: logged_steps(run) >= 7, proc)  # training went on during the write
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (ckpts / "latest").read_text().strip() == "step_3" and not (ckpts / "step_6").exists()
+    out = launch(*args, f"hydra.run.dir={run}")
+    assert "step_3 (step 3)" in out.stderr
+    assert_same_losses(run, ref)
+
+
+@pytest.mark.parametrize("plan", ["fsdp2", "zero2"])
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_reshard_gives_same_next_step_loss(tmp_path, tiny_model, plan, before, after):
+    if plan not in PLANS:
+        pytest.skip(f"parallel={plan} is not registered")
+    ref = tmp_path / "ref"
+    launch(*common(tiny_model, plan, before), "train.max_steps=5", f"hydra.run.dir={ref}")
+    run = tmp_path / "run"
+    launch(*common(tiny_model, plan, before), "train.max_steps=4", "train.save_every=4", f"hydra.run.dir={run}")
+    out = launch(*common(tiny_model, plan, after), "train.max_steps=5", f"hydra.run.dir={run}")
+    assert "step_4 (step 4)" in out.stderr
+    assert losses(run)[5] == pytest.approx(losses(ref)[5], rel=1e-5)
