@@ -15,6 +15,7 @@ PLANS: dict[str, str] = {
     "none": "parallel.single:SingleDevice",
     "ddp": "parallel.ddp:DDP",
     "fsdp2": "parallel.fsdp2:FSDP2",
+    "pipeline": "parallel.pipeline:Pipeline",
 }
 
 

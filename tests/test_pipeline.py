@@ -1,0 +1,188 @@
+"""parallel=pipeline: the same losses as one process (2 stages, and 2 stages x 2 data-parallel),
+exact resume after SIGKILL, an export that loads as a plain HF model, and refusals.
+
+Runs are shared between tests (module-scoped cache): each `launch` costs tens of seconds.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import FAST, REPO, launch, losses, metrics, summary
+
+pytestmark = pytest.mark.slow
+
+# FAST without the LoRA-only dropout key; 8 rows per step (4 x 2).
+COMMON = [a for a in FAST if not a.startswith("method.dropout")] + ["data.metric_rows=4"]
+METHOD = {"full": ["method=full"], "lora": ["method=lora", "method.dropout=0"]}
+# Global batch 8 rows: 2 stages x 1 dp with 4 x 2 rows, 2 stages x 2 dp with 4 x 1 rows each.
+PP2 = ["parallel=pipeline", "parallel.stages=2", "launcher.nproc_per_node=2"]
+PP2x2 = ["parallel=pipeline", "parallel.stages=2", "launcher.nproc_per_node=4", "train.grad_accum=1",
+         "parallel.microbatches=2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model):
+    """name -> run dir, launched on first use."""
+    root = tmp_path_factory.mktemp("pipeline-runs")
+    done: dict[str, Path] = {}
+
+    def get(name: str, *args: str) -> Path:
+        if name not in done:
+            run = root / name
+            launch(f"model.path={tiny_model}", *COMMON, *args, f"hydra.run.dir={run}")
+            done[name] = run
+        return done[name]
+
+    return get
+
+
+def _assert_same_losses(got: dict, want: dict, rel: float = 1e-5) -> None:
+    assert sorted(got) == list(range(1, 11)) and want.keys() == got.keys()
+    for s in want:
+        assert got[s] == pytest.approx(want[s], rel=rel), (s, got[s], want[s])
+
+
+def _evals(run: Path) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["eval_loss"], r["eval_exact_match"]) for r in metrics(run) if "eval_loss" in r]
+
+
+@pytest.mark.parametrize("method,schedule", [("full", "1f1b"), ("lora", "gpipe")])
+def test_two_stages_match_single_process(runs, method, schedule):
+    ref = runs(f"ref-{method}", *METHOD[method])
+    pp = runs(f"pp2-{method}", *METHOD[method], *PP2, f"parallel.schedule={schedule}")
+    _assert_same_losses(losses(pp), losses(ref))
+    # eval through the pipeline: the same eval loss (and exact match) at step 0 and at the end
+    for (s1, l1, em1), (s2, l2, em2) in zip(_evals(pp), _evals(ref), strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5) and em1 == em2
+    s = summary(pp)
+    assert s["status"] == "completed" and s["plan"] == "pipeline" and s["world_size"] == 2
+    assert s["tokens_seen"] == summary(ref)["tokens_seen"]
+
+
+def test_two_stages_by_two_data_parallel_match_single_process(runs):
+    ref = runs("ref-lora", *METHOD["lora"])
+    pp = runs("pp2x2-lora", *METHOD["lora"], *PP2x2)
+    _assert_same_losses(losses(pp), losses(ref))
+    assert summary(pp)["tokens_seen"] == summary(ref)["tokens_seen"]
+
+
+def _kill_when(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    """SIGKILL the launcher's process group and its workers (torch's elastic launcher
+    starts each worker in its own session, so killing the group alone leaves them running)."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"{path} did not appear")
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for w in workers:
+        try:
+            w.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(workers, timeout=30)
+
+
+def test_sigkill_resume_then_export_loads_as_plain_model(runs, tiny_model, tmp_path):
+    """2 stages x 2 dp, full fine-tuning: killed once the first checkpoint exists, then
+    relaunched: the losses are those of one process; the export is a plain HF model that
+    computes what the single-process export computes."""
+    from transformers import AutoModelForCausalLM
+
+    ref = runs("ref-full", *METHOD["full"])
+    args = [f"model.path={tiny_model}", *COMMON, *METHOD["full"], *PP2x2, "train.save_every=3"]
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args, f"hydra.run.dir={run}"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _kill_when(run / "checkpoints" / "latest", proc, 300)
+    assert not (run / "summary.json").exists()
+    killed_at = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert killed_at < 10
+
+    out = launch(*args, f"hydra.run.dir={run}")
+    assert f"resumed from {run / 'checkpoints'}" in out.stderr + out.stdout
+    _assert_same_losses(losses(run), losses(ref))
+    assert summary(run)["status"] == "completed"
+
+    merged, want = run / "export" / "merged", ref / "export" / "merged"
+    got_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    ref_model = AutoModelForCausalLM.from_pretrained(want, dtype=torch.float32).eval()
+    assert got_model.state_dict().keys() == ref_model.state_dict().keys()
+    x = torch.randint(10, 90, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(got_model(input_ids=x).logits, ref_model(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert max((a - b).abs().max().item() for a, b in zip(got_model.parameters(), base.parameters())) > 1e-4
+
+
+REFUSALS = {
+    "microbatches<stages": (["parallel.microbatches=1"], "schedule=1f1b needs parallel.microbatches >= parallel.stages"),
+    "stages>layers": (["parallel.stages=4", "launcher.nproc_per_node=4"], "the model has only 2 decoder layers"),
+    "interleaved>layers": (["parallel.schedule=interleaved_1f1b"], "4 pipeline stages (2 virtual per process)"),
+    "world%stages": (["launcher.nproc_per_node=3"], "must be a multiple of parallel.stages (2)"),
+    "rows%microbatches": (["parallel.microbatches=3"], "which parallel.microbatches=3 does not divide"),
+    "prefix": (["method=prefix"], "prefix tuning feeds learned key/values"),
+    "prompt": (["method=prompt"], "prompt tuning prepends virtual tokens"),
+}
+
+
+def test_refusal_exits_before_spawning_with_message(tiny_model, tmp_path):
+    """Through the CLI: exit code 2, the message, no traceback, nothing run."""
+    args, message = REFUSALS["microbatches<stages"]
+    run = tmp_path / "run"
+    proc = launch(f"model.path={tiny_model}", *COMMON, *PP2, *args, f"hydra.run.dir={run}", check=False, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and message in out and "Traceback" not in out, out
+    assert not (run / "metrics.jsonl").exists()
+
+
+def _pre_spawn_check(model_path, tmp_path, *overrides: str) -> str:
+    """The launcher's pre-spawn validation (launch.validate.check) in-process: its message."""
+    from hydra import compose, initialize_config_dir
+
+    from launch.config import finalize, register_resolvers
+    from launch.validate import check
+    from trainers.errors import UserError
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose("config", overrides=[f"model.path={model_path}", *COMMON, *PP2, *overrides])
+    try:
+        check(finalize(cfg, str(tmp_path)))
+    except UserError as e:
+        return str(e)
+    return ""
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_invalid_settings_are_refused(tiny_model, tmp_path, case):
+    args, message = REFUSALS[case]
+    assert message in _pre_spawn_check(tiny_model, tmp_path, *args)
+
+
+def test_tied_embeddings_refused_for_full_only(tmp_path):
+    from transformers import AutoConfig
+
+    from tests.conftest import build_tiny_model
+
+    tied = build_tiny_model(tmp_path / "tied")
+    config = AutoConfig.from_pretrained(tied)
+    config.tie_word_embeddings = True
+    config.save_pretrained(tied)
+    assert "ties its input and output embeddings" in _pre_spawn_check(tied, tmp_path, "method=full")
+    assert _pre_spawn_check(tied, tmp_path, "method=lora") == ""
