@@ -63,7 +63,9 @@ def load_training_data(cfg, tokenizer):
     return group(train_ex), eval_seqs, eval_rows, packed, [r for r in (train_report, eval_report) if r]
 
 
-def train(cfg) -> dict:
+def train(cfg, leave_process_group: bool = False) -> dict:
+    """Run (or resume) one training job; `leave_process_group` keeps the process group
+    for a caller that runs several jobs in the same workers."""
     env = init_distributed()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,5 +178,6 @@ def train(cfg) -> dict:
             plot_losses(run_dir)
             write_summary(run_dir, summary)
         plan.close()
-    shutdown()
+    if not leave_process_group:
+        shutdown()
     return summary

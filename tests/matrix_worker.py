@@ -1,0 +1,53 @@
+"""Runs many (plan, method) cells in the same 2 workers, so the full compatibility
+matrix costs one process start instead of one per cell. Started by test_matrix.py with
+`python -m torch.distributed.run --nproc_per_node 2 tests/matrix_worker.py OUT CELLS...`."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def cell_overrides(plan: str, method: str, model: str, data: str) -> list[str]:
+    """One optimizer step = 4 rows (2 per rank; 2 pipeline micro-batches of 1 row)."""
+    return [
+        f"parallel={plan}", f"method={method}", "launcher.nproc_per_node=2", f"model.path={model}",
+        f"data.train={data}", "data.eval=null", "data.packing=false", "train.max_steps=4",
+        "train.micro_batch_size=2", "train.grad_accum=1", "train.save_every=2",
+        "optim.warmup_steps=0", "optim.schedule=constant",
+    ] + (["parallel.microbatches=2"] if plan == "pipeline" else [])
+
+
+def main(out: Path, model: str, data: str, cells: list[str]) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from launch.config import finalize, register_resolvers
+    from launch.quiet import quiet_libraries
+    from launch.worker import setup_logging
+    from trainers.loop import train
+
+    setup_logging()
+    quiet_libraries()
+    register_resolvers()
+    results = {}
+    for cell in cells:
+        plan, method = cell.split(":")
+        overrides = cell_overrides(plan, method, model, data)
+        with initialize_config_dir(str(REPO / "conf"), version_base=None):
+            cfg = finalize(compose("config", overrides=overrides), str(out / f"{plan}-{method}"))
+        try:
+            summary = train(cfg, leave_process_group=True)
+            results[cell] = {"status": summary["status"]}
+        except Exception:  # recorded per cell; the test reports it
+            results[cell] = {"status": "error", "error": traceback.format_exc()[-2000:]}
+    if int(os.environ.get("RANK", 0)) == 0:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:])
