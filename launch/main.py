@@ -1,6 +1,7 @@
 """What `python launch.py ...` does once Hydra has composed the config."""
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -8,29 +9,44 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from launch import config as config_io
+from launch import sweep
+from launch.estimate import check as memory_check
 from launch.validate import check, check_data, world_size
 from trainers.errors import TrainingError, UserError
 
 log = logging.getLogger("launch")
 
 
+# launcher name -> "module:function(cfg, config_path) -> exit code"
+LAUNCHERS = {
+    "local": "launch.local:run_local",
+    "slurm": "launch.slurm:run_slurm",
+}
+
+
+def launcher_for(name: str):
+    if name not in LAUNCHERS:
+        raise UserError(f"launcher={name!r} is not available; use one of: {', '.join(LAUNCHERS)}.")
+    module, function = LAUNCHERS[name].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def run(cfg: DictConfig, run_dir: str) -> int:
     cfg = config_io.finalize(cfg, run_dir)
     check(cfg)
+    memory_check(cfg)  # refuses what cannot fit launcher.gpu_mem_gb (SLURM), before anything runs
     if cfg.dry_run:
         from launch.plan_report import describe
 
         print(describe(cfg))
         return 0
+    launch_fn = launcher_for(cfg.launcher.name)
     for line in check_data(cfg):
         log.info("data ok: %s", line)
     config_path = Path(cfg.run_dir) / "config.yaml"
     config_io.save(cfg, config_path)
-    if cfg.launcher.name == "local":
-        from launch.local import run_local
-
-        return run_local(cfg, config_path)
-    raise UserError(f"launcher={cfg.launcher.name!r} is not available; use launcher=local.")
+    sweep.register(cfg, config_path)  # no-op outside `-m`
+    return launch_fn(cfg, config_path)
 
 
 def main(cfg: DictConfig, run_dir: str) -> int:

@@ -1,6 +1,8 @@
 """`dry_run=true`: what would run, without loading weights or starting anything."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 
 from launch.validate import world_size
@@ -16,7 +18,34 @@ def describe(cfg: DictConfig) -> str:
         f"  run dir   {cfg.run_dir}",
         "  global batch "
         f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum} x {world_size(cfg)} rows of <= {cfg.data.max_seq_len} tokens",
-        "config:",
-        OmegaConf.to_yaml(cfg),
     ]
+    lines += ["", memory(cfg)]
+    if cfg.launcher.name == "slurm":
+        lines += ["", *slurm_script(cfg)]
+    lines += ["", "config:", OmegaConf.to_yaml(cfg)]
     return "\n".join(lines)
+
+
+def memory(cfg: DictConfig) -> str:
+    from launch.estimate import for_config, gpu_budget
+
+    est = for_config(cfg)
+    if est is None:
+        return "memory per GPU: no estimate (model.arch is not set and model.path has no local config.json)"
+    budget = gpu_budget(cfg)
+    if budget is None:
+        verdict = ""
+    elif est.fits(budget):
+        verdict = f"\n  -> fits launcher.gpu_mem_gb={budget:g}"
+    else:
+        verdict = f"\n  -> does NOT fit launcher.gpu_mem_gb={budget:g} (launcher.check_memory=false)"
+    return est.table(budget) + verdict
+
+
+def slurm_script(cfg: DictConfig) -> list[str]:
+    from launch.slurm import new_folder, refuse_secrets, render_script
+
+    folder = new_folder(Path(cfg.run_dir))
+    script = render_script(cfg, folder)
+    refuse_secrets({"sbatch script": script, "config": OmegaConf.to_yaml(cfg)})
+    return [f"sbatch script (submitted by submitit from {folder}):", "-" * 60, script.rstrip(), "-" * 60]
