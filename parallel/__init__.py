@@ -14,6 +14,10 @@ from trainers.errors import UserError
 PLANS: dict[str, str] = {
     "none": "parallel.single:SingleDevice",
     "ddp": "parallel.ddp:DDP",
+    "zero1": "parallel.deepspeed_zero:DeepSpeedZero",
+    "zero2": "parallel.deepspeed_zero:DeepSpeedZero",
+    "zero3": "parallel.deepspeed_zero:DeepSpeedZero",
+    "zero3_offload": "parallel.deepspeed_zero:DeepSpeedZero",
     "fsdp2": "parallel.fsdp2:FSDP2",
     "pipeline": "parallel.pipeline:Pipeline",
 }

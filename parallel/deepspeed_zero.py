@@ -1,0 +1,311 @@
+"""parallel=zero1|zero2|zero3|zero3_offload: DeepSpeed ZeRO, one class parameterized by stage.
+
+  zero1          optimizer state sharded over data-parallel ranks
+  zero2          + gradients sharded
+  zero3          + parameters sharded (gathered layer by layer for forward/backward)
+  zero3_offload  zero3 with optimizer state and parameters kept in CPU RAM
+
+The DeepSpeed config is generated from the Hydra values (conf/parallel/zero*.yaml, train.*,
+optim.*) and written by rank 0 to RUN_DIR/ds_config.json so it can be reused elsewhere.
+Our own AdamW (with LoRA+ groups) and LR schedule are handed to deepspeed.initialize, so
+the learning rate at every step is the one every other plan uses.
+
+Numbers match parallel=none exactly (up to float summation order):
+- the loop passes each micro-batch's share of the global-batch mean; DeepSpeed averages
+  gradients over data-parallel ranks, so backward scales the share by the dp world size
+  (as every torch plan does) and turns off DeepSpeed's own division by
+  gradient_accumulation_steps (scale_wrt_gas=False);
+- the loop calls step() once per optimizer step; the accumulation boundary is set
+  explicitly before each micro-batch (no_sync), so DeepSpeed's micro-step counter can
+  never drift from the loop's (e.g. on a resume);
+- gradient_clipping is always set from optim.max_grad_norm (DeepSpeed's default is 1.0)
+  and step() returns the pre-clip global norm DeepSpeed computed.
+
+Checkpoints are DeepSpeed's own (engine.save_checkpoint into the directory the
+Checkpointer commits); the LR scheduler is restored once, by the Checkpointer, from
+trainer_state.json (DeepSpeed's copy is not loaded). They resume only under the same
+stage and world size (checked, with a message); zero_to_fp32.py is copied next to them.
+
+Precision: fp32 unless train.precision=bf16 (or auto on a bf16 GPU); then DeepSpeed's bf16
+mode holds the model in bf16 with fp32 master weights in the optimizer (no autocast), so
+bf16 numbers differ slightly from the autocast plans. Exports are always fp32.
+
+Tested on 2 CPU ranks (gloo) against parallel=none: full, lora, qlora, dora, rslora,
+loraplus, prefix, prompt and ia3 all train to the same losses under ZeRO-2 and ZeRO-3
+(qlora also under zero1 and zero3_offload, and resumes exactly under ZeRO-3), so no method
+is refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from parallel.base import Plan
+from trainers.distributed import backend_for
+from trainers.errors import TrainingError, UserError
+from trainers.optim import build_optimizer, build_scheduler, param_groups
+
+log = logging.getLogger(__name__)
+
+TAG = "deepspeed"  # sub-directory of a checkpoint holding DeepSpeed's files
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+class DeepSpeedZero(Plan):
+    name = "zero"
+    shards = frozenset({"optim"})  # per instance: see __init__ / shards_for
+
+    # ------------------------------------------------------------------ compatibility
+    @staticmethod
+    def shards_for(stage: int) -> frozenset[str]:
+        return {
+            1: frozenset({"optim"}),
+            2: frozenset({"optim", "grads"}),
+            3: frozenset({"params", "grads", "optim"}),
+        }[int(stage)]
+
+    @classmethod
+    def refuse(cls, cfg, world_size: int) -> str | None:
+        p = cfg.parallel
+        stage = p.get("stage")
+        if stage not in (1, 2, 3):
+            return f"parallel.stage={stage!r} must be 1, 2 or 3 (use parallel=zero1, zero2, zero3 or zero3_offload)."
+        if p.get("offload_param") and stage != 3:
+            return (
+                f"parallel.offload_param=true needs ZeRO stage 3, but parallel.stage={stage}: only "
+                f"stage 3 partitions parameters, so there is nothing to offload. Use "
+                f"parallel=zero3_offload, or parallel.offload_optimizer=true to offload the "
+                f"optimizer state at stage {stage}."
+            )
+        return None
+
+    # ------------------------------------------------------------------------ setup
+    def __init__(self, cfg, env):
+        super().__init__(cfg, env)
+        self.stage = int(cfg.parallel.stage)
+        self.shards = self.shards_for(self.stage)
+        self.name = cfg.parallel.name
+        self.engine = None
+
+    def deepspeed_config(self) -> dict:
+        """The DeepSpeed JSON config for this run, from the Hydra values."""
+        p, t = self.cfg.parallel, self.cfg.train
+        zero: dict = {
+            "stage": self.stage,
+            "overlap_comm": bool(p.overlap_comm),
+            "contiguous_gradients": bool(p.contiguous_gradients),
+            "reduce_bucket_size": int(p.reduce_bucket_size),
+        }
+        if self.stage < 3:
+            zero["allgather_bucket_size"] = int(p.allgather_bucket_size)
+        else:
+            # conf/parallel/zero3.yaml sets these; DeepSpeed's defaults otherwise.
+            for key, default in (("stage3_prefetch_bucket_size", 50_000_000),
+                                 ("stage3_param_persistence_threshold", 100_000),
+                                 ("stage3_max_live_parameters", 1_000_000_000),
+                                 ("stage3_max_reuse_distance", 1_000_000_000)):
+                zero[key] = int(p.get(key, default))
+        if p.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(p.pin_memory)}
+        if p.offload_param:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": bool(p.pin_memory)}
+        config = {
+            "train_micro_batch_size_per_gpu": int(t.micro_batch_size),
+            "gradient_accumulation_steps": int(t.grad_accum),
+            "gradient_clipping": float(self.cfg.optim.max_grad_norm or 0.0),
+            "bf16": {"enabled": self.compute_dtype == torch.bfloat16},
+            "fp16": {"enabled": False},
+            "zero_optimization": zero,
+            # Our AdamW (torch) is passed in; DeepSpeed only tests its own optimizers.
+            "zero_allow_untested_optimizer": True,
+            # ...and with offload it would otherwise insist on DeepSpeedCPUAdam (a ~3 min
+            # JIT compile on first use).
+            "zero_force_ds_cpu_optimizer": False,
+        }
+        extra = p.get("extra_config")
+        if extra:
+            _deep_merge(config, OmegaConf.to_container(extra, resolve=True))
+        return config
+
+    def _ensure_process_group(self) -> None:
+        """DeepSpeed needs a process group even for one process (in-process debug runs)."""
+        if dist.is_initialized():
+            return
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+            os.environ.setdefault(key, value)
+        dist.init_process_group(backend=backend_for(self.env.device), rank=0, world_size=1)
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.inner = model
+        self._unsharded_bytes = self.count_state_bytes(model)
+        groups = [g for g in param_groups(model, self.cfg.optim, self.cfg.method) if g["params"]]
+        optimizer = build_optimizer(groups, self.cfg.optim)
+        self.scheduler = build_scheduler(optimizer, self.cfg.optim, self.cfg.train.max_steps)
+        self.ds_config = self.deepspeed_config()
+        if self.env.is_main:
+            path = Path(self.cfg.run_dir) / "ds_config.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.ds_config, indent=2) + "\n")
+        self._ensure_process_group()
+        t0 = time.perf_counter()
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=self.ds_config
+        )
+        if self.env.is_main:
+            log.info("deepspeed.initialize (ZeRO-%d) took %.1f s", self.stage, time.perf_counter() - t0)
+        self.engine = engine
+        self.model = engine
+        self.optimizer = ds_optimizer
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        # ZeRO-3's gather hooks live on the module itself; every rank must call it.
+        return self.engine.module
+
+    # ------------------------------------------------------------------- train step
+    def autocast(self):
+        # With bf16 enabled DeepSpeed holds the model in bf16 itself (fp32 master weights
+        # in the optimizer): no autocast on top.
+        return contextlib.nullcontext()
+
+    def no_sync(self, accumulating: bool):
+        # Tell DeepSpeed explicitly whether this micro-batch ends the optimizer step: ZeRO-1
+        # reduces gradients only at the boundary, ZeRO-2/3 reduce-scatter every micro-batch.
+        self.engine.set_gradient_accumulation_boundary(not accumulating)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # `loss` is already this micro-batch's share of the global mean (no division by
+        # grad_accum); DeepSpeed averages over dp ranks, so scale up by the dp world.
+        self.engine.backward(loss * self.dp_world, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def _exclude_frozen(self) -> bool:
+        return self.cfg.method.peft is not None or bool(self.cfg.method.get("quantize"))
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(
+            str(directory), tag=TAG, client_state={}, save_latest=False,
+            exclude_frozen_parameters=self._exclude_frozen,
+        )
+        if self.env.is_main:  # what wrote it, to refuse resuming under another layout
+            meta = {"plan": self.name, "stage": self.stage, "dp_world": self.dp_world}
+            (Path(directory) / TAG / "plan.json").write_text(json.dumps(meta) + "\n")
+
+    def load(self, directory: Path) -> None:
+        ckpt = Path(directory) / TAG
+        if not (ckpt / "plan.json").exists():
+            raise UserError(
+                f"The checkpoint {directory} was not written by a DeepSpeed ZeRO plan (no "
+                f"{TAG}/plan.json). Resume it with the plan that wrote it (see config.yaml in the "
+                f"run directory), or start this run in a new hydra.run.dir."
+            )
+        meta = json.loads((ckpt / "plan.json").read_text())
+        if meta["stage"] != self.stage or meta["dp_world"] != self.dp_world:
+            raise UserError(
+                f"The checkpoint {directory} was written by parallel={meta['plan']} (ZeRO-{meta['stage']}) "
+                f"on {meta['dp_world']} ranks, but this run is ZeRO-{self.stage} on {self.dp_world}; "
+                f"DeepSpeed checkpoints resume only with the same stage and world size. Relaunch with "
+                f"parallel={meta['plan']} launcher.nproc_per_node={meta['dp_world']} (per node), or "
+                f"rebuild the weights with {Path(directory) / 'zero_to_fp32.py'} and start a new run."
+            )
+        load_path, _ = self.engine.load_checkpoint(
+            str(directory), tag=TAG,
+            load_module_strict=not self._exclude_frozen,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,  # restored once, by load_scheduler_state
+        )
+        if load_path is None:
+            raise TrainingError(f"DeepSpeed could not load the checkpoint in {ckpt}.")
+
+    def load_scheduler_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+        # The optimizer's lr must be what the scheduler says for the next step.
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+
+    # ----------------------------------------------------------------------- export
+    def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
+        """Full fp32 state on rank 0's CPU (collective: every rank must call it), with the
+        keys of the unwrapped (peft) model's state_dict."""
+        from deepspeed import zero
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        self._precompute_prompt_embeddings()
+        out: dict[str, torch.Tensor] = {}
+        seen: dict[int, str] = {}
+        for key, t in self.inner.state_dict(keep_vars=True).items():
+            is_param = isinstance(t, torch.nn.Parameter)
+            if trainable_only and is_param and not t.requires_grad:
+                continue
+            if id(t) in seen:  # tied weights: same values under both names
+                if self.env.is_main:
+                    out[key] = out[seen[id(t)]]
+                continue
+            seen[id(t)] = key
+            value = safe_get_full_fp32_param(t) if is_param and t.requires_grad else None
+            if value is None and hasattr(t, "ds_id"):  # frozen ZeRO-3 parameter
+                with zero.GatheredParameters([t], modifier_rank=None):
+                    value = t.detach().clone()
+            if value is None:
+                value = t.detach()
+            if self.env.is_main:
+                value = value.cpu()
+                out[key] = (value.float() if value.is_floating_point() else value).clone()
+        return out if self.env.is_main else {}
+
+    def _precompute_prompt_embeddings(self) -> None:
+        """peft saves prompt-learning adapters (prefix, prompt) by running the prompt encoder,
+        not from the state dict it is given; export does that on rank 0 alone, which under
+        ZeRO-3 would all-gather with nobody on the other side (a hang). Run it here on every
+        rank and let rank 0's save use the result."""
+        inner = self.inner
+        if self.stage != 3 or not hasattr(inner, "get_prompt_embedding_to_save"):
+            return
+        if not inner.active_peft_config.is_prompt_learning:
+            return
+        adapter = inner.active_adapter
+        with torch.no_grad():
+            embeddings = inner.get_prompt_embedding_to_save(adapter).float().cpu()
+        inner.get_prompt_embedding_to_save = lambda adapter_name: embeddings
+
+    # ------------------------------------------------------------------------ exit
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
