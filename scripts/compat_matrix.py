@@ -19,22 +19,30 @@ from parallel import PLANS, plan_class  # noqa: E402
 METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
 
 
-def cell(plan: str, method: str, world: int) -> str:
+def refusal(plan: str, method: str, world: int) -> str | None:
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=[f"parallel={plan}", f"method={method}",
                                             f"launcher.nproc_per_node={world}"])
-    reason = plan_class(cfg.parallel.name).refuse(cfg, world)
-    return "yes" if reason is None else "no"
+    return plan_class(cfg.parallel.name).refuse(cfg, world)
 
 
 def matrix() -> str:
+    """Markdown table (world size 2, 1 for `none`), refusal reasons as footnotes."""
     register_resolvers()
     plans = list(PLANS)
     lines = ["| method | " + " | ".join(plans) + " |", "|---" * (len(plans) + 1) + "|"]
+    notes: list[str] = []
     for m in METHODS:
-        row = [cell(p, m, 1 if p == "none" else 2) for p in plans]
+        row = []
+        for p in plans:
+            reason = refusal(p, m, 1 if p == "none" else 2)
+            if reason is None:
+                row.append("yes")
+            else:
+                notes.append(f"{len(notes) + 1}. `{m}` x `{p}`: {reason}")
+                row.append(f"no [{len(notes)}]")
         lines.append(f"| {m} | " + " | ".join(row) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + notes)
 
 
 if __name__ == "__main__":
