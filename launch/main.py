@@ -1,18 +1,18 @@
 """What `python launch.py ...` does once Hydra has composed the config."""
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from launch import config as config_io
 from launch import sweep
 from launch.estimate import check as memory_check
-from launch.validate import check, check_data, world_size
+from launch.validate import check, check_data
 from trainers.errors import TrainingError, UserError
+from trainers.registry import resolve
 
 log = logging.getLogger("launch")
 
@@ -25,10 +25,7 @@ LAUNCHERS = {
 
 
 def launcher_for(name: str):
-    if name not in LAUNCHERS:
-        raise UserError(f"launcher={name!r} is not available; use one of: {', '.join(LAUNCHERS)}.")
-    module, function = LAUNCHERS[name].split(":")
-    return getattr(importlib.import_module(module), function)
+    return resolve(LAUNCHERS, name, "launcher")
 
 
 def run(cfg: DictConfig, run_dir: str) -> int:

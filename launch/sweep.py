@@ -16,8 +16,6 @@ SWEEP_DIR/sweep_summary.{md,json}    one row per point: status, steps, final eva
 """
 from __future__ import annotations
 
-import fcntl
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path

@@ -6,9 +6,7 @@ checks a method x plan combination before any process starts.
 """
 from __future__ import annotations
 
-import importlib
-
-from trainers.errors import UserError
+from trainers.registry import resolve
 
 # name -> "module:Class". Imported lazily: DeepSpeed costs seconds to import.
 PLANS: dict[str, str] = {
@@ -24,10 +22,7 @@ PLANS: dict[str, str] = {
 
 
 def plan_class(name: str):
-    if name not in PLANS:
-        raise UserError(f"parallel={name!r} is not a known plan; available: {', '.join(PLANS)}.")
-    module, cls = PLANS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return resolve(PLANS, name, "parallel")
 
 
 def build_plan(cfg, env):

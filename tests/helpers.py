@@ -47,3 +47,23 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def fast_for(method: str) -> list[str]:
+    """FAST without `method.dropout` for method=full (it has no dropout key)."""
+    return [o for o in FAST if method != "full" or not o.startswith("method.dropout")]
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def exported(run_dir: Path) -> dict:
+    """Every tensor of export/adapter and export/merged, keyed "adapter/..." / "merged/..."."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for kind in ("adapter", "merged"):
+        for f in sorted((Path(run_dir) / "export" / kind).glob("*.safetensors")):
+            out.update({f"{kind}/{k}": v for k, v in load_file(f).items()})
+    return out

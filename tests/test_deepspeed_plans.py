@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import FAST, REPO, launch, losses, metrics, summary
+from tests.helpers import REPO, exported, fast_for, launch, losses, metrics, rel, summary
 
 pytestmark = pytest.mark.slow
 
@@ -47,9 +47,7 @@ EXPECTED_ZERO = {
 
 
 def common(model: Path, method: str) -> list[str]:
-    # FAST turns LoRA dropout off; full fine-tuning has no such key (and no dropout).
-    fast = [o for o in FAST if method != "full" or not o.startswith("method.dropout")]
-    return [*fast, f"model.path={model}", f"method={method}"]
+    return [*fast_for(method), f"model.path={model}", f"method={method}"]
 
 
 def zero_overrides(model: Path, plan: str, method: str) -> list[str]:
@@ -57,20 +55,6 @@ def zero_overrides(model: Path, plan: str, method: str) -> list[str]:
         *common(model, method), f"parallel={plan}", "launcher.nproc_per_node=2",
         *LAYOUT[plan], *(STAGE3 if plan.startswith("zero3") else []),
     ]
-
-
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-12)
-
-
-def exported(run_dir: Path) -> dict:
-    from safetensors.torch import load_file
-
-    out = {}
-    for kind in ("adapter", "merged"):
-        for f in sorted((run_dir / "export" / kind).glob("*.safetensors")):
-            out.update({f"{kind}/{k}": v for k, v in load_file(f).items()})
-    return out
 
 
 @pytest.fixture(scope="module")

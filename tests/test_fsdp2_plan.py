@@ -21,7 +21,7 @@ import psutil
 import pytest
 import torch
 
-from tests.helpers import FAST, REPO, launch, losses, metrics, summary
+from tests.helpers import FAST, REPO, exported, launch, losses, metrics, rel, summary
 
 pytestmark = pytest.mark.slow
 
@@ -46,20 +46,6 @@ def common(inputs: dict, method: str) -> list[str]:
         *FAST[:-1], f"model.path={inputs['model']}", f"method={method}",
         f"data.train={inputs['train']}", f"data.eval={inputs['eval']}",
     ] + (["method.dropout=0"] if method != "full" else [])
-
-
-def rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-12)
-
-
-def exported(run_dir: Path) -> dict:
-    from safetensors.torch import load_file
-
-    out = {}
-    for kind in ("adapter", "merged"):
-        for f in sorted((run_dir / "export" / kind).glob("*.safetensors")):
-            out.update({f"{kind}/{k}": v for k, v in load_file(f).items()})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import signal
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
 
 from parallel import build_plan
 from trainers.batches import BatchLayout, GlobalBatches
