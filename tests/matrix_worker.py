@@ -14,13 +14,15 @@ sys.path.insert(0, str(REPO))
 
 
 def cell_overrides(plan: str, method: str, model: str, data: str) -> list[str]:
-    """One optimizer step = 4 rows (2 per rank; 2 pipeline micro-batches of 1 row)."""
+    """Every optimizer step sees the same 4 rows (the whole data file), so the loss must
+    fall: 2 rows per rank x 2 data-parallel ranks, or for the pipeline (one data-parallel
+    rank) 2 x 2 accumulated rows split into 2 pipeline micro-batches."""
     return [
         f"parallel={plan}", f"method={method}", "launcher.nproc_per_node=2", f"model.path={model}",
         f"data.train={data}", "data.eval=null", "data.packing=false", "train.max_steps=4",
         "train.micro_batch_size=2", "train.grad_accum=1", "train.save_every=2",
         "optim.warmup_steps=0", "optim.schedule=constant",
-    ] + (["parallel.microbatches=2"] if plan == "pipeline" else [])
+    ] + (["parallel.microbatches=2", "train.grad_accum=2"] if plan == "pipeline" else [])
 
 
 def main(out: Path, model: str, data: str, cells: list[str]) -> None:
