@@ -67,3 +67,15 @@ def exported(run_dir: Path) -> dict:
         for f in sorted((Path(run_dir) / "export" / kind).glob("*.safetensors")):
             out.update({f"{kind}/{k}": v for k, v in load_file(f).items()})
     return out
+
+
+def assert_resumed_exactly(run_dir: Path, uninterrupted: Path, killed_at: int, steps: int = 10) -> None:
+    """A relaunched run resumed from step `killed_at` and ends exactly like the run that
+    was never interrupted: per-step losses and final eval loss to 1e-6."""
+    ref, got = losses(uninterrupted), losses(run_dir)
+    assert sorted(got) == list(range(1, steps + 1))
+    for s in ref:
+        assert rel(got[s], ref[s]) < 1e-6, (s, got[s], ref[s])
+    final = summary(run_dir)
+    assert final["status"] == "completed" and final["final_step"] == steps
+    assert rel(final["final_eval_loss"], summary(uninterrupted)["final_eval_loss"]) < 1e-6

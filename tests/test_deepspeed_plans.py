@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import REPO, exported, fast_for, launch, losses, metrics, rel, summary
+from tests.helpers import assert_resumed_exactly, REPO, exported, fast_for, launch, metrics, rel, summary
 
 pytestmark = pytest.mark.slow
 
@@ -168,15 +168,7 @@ def test_zero3_resume_after_sigkill(runs, tiny_model, tmp_path):
 
     second = launch(*overrides)
     assert f"(step {killed_at})" in second.stderr + second.stdout, "the relaunch did not resume"
-    ref = losses(uninterrupted)
-    got = losses(run_dir)
-    assert sorted(got) == list(range(1, 11))
-    for s in ref:
-        assert rel(got[s], ref[s]) < 1e-6, (s, got[s], ref[s])
-    s = summary(run_dir)
-    assert s["status"] == "completed" and s["final_step"] == 10
-    # Final eval (generation with synced_gpus on both ranks) equals the uninterrupted run's.
-    assert rel(s["final_eval_loss"], summary(uninterrupted)["final_eval_loss"]) < 1e-6
+    assert_resumed_exactly(run_dir, uninterrupted, killed_at)
 
 
 def test_refused_combination_says_why(tiny_model):

@@ -21,7 +21,7 @@ import psutil
 import pytest
 import torch
 
-from tests.helpers import FAST, REPO, exported, launch, losses, metrics, rel, summary
+from tests.helpers import assert_resumed_exactly, FAST, REPO, exported, launch, losses, metrics, rel, summary
 
 pytestmark = pytest.mark.slow
 
@@ -221,13 +221,7 @@ def test_fsdp2_qlora_resume_after_sigkill(runs, inputs, tmp_path):
 
     second = launch(*overrides)
     assert f"(step {killed_at})" in second.stderr + second.stdout, "the relaunch did not resume"
-    ref, got = losses(uninterrupted), losses(run_dir)
-    assert sorted(got) == list(range(1, 11))
-    for s in ref:
-        assert rel(got[s], ref[s]) < 1e-6, (s, got[s], ref[s])
-    s = summary(run_dir)
-    assert s["status"] == "completed" and s["final_step"] == 10
-    assert rel(s["final_eval_loss"], summary(uninterrupted)["final_eval_loss"]) < 1e-6
+    assert_resumed_exactly(run_dir, uninterrupted, killed_at)
 
 
 def test_refused_combination_says_why(inputs):
