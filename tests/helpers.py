@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,3 +80,14 @@ def assert_resumed_exactly(run_dir: Path, uninterrupted: Path, killed_at: int, s
     final = summary(run_dir)
     assert final["status"] == "completed" and final["final_step"] == steps
     assert rel(final["final_eval_loss"], summary(uninterrupted)["final_eval_loss"]) < 1e-6
+
+
+def wait_until(predicate, proc: subprocess.Popen, timeout: float = 300, what: str = "condition") -> None:
+    """Poll `predicate` while the run `proc` is alive; fail with its stderr if it ends first."""
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -8,13 +8,12 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from parallel import PLANS
-from tests.helpers import FAST, REPO, launch, losses, summary
+from tests.helpers import FAST, REPO, launch, losses, summary, wait_until
 
 pytestmark = pytest.mark.slow
 STEPS = 10
@@ -31,15 +30,6 @@ def start(args: list[str], run: Path, env: dict | None = None) -> subprocess.Pop
     return subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args, f"hydra.run.dir={run}"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, **(env or {})), start_new_session=True)
-
-
-def wait_until(predicate, proc, timeout=300):
-    deadline = time.time() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def logged_steps(run: Path) -> int:

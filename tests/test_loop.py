@@ -6,12 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import FAST, REPO, launch, losses, metrics, summary
+from tests.helpers import FAST, REPO, launch, losses, metrics, summary, wait_until
 
 
 def test_batch_split_does_not_change_losses(tmp_path, tiny_model):
@@ -44,15 +42,6 @@ def test_run_directory_contents(tmp_path, tiny_model):
     assert (run / "export" / "adapter" / "adapter_model.safetensors").exists()
 
 
-def _wait_for(path: Path, proc, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.stderr.read()[-3000:]}")
-        if time.time() > deadline:
-            raise AssertionError(f"{path} did not appear")
-        time.sleep(0.05)
-
 
 @pytest.mark.slow
 def test_sigkill_then_relaunch_continues_exactly(tmp_path, tiny_model):
@@ -66,7 +55,8 @@ def test_sigkill_then_relaunch_continues_exactly(tmp_path, tiny_model):
     proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args, f"hydra.run.dir={run}"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    _wait_for(run / "checkpoints" / "step_4" / "COMMITTED", proc, 300)
+    committed = run / "checkpoints" / "step_4" / "COMMITTED"
+    wait_until(committed.exists, proc, 300, str(committed))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run / "summary.json").exists()

@@ -9,13 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import FAST, REPO, launch, losses, metrics, summary
+from tests.helpers import FAST, REPO, launch, losses, metrics, summary, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -79,13 +78,7 @@ def _kill_when(path: Path, proc: subprocess.Popen, timeout: float) -> None:
     starts each worker in its own session, so killing the group alone leaves them running)."""
     import psutil
 
-    deadline = time.time() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.stderr.read()[-3000:]}")
-        if time.time() > deadline:
-            raise AssertionError(f"{path} did not appear")
-        time.sleep(0.05)
+    wait_until(path.exists, proc, timeout, str(path))
     workers = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
     for w in workers:
