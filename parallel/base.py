@@ -155,12 +155,6 @@ class Plan:
         """Write this plan's model + optimizer state (every rank calls this)."""
         dcp.save(self._checkpoint_state(), checkpoint_id=str(directory / "state"))
 
-    @property
-    def can_save_async(self) -> bool:
-        """Only the DCP path streams in the background; a plan with its own save() (e.g.
-        DeepSpeed's engine checkpoints) writes in the foreground."""
-        return type(self).save is Plan.save
-
     def save_async(self, directory: Path, process_group) -> Future:
         """Stage the state to CPU now (pinned memory on a GPU) and write it from a
         background thread on `process_group`; returns the write's future."""

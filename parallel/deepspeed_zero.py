@@ -22,9 +22,12 @@ Numbers match parallel=none exactly (up to float summation order):
   and step() returns the pre-clip global norm DeepSpeed computed.
 
 Checkpoints are DeepSpeed's own (engine.save_checkpoint into the directory the
-Checkpointer commits); the LR scheduler is restored once, by the Checkpointer, from
-trainer_state.json (DeepSpeed's copy is not loaded). They resume only under the same
-stage and world size (checked, with a message); zero_to_fp32.py is copied next to them.
+Checkpointer commits), staged to CPU and written in the background in async mode (see
+parallel/deepspeed_checkpoint.py); the LR scheduler is restored once, by the Checkpointer,
+from trainer_state.json (DeepSpeed's copy is not loaded). Resuming under another world size
+goes through DeepSpeed's universal checkpoint, converted once on rank 0 (another ZeRO stage
+is refused with a message).
+zero_to_fp32.py is copied next to them.
 
 Precision: fp32 unless train.precision=bf16 (or auto on a bf16 GPU); then DeepSpeed's bf16
 mode holds the model in bf16 with fp32 master weights in the optimizer (no autocast), so
@@ -42,6 +45,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -49,7 +53,8 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from parallel.base import Plan
-from trainers.distributed import backend_for
+from parallel.deepspeed_checkpoint import UNIVERSAL, StagingCheckpointEngine, to_universal, universal_checkpoint_info
+from trainers.distributed import backend_for, barrier
 from trainers.errors import TrainingError, UserError
 from trainers.optim import build_optimizer, build_scheduler, param_groups
 
@@ -184,6 +189,8 @@ class DeepSpeedZero(Plan):
         self.engine = engine
         self.model = engine
         self.optimizer = ds_optimizer
+        self.checkpoint_engine = StagingCheckpointEngine(engine._config, pin_memory=self.env.device.type == "cuda")
+        engine.checkpoint_engine = self.checkpoint_engine
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -220,12 +227,16 @@ class DeepSpeedZero(Plan):
 
     def save(self, directory: Path) -> None:
         self.engine.save_checkpoint(
-            str(directory), tag=TAG, client_state={}, save_latest=False,
+            str(directory), tag=TAG, client_state=universal_checkpoint_info(), save_latest=False,
             exclude_frozen_parameters=self._exclude_frozen,
         )
-        if self.env.is_main:  # what wrote it, to refuse resuming under another layout
+        if self.env.is_main:  # what wrote it: a resume under another layout converts it
             meta = {"plan": self.name, "stage": self.stage, "dp_world": self.dp_world}
             (Path(directory) / TAG / "plan.json").write_text(json.dumps(meta) + "\n")
+
+    def save_async(self, directory: Path, process_group) -> Future:
+        files = self.checkpoint_engine.stage(lambda: self.save(directory))
+        return self.checkpoint_engine.write_staged(files)
 
     def load(self, directory: Path) -> None:
         ckpt = Path(directory) / TAG
@@ -236,22 +247,49 @@ class DeepSpeedZero(Plan):
                 f"run directory), or start this run in a new hydra.run.dir."
             )
         meta = json.loads((ckpt / "plan.json").read_text())
-        if meta["stage"] != self.stage or meta["dp_world"] != self.dp_world:
+        if meta["stage"] != self.stage:
             raise UserError(
-                f"The checkpoint {directory} was written by parallel={meta['plan']} (ZeRO-{meta['stage']}) "
-                f"on {meta['dp_world']} ranks, but this run is ZeRO-{self.stage} on {self.dp_world}; "
-                f"DeepSpeed checkpoints resume only with the same stage and world size. Relaunch with "
-                f"parallel={meta['plan']} launcher.nproc_per_node={meta['dp_world']} (per node), or "
-                f"rebuild the weights with {Path(directory) / 'zero_to_fp32.py'} and start a new run."
+                f"The checkpoint {directory} was written by parallel={meta['plan']} (ZeRO-{meta['stage']}), "
+                f"but this run is ZeRO-{self.stage}. DeepSpeed checkpoints reshard to another world size "
+                f"but not to another ZeRO stage: relaunch with parallel={meta['plan']} (any number of "
+                f"ranks), or rebuild the weights with {Path(directory) / 'zero_to_fp32.py'} and start a "
+                f"new run from them."
             )
+        if meta["dp_world"] == self.dp_world:
+            self._load(directory, TAG)
+            return
+        if self.env.is_main:
+            log.info("resharding %s: ZeRO-%s from %s to %s ranks", directory, self.stage,
+                     meta["dp_world"], self.dp_world)
+        self._convert_on_rank0(ckpt, Path(directory) / UNIVERSAL)
+        self.engine._config.load_universal_checkpoint = True  # read by load_checkpoint only
+        try:
+            self._load(directory, UNIVERSAL)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+
+    def _convert_on_rank0(self, source: Path, target: Path) -> None:
+        failure = [None]
+        if self.env.is_main:
+            try:
+                to_universal(source, target)
+            except TrainingError as e:
+                failure = [str(e)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(failure, src=0)
+        if failure[0]:
+            raise TrainingError(failure[0])
+        barrier()
+
+    def _load(self, directory: Path, tag: str) -> None:
         load_path, _ = self.engine.load_checkpoint(
-            str(directory), tag=TAG,
+            str(directory), tag=tag,
             load_module_strict=not self._exclude_frozen,
             load_optimizer_states=True,
             load_lr_scheduler_states=False,  # restored once, by load_scheduler_state
         )
         if load_path is None:
-            raise TrainingError(f"DeepSpeed could not load the checkpoint in {ckpt}.")
+            raise TrainingError(f"DeepSpeed could not load the checkpoint in {Path(directory) / tag}.")
 
     def load_scheduler_state(self, state: dict) -> None:
         self.scheduler.load_state_dict(state)

@@ -65,8 +65,9 @@ def test_sigterm_saves_preempted_and_resumes_exactly(tmp_path, tiny_model, plan)
     assert_same_losses(run, ref)
 
 
-def test_sigkill_during_async_write_resumes_from_previous_commit(tmp_path, tiny_model):
-    args = common(tiny_model, "ddp") + ["train.save_every=3"]
+@pytest.mark.parametrize("plan", ["ddp", "zero3"])  # DCP's async_save and DeepSpeed's staged files
+def test_sigkill_during_async_write_resumes_from_previous_commit(tmp_path, tiny_model, plan):
+    args = common(tiny_model, plan) + ["train.save_every=3"]
     ref = tmp_path / "ref"
     launch(*args, f"hydra.run.dir={ref}")
     run = tmp_path / "run"
@@ -83,15 +84,74 @@ def test_sigkill_during_async_write_resumes_from_previous_commit(tmp_path, tiny_
     assert_same_losses(run, ref)
 
 
-@pytest.mark.parametrize("plan", ["fsdp2"])
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+RESHARDS = [(plan, 2, 1) for plan in ("fsdp2", "zero1", "zero2", "zero3", "zero3_offload")] + [
+    (plan, 1, 2) for plan in ("fsdp2", "zero2", "zero3")]
+
+
+@pytest.mark.parametrize("plan, before, after", RESHARDS)
 def test_reshard_gives_same_next_step_loss(tmp_path, tiny_model, plan, before, after):
     if plan not in PLANS:
         pytest.skip(f"parallel={plan} is not registered")
     ref = tmp_path / "ref"
-    launch(*common(tiny_model, plan, before), "train.max_steps=5", f"hydra.run.dir={ref}")
+    launch(*common(tiny_model, plan, after), "train.max_steps=5", f"hydra.run.dir={ref}")
     run = tmp_path / "run"
     launch(*common(tiny_model, plan, before), "train.max_steps=4", "train.save_every=4", f"hydra.run.dir={run}")
     out = launch(*common(tiny_model, plan, after), "train.max_steps=5", f"hydra.run.dir={run}")
     assert "step_4 (step 4)" in out.stderr
     assert losses(run)[5] == pytest.approx(losses(ref)[5], rel=1e-5)
+    if plan.startswith("zero"):  # converted once by DeepSpeed, kept beside the original
+        assert (run / "checkpoints" / "step_4" / "deepspeed_universal" / "zero").is_dir()
+
+
+def test_deepspeed_refuses_another_zero_stage_with_a_message(tmp_path, tiny_model):
+    run = tmp_path / "run"
+    launch(*common(tiny_model, "zero2", 1), "train.max_steps=2", "train.save_every=2", f"hydra.run.dir={run}")
+    out = launch(*common(tiny_model, "zero3", 1), "train.max_steps=3", f"hydra.run.dir={run}", check=False)
+    assert out.returncode != 0
+    assert "ZeRO-2" in out.stderr and "not to another ZeRO stage" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def allocated_bytes(directory: Path) -> int:
+    return sum(os.stat(f).st_blocks * 512 for f in directory.rglob("*") if f.is_file())
+
+
+@pytest.fixture
+def small_disk():
+    """mount(path, bytes): a real tmpfs of that size at `path` (unmounted afterwards)."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: int) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
+        mounted.append(path)
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("plan", ["fsdp2", "zero2"])
+def test_full_disk_fails_clearly_and_loses_nothing_committed(tmp_path, tiny_model, small_disk, plan):
+    args = common(tiny_model, plan) + ["train.save_every=3"]
+    ref = tmp_path / "ref"
+    launch(*args, f"hydra.run.dir={ref}")
+    one = max(allocated_bytes(d) for d in (ref / "checkpoints").glob("step_*"))
+    run = tmp_path / "run"
+    # Room for one checkpoint but not two: step_3 commits, step_6 runs out of space.
+    small_disk(run / "checkpoints", one * 3 // 2)
+    out = launch(*args, f"hydra.run.dir={run}", check=False)
+    assert out.returncode != 0
+    assert "the disk is full" in out.stderr and "step_3" in out.stderr, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_3"
+    assert not list(ckpts.glob("step_*.tmp"))  # the partial write was cleaned up
+    # Make room (what the message asks for) and relaunch: resumes from the committed step_3.
+    subprocess.run(["mount", "-o", f"remount,size={one * 4}", str(ckpts)], check=True)
+    out = launch(*args, f"hydra.run.dir={run}")
+    assert "step_3 (step 3)" in out.stderr
+    assert_same_losses(run, ref)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainers.distributed import DistEnv, barrier
+from trainers.distributed import DistEnv, all_reduce_sum, barrier
 from trainers.errors import TrainingError
 from trainers.rng import rng_state, set_rng_state
 
@@ -37,6 +37,23 @@ def _fsync_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ENOSPC is behind `error`: writers wrap it (torch.save raises a RuntimeError
+    whose context is the OSError; DCP collects every rank's exception in a
+    CheckpointException's `failures`)."""
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        stack += [e.__cause__, e.__context__]
+        stack += [failure[0] for failure in getattr(e, "failures", {}).values()]
+    return False
 
 
 def committed_steps(root: Path) -> list[int]:
@@ -68,8 +85,7 @@ class Checkpointer:
     that copy), then written by a background thread on a dedicated gloo process group (so
     its collectives never interleave with training's), and committed once every rank's
     write is done. At most one save is in flight: the next save, and the end of the run,
-    wait for it. mode="sync" (and plans that write their own format) write in the
-    foreground.
+    wait for it. mode="sync" writes in the foreground.
     """
 
     def __init__(self, run_dir: Path, plan, env: DistEnv, keep_last: int, mode: str = "async"):
@@ -77,7 +93,7 @@ class Checkpointer:
         self.plan = plan
         self.env = env
         self.keep_last = max(1, int(keep_last))
-        self.asynchronous = mode == "async" and plan.can_save_async
+        self.asynchronous = mode == "async"
         self._inflight: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._group = None
@@ -103,12 +119,17 @@ class Checkpointer:
                 (tmp / "rng").mkdir(parents=True)
             barrier()
             if not self.asynchronous:
-                self.plan.save(tmp)
-                self._finish(tmp, final, state, rng, group=None)
+                self._finish(lambda: self.plan.save(tmp), tmp, final, state, rng, group=None)
                 return
             write = self.plan.save_async(tmp, self._group)
+
+        def finish_write():
+            write.result()
+            # Fault injection for tests: hold the write open so a kill lands mid-write.
+            time.sleep(float(os.environ.get("LLM_LAUNCHER_CKPT_COMMIT_DELAY_S", 0)))
+
         self._inflight = threading.Thread(
-            target=self._finish_in_background, args=(write, tmp, final, state, rng), daemon=True,
+            target=self._finish_in_background, args=(finish_write, tmp, final, state, rng), daemon=True,
             name=f"checkpoint-step-{step}",
         )
         self._inflight.start()
@@ -116,17 +137,27 @@ class Checkpointer:
     def _finish_in_background(self, write, tmp: Path, final: Path, state: dict, rng: dict) -> None:
         try:
             with self._disk_errors(final):
-                write.result()
-                # Fault injection for tests: hold the write open so a kill lands mid-write.
-                time.sleep(float(os.environ.get("LLM_LAUNCHER_CKPT_COMMIT_DELAY_S", 0)))
-                self._finish(tmp, final, state, rng, group=self._group)
+                self._finish(write, tmp, final, state, rng, group=self._group)
         except BaseException as e:  # reported by wait() on the training thread
             self._failure = e
 
-    def _finish(self, tmp: Path, final: Path, state: dict, rng: dict, group) -> None:
-        """Every rank adds its RNG state; once all are done rank 0 commits."""
-        torch.save(rng, tmp / "rng" / f"rank{self.env.rank}.pt")
-        barrier(group)
+    def _finish(self, write, tmp: Path, final: Path, state: dict, rng: dict, group) -> None:
+        """Every rank completes its write and adds its RNG state; the ranks then agree on
+        the outcome, so that either all of them commit (rank 0 writes the marker and moves
+        `latest`) or all of them report the failure (none waits forever for a peer)."""
+        error = None
+        try:
+            write()
+            torch.save(rng, tmp / "rng" / f"rank{self.env.rank}.pt")
+        except BaseException as e:
+            error = e
+        failed, disk_full = self._count_failures(error, group)
+        if error is not None:
+            raise error
+        if disk_full:
+            raise OSError(errno.ENOSPC, f"another rank ran out of space writing {tmp}")
+        if failed:
+            raise TrainingError(f"Another rank failed to write checkpoint {final}; its error is printed above.")
         if self.env.is_main:
             _fsync_write(tmp / "trainer_state.json", json.dumps(state, indent=1))
             _fsync_write(tmp / MARKER, "ok\n")
@@ -138,18 +169,26 @@ class Checkpointer:
             log.info("checkpoint committed: %s", final)
         barrier(group)
 
+    def _count_failures(self, error: BaseException | None, group) -> tuple[int, int]:
+        """(ranks whose write failed, ranks whose disk was full), summed over `group` (the
+        gloo group of background writes, or the default group)."""
+        device = torch.device("cpu") if group is not None else self.env.device
+        failed, full = all_reduce_sum([error is not None, error is not None and is_disk_full(error)], device, group)
+        return int(failed), int(full)
+
     @contextlib.contextmanager
     def _disk_errors(self, final: Path):
         try:
             yield
-        except OSError as e:
+        except BaseException as e:
+            if not is_disk_full(e):
+                raise
             if self.env.is_main:
                 shutil.rmtree(final.with_name(final.name + ".tmp"), ignore_errors=True)
             prev = latest_checkpoint(self.root)
-            why = "the disk is full" if e.errno == errno.ENOSPC else str(e)
             raise TrainingError(
-                f"Could not write checkpoint {final}: {why}. Nothing committed was lost: the "
-                f"last committed checkpoint is {prev or 'none'}. Free space or point "
+                f"Could not write checkpoint {final}: the disk is full. Nothing committed was "
+                f"lost: the last committed checkpoint is {prev or 'none'}. Free space or point "
                 f"hydra.run.dir at a larger disk, then relaunch to resume."
             ) from None
 

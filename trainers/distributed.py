@@ -62,12 +62,13 @@ def barrier(group=None) -> None:
         dist.barrier(group=group)
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few scalars over all ranks (one collective)."""
+def all_reduce_sum(values: list[float], device: torch.device, group=None) -> list[float]:
+    """Sum a few scalars over all ranks of `group` (one collective); `device` must suit the
+    group's backend (CPU for gloo)."""
     if not dist.is_initialized():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t.tolist()
 
 
