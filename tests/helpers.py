@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -83,11 +84,91 @@ def assert_resumed_exactly(run_dir: Path, uninterrupted: Path, killed_at: int, s
 
 
 def wait_until(predicate, proc: subprocess.Popen, timeout: float = 300, what: str = "condition") -> None:
-    """Poll `predicate` while the run `proc` is alive; fail with its stderr if it ends first."""
+    """Poll `predicate` while the run `proc` (from `start`) is alive; fail with its output
+    if it ends first."""
     deadline = time.time() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+            raise AssertionError(f"run ended early ({proc.returncode}): {Path(proc.log).read_text()[-3000:]}")
         if time.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def start(run_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+    """`python launch.py OVERRIDES... hydra.run.dir=RUN_DIR` in the background, in a session
+    of its own; its output goes to RUN_DIR.log (`proc.log`)."""
+    log = Path(f"{run_dir}.log")
+    full_env = dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1", **(env or {}))
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.run.dir={run_dir}"],
+                                cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every worker (torch's elastic agent starts each worker in a
+    session of its own, so killing the launcher's group alone is not enough)."""
+    import psutil
+
+    try:
+        workers = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        workers = []
+    for p in [proc.pid, *(w.pid for w in workers)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    psutil.wait_procs(workers, timeout=30)
+
+
+def kill_once_committed(proc: subprocess.Popen, run_dir: Path, timeout: float = 300) -> int:
+    """SIGKILL the run as soon as a checkpoint is committed; returns its step."""
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    try:
+        wait_until(latest.exists, proc, timeout, str(latest))
+    finally:
+        kill_tree(proc)
+    return int(latest.read_text().strip().removeprefix("step_"))
+
+
+def launched_once(root: Path):
+    """For module-scoped fixtures: get(name, *overrides) launches `name` into root/name the
+    first time and returns (run dir, launcher output) ever after."""
+    done: dict[str, tuple[Path, str]] = {}
+
+    def get(name: str, *overrides: str) -> tuple[Path, str]:
+        if name not in done:
+            run_dir = Path(root) / name
+            proc = launch(*overrides, f"hydra.run.dir={run_dir}")
+            done[name] = (run_dir, proc.stdout + proc.stderr)
+        return done[name]
+
+    return get
+
+
+def assert_trains_like(run_dir: Path, ref_dir: Path, steps: int = 10) -> None:
+    """Every step's loss, learning rate and pre-clip global grad norm equal the reference
+    run's. A wrong loss scale (over ranks or accumulation) or a per-shard norm shows in the
+    norm even where Adam's scale invariance hides it in the losses."""
+    ref = {r["step"]: r for r in metrics(ref_dir) if "loss" in r}
+    got = {r["step"]: r for r in metrics(run_dir) if "loss" in r}
+    assert sorted(got) == sorted(ref) == list(range(1, steps + 1))
+    for s in ref:
+        assert rel(got[s]["loss"], ref[s]["loss"]) < 1e-5, (s, got[s], ref[s])
+        assert rel(got[s]["lr"], ref[s]["lr"]) < 1e-9, (s, got[s], ref[s])
+        assert isinstance(got[s]["grad_norm"], float)
+        assert rel(got[s]["grad_norm"], ref[s]["grad_norm"]) < 1e-4, (s, got[s], ref[s])
+
+
+def assert_same_export(run_dir: Path, ref_dir: Path) -> None:
+    """The exported safetensors hold the same tensors (names, dtypes, shapes, values to 1e-5)."""
+    ref_w, got_w = exported(ref_dir), exported(run_dir)
+    assert ref_w and set(got_w) == set(ref_w)
+    for k, v in ref_w.items():
+        assert got_w[k].dtype == v.dtype and got_w[k].shape == v.shape, k
+        assert float((got_w[k].float() - v.float()).abs().max()) < 1e-5, k

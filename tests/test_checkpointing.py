@@ -7,13 +7,13 @@ import os
 import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from parallel import PLANS
-from tests.helpers import FAST, REPO, launch, losses, summary, wait_until
+from tests.helpers import FAST, kill_tree, launch, losses, start, summary, wait_until
 
 pytestmark = pytest.mark.slow
 STEPS = 10
@@ -24,12 +24,6 @@ def common(tiny_model, plan: str, world: int = 2) -> list[str]:
     accum = 4 // world
     return [f"model.path={tiny_model}", *FAST, f"train.max_steps={STEPS}", "train.micro_batch_size=2",
             f"train.grad_accum={accum}", f"parallel={plan}", f"launcher.nproc_per_node={world}"]
-
-
-def start(args: list[str], run: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args, f"hydra.run.dir={run}"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, **(env or {})), start_new_session=True)
 
 
 def logged_steps(run: Path) -> int:
@@ -53,7 +47,7 @@ def test_sigterm_saves_preempted_and_resumes_exactly(tmp_path, tiny_model, plan)
     launch(*args, f"hydra.run.dir={ref}")
     stop_after = random.Random(plan).randint(2, STEPS - 3)
     run = tmp_path / "run"
-    proc = start(args, run)
+    proc = start(run, *args)
     wait_until(lambda: logged_steps(run) >= stop_after, proc)
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) != 0
@@ -72,12 +66,18 @@ def test_sigkill_during_async_write_resumes_from_previous_commit(tmp_path, tiny_
     launch(*args, f"hydra.run.dir={ref}")
     run = tmp_path / "run"
     # Fault injection: background writes pause before committing, so the kill lands mid-write.
-    proc = start(args, run, env={"LLM_LAUNCHER_CKPT_COMMIT_DELAY_S": "30"})
+    proc = start(run, *args, env={"LLM_LAUNCHER_CKPT_COMMIT_DELAY_S": "30"})
     ckpts = run / "checkpoints"
-    wait_until(lambda: (ckpts / "step_3" / "COMMITTED").exists() and (ckpts / "step_6.tmp").exists(), proc)
-    wait_until(lambda: logged_steps(run) >= 7, proc)  # training went on during the write
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        wait_until(lambda: (ckpts / "step_3" / "COMMITTED").exists() and (ckpts / "step_6.tmp").exists(), proc)
+        wait_until(lambda: logged_steps(run) >= 7, proc)  # training went on during the write
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher only: its workers must die with it
+        proc.wait()
+        _, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"workers outlived their SIGKILLed launcher: {alive}"
+    finally:
+        kill_tree(proc)
     assert (ckpts / "latest").read_text().strip() == "step_3" and not (ckpts / "step_6").exists()
     out = launch(*args, f"hydra.run.dir={run}")
     assert "step_3 (step 3)" in out.stderr

@@ -10,17 +10,12 @@ TORCH_EXTENSIONS_DIR, see conftest.py); after that this file takes about 5-6 min
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.helpers import assert_resumed_exactly, REPO, exported, fast_for, launch, metrics, rel, summary
+from tests.helpers import (assert_resumed_exactly, assert_same_export, assert_trains_like, fast_for,
+                           kill_once_committed, launch, launched_once, metrics, rel, start, summary)
 
 pytestmark = pytest.mark.slow
 
@@ -59,25 +54,10 @@ def zero_overrides(model: Path, plan: str, method: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
-    """Run each configuration once per module: name -> run dir."""
-    root = tmp_path_factory.mktemp("ds-runs")
-    done: dict[str, Path] = {}
-
-    def get(name: str, *overrides: str) -> Path:
-        if name not in done:
-            run_dir = root / name
-            launch(*overrides, f"hydra.run.dir={run_dir}")
-            done[name] = run_dir
-        return done[name]
-
-    def reference(method: str) -> Path:
-        return get(f"none-{method}", *common(tiny_model, method), "parallel=none", *SINGLE)
-
-    def zero(plan: str, method: str) -> Path:
-        return get(f"{plan}-{method}", *zero_overrides(tiny_model, plan, method))
-
-    get.reference = reference
-    get.zero = zero
+    """runs.reference(method) / runs.zero(plan, method) -> run dir, launched once per module."""
+    get = launched_once(tmp_path_factory.mktemp("ds-runs"))
+    get.reference = lambda method: get(f"none-{method}", *common(tiny_model, method), "parallel=none", *SINGLE)[0]
+    get.zero = lambda plan, method: get(f"{plan}-{method}", *zero_overrides(tiny_model, plan, method))[0]
     return get
 
 
@@ -85,17 +65,9 @@ def runs(tiny_model, tmp_path_factory):
 @pytest.mark.parametrize("plan", PLANS)
 def test_zero_matches_single_process(runs, plan, method):
     ref_dir, run_dir = runs.reference(method), runs.zero(plan, method)
-    ref = {r["step"]: r for r in metrics(ref_dir) if "loss" in r}
-    got = {r["step"]: r for r in metrics(run_dir) if "loss" in r}
-    assert sorted(got) == sorted(ref) == list(range(1, 11))
-    for s in ref:
-        assert rel(got[s]["loss"], ref[s]["loss"]) < 1e-5, (s, got[s], ref[s])
-        assert rel(got[s]["lr"], ref[s]["lr"]) < 1e-9, (s, got[s], ref[s])
-        # The pre-clip global norm: a wrong loss scale (ranks, accumulation) shows here
-        # even where Adam's scale invariance hides it in the losses.
-        assert rel(got[s]["grad_norm"], ref[s]["grad_norm"]) < 1e-4, (s, got[s], ref[s])
+    assert_trains_like(run_dir, ref_dir)
     if method == "full":  # full fine-tuning's norms exceed max_grad_norm=1: clipping ran
-        assert max(r["grad_norm"] for r in ref.values()) > 1.0
+        assert max(r["grad_norm"] for r in metrics(ref_dir) if "loss" in r) > 1.0
 
     s = summary(run_dir)
     assert s["status"] == "completed" and s["world_size"] == 2 and s["plan"] == plan
@@ -115,27 +87,7 @@ def test_zero_matches_single_process(runs, plan, method):
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False
 
     # Export: the full (gathered) fp32 state, same tensors as the single-process run.
-    ref_w, got_w = exported(ref_dir), exported(run_dir)
-    assert ref_w and set(got_w) == set(ref_w)
-    for k, v in ref_w.items():
-        assert got_w[k].dtype == v.dtype and got_w[k].shape == v.shape, k
-        assert float((got_w[k].float() - v.float()).abs().max()) < 1e-5, k
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher's process group and its workers (torch's elastic agent starts
-    each worker in a session of its own)."""
-    try:
-        workers = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        workers = []
-    for pgid in [proc.pid] + [w.pid for w in workers]:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
-    psutil.wait_procs(workers, timeout=30)
+    assert_same_export(run_dir, ref_dir)
 
 
 def test_zero3_resume_after_sigkill(runs, tiny_model, tmp_path):
@@ -146,27 +98,12 @@ def test_zero3_resume_after_sigkill(runs, tiny_model, tmp_path):
     # numbers, so the losses are comparable to the run without it.
     overrides = [
         *zero_overrides(tiny_model, "zero3", "lora"), "train.save_every=4", "train.eval_every=5",
-        f"hydra.run.dir={run_dir}",
     ]
-    env = dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
-    latest = run_dir / "checkpoints" / "latest"
-    with open(tmp_path / "killed.log", "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, str(REPO / "launch.py"), *overrides],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + 300
-        try:
-            while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-        finally:
-            _kill_tree(proc)
-    assert latest.exists(), "no checkpoint was committed:\n" + (tmp_path / "killed.log").read_text()[-4000:]
-    killed_at = int(latest.read_text().strip().removeprefix("step_"))
+    killed_at = kill_once_committed(start(run_dir, *overrides), run_dir)
     assert 4 <= killed_at < 10, f"the first run was not interrupted mid-way (latest step {killed_at})"
     assert not (run_dir / "summary.json").exists()
 
-    second = launch(*overrides)
+    second = launch(*overrides, f"hydra.run.dir={run_dir}")
     assert f"(step {killed_at})" in second.stderr + second.stdout, "the relaunch did not resume"
     assert_resumed_exactly(run_dir, uninterrupted, killed_at)
 

@@ -9,19 +9,13 @@ Every configuration runs once per module (about 3-4 minutes on 2 idle cores).
 """
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
-from tests.helpers import assert_resumed_exactly, FAST, REPO, exported, launch, losses, metrics, rel, summary
+from tests.helpers import (FAST, REPO, assert_resumed_exactly, assert_same_export, assert_trains_like, exported,
+                           kill_once_committed, launch, launched_once, losses, metrics, rel, start, summary)
 
 pytestmark = pytest.mark.slow
 
@@ -63,18 +57,7 @@ def inputs(tiny_model, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Run each configuration once per module: name -> (run dir, launcher output)."""
-    root = tmp_path_factory.mktemp("fsdp2-runs")
-    done: dict[str, tuple[Path, str]] = {}
-
-    def get(name: str, *overrides: str) -> tuple[Path, str]:
-        if name not in done:
-            run_dir = root / name
-            proc = launch(*overrides, f"hydra.run.dir={run_dir}")
-            done[name] = (run_dir, proc.stdout + proc.stderr)
-        return done[name]
-
-    get.root = root
-    return get
+    return launched_once(tmp_path_factory.mktemp("fsdp2-runs"))
 
 
 def qlora_args(inputs: dict) -> dict[str, list[str]]:
@@ -92,18 +75,9 @@ def qlora_args(inputs: dict) -> dict[str, list[str]]:
 def test_fsdp2_matches_single_process(runs, inputs, method):
     ref_dir, _ = runs(f"none-{method}", *common(inputs, method), "parallel=none")
     run_dir, out = runs(f"fsdp2-{method}", *common(inputs, method), *FSDP2, *SPLIT)
-    ref = {r["step"]: r for r in metrics(ref_dir) if "loss" in r}
-    got = {r["step"]: r for r in metrics(run_dir) if "loss" in r}
-    assert sorted(got) == sorted(ref) == list(range(1, 11))
-    for s in ref:
-        assert rel(got[s]["loss"], ref[s]["loss"]) < 1e-5, (s, got[s], ref[s])
-        assert rel(got[s]["lr"], ref[s]["lr"]) < 1e-9, (s, got[s], ref[s])
-        # Pre-clip global norm over DTensor shards, a plain float: a wrong loss scale
-        # (ranks, accumulation) or a per-shard norm shows here.
-        assert isinstance(got[s]["grad_norm"], float)
-        assert rel(got[s]["grad_norm"], ref[s]["grad_norm"]) < 1e-4, (s, got[s], ref[s])
+    assert_trains_like(run_dir, ref_dir)  # the grad norm over DTensor shards included
     if method == "full":  # norms exceed max_grad_norm=1: clipping of DTensor grads ran
-        assert max(r["grad_norm"] for r in ref.values()) > 1.0
+        assert max(r["grad_norm"] for r in metrics(ref_dir) if "loss" in r) > 1.0
 
     s, s_ref = summary(run_dir), summary(ref_dir)
     assert s["status"] == "completed" and s["world_size"] == 2 and s["plan"] == "fsdp2"
@@ -114,13 +88,9 @@ def test_fsdp2_matches_single_process(runs, inputs, method):
     assert "expected model state per rank" in out
 
     # Export: gathered to rank 0's CPU, same tensors as the single-process run.
-    ref_w, got_w = exported(ref_dir), exported(run_dir)
     kinds = {"merged"} if method == "full" else {"adapter", "merged"}
-    assert {k.split("/")[0] for k in got_w} == kinds
-    assert ref_w and set(got_w) == set(ref_w)
-    for k, v in ref_w.items():
-        assert got_w[k].dtype == v.dtype and got_w[k].shape == v.shape, k
-        assert float((got_w[k].float() - v.float()).abs().max()) < 1e-5, k
+    assert {k.split("/")[0] for k in exported(run_dir)} == kinds
+    assert_same_export(run_dir, ref_dir)
 
 
 def test_fsdp2_lora_export_merged_equals_base_plus_adapter(runs, inputs, tiny_model):
@@ -172,20 +142,6 @@ def test_fsdp2_qlora_matches_single_and_eval_does_not_corrupt(runs, inputs):
     assert (eval_dir / "export" / "merged" / "config.json").exists()
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher's process group and its workers (torch's elastic agent starts
-    each worker in a session of its own)."""
-    workers = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for w in workers:
-        try:
-            os.killpg(w.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
-    psutil.wait_procs(workers, timeout=30)
-
-
 def test_fsdp2_qlora_resume_after_sigkill(runs, inputs, tmp_path):
     """Checkpoints hold the adapters only (ignore_frozen_params); the relaunch rebuilds
     the 4-bit base from model.path and loads the sharded adapters + optimizer state."""
@@ -193,23 +149,8 @@ def test_fsdp2_qlora_resume_after_sigkill(runs, inputs, tmp_path):
     run_dir = tmp_path / "resumed"
     # Evaluation every 2 steps keeps the run busy after checkpoint 4 is committed: the
     # kill lands there. Evaluation draws no random numbers.
-    overrides = [*qlora_args(inputs)["eval"], "train.save_every=4", f"hydra.run.dir={run_dir}"]
-    env = dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(REPO / "launch.py"), *overrides],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        latest = run_dir / "checkpoints" / "latest"
-        deadline = time.monotonic() + 300
-        try:
-            while not latest.exists():
-                assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-4000:]
-                assert time.monotonic() < deadline, "no checkpoint was committed in time"
-                time.sleep(0.05)
-        finally:
-            _kill_tree(proc)
-    killed_at = int(latest.read_text().strip().removeprefix("step_"))
+    overrides = [*qlora_args(inputs)["eval"], "train.save_every=4"]
+    killed_at = kill_once_committed(start(run_dir, *overrides), run_dir)
     assert 4 <= killed_at < 10, f"the first run was not interrupted mid-way (latest step {killed_at})"
     assert not (run_dir / "summary.json").exists()
     # adapters only: no (packed 4-bit) base weight in the checkpoint
@@ -219,7 +160,7 @@ def test_fsdp2_qlora_resume_after_sigkill(runs, inputs, tmp_path):
     model_keys = [k for k in meta.state_dict_metadata if k.startswith("model.")]
     assert model_keys and all("lora_" in k for k in model_keys), model_keys[:5]
 
-    second = launch(*overrides)
+    second = launch(*overrides, f"hydra.run.dir={run_dir}")
     assert f"(step {killed_at})" in second.stderr + second.stdout, "the relaunch did not resume"
     assert_resumed_exactly(run_dir, uninterrupted, killed_at)
 

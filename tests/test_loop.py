@@ -2,14 +2,9 @@
 non-finite loss handling, and the run directory's contents."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-
 import pytest
 
-from tests.helpers import FAST, REPO, launch, losses, metrics, summary, wait_until
+from tests.helpers import FAST, kill_tree, launch, losses, metrics, start, summary, wait_until
 
 
 def test_batch_split_does_not_change_losses(tmp_path, tiny_model):
@@ -52,13 +47,12 @@ def test_sigkill_then_relaunch_continues_exactly(tmp_path, tiny_model):
     launch(*args, f"hydra.run.dir={ref}")
 
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args, f"hydra.run.dir={run}"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = start(run, *args)
     committed = run / "checkpoints" / "step_4" / "COMMITTED"
-    wait_until(committed.exists, proc, 300, str(committed))
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        wait_until(committed.exists, proc, 300, str(committed))
+    finally:
+        kill_tree(proc)
     assert not (run / "summary.json").exists()
     launch(*args, f"hydra.run.dir={run}")
     got, want = losses(run), losses(ref)

@@ -5,16 +5,12 @@ Runs are shared between tests (module-scoped cache): each `launch` costs tens of
 """
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import FAST, REPO, launch, losses, metrics, summary, wait_until
+from tests.helpers import FAST, REPO, kill_once_committed, launch, launched_once, losses, metrics, start, summary
 
 pytestmark = pytest.mark.slow
 
@@ -30,17 +26,8 @@ PP2x2 = ["parallel=pipeline", "parallel.stages=2", "launcher.nproc_per_node=4", 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model):
     """name -> run dir, launched on first use."""
-    root = tmp_path_factory.mktemp("pipeline-runs")
-    done: dict[str, Path] = {}
-
-    def get(name: str, *args: str) -> Path:
-        if name not in done:
-            run = root / name
-            launch(f"model.path={tiny_model}", *COMMON, *args, f"hydra.run.dir={run}")
-            done[name] = run
-        return done[name]
-
-    return get
+    get = launched_once(tmp_path_factory.mktemp("pipeline-runs"))
+    return lambda name, *args: get(name, f"model.path={tiny_model}", *COMMON, *args)[0]
 
 
 def _assert_same_losses(got: dict, want: dict, rel: float = 1e-5) -> None:
@@ -73,23 +60,6 @@ def test_two_stages_by_two_data_parallel_match_single_process(runs):
     assert summary(pp)["tokens_seen"] == summary(ref)["tokens_seen"]
 
 
-def _kill_when(path: Path, proc: subprocess.Popen, timeout: float) -> None:
-    """SIGKILL the launcher's process group and its workers (torch's elastic launcher
-    starts each worker in its own session, so killing the group alone leaves them running)."""
-    import psutil
-
-    wait_until(path.exists, proc, timeout, str(path))
-    workers = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for w in workers:
-        try:
-            w.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
-    psutil.wait_procs(workers, timeout=30)
-
-
 def test_sigkill_resume_then_export_loads_as_plain_model(runs, tiny_model, tmp_path):
     """2 stages x 2 dp, full fine-tuning: killed once the first checkpoint exists, then
     relaunched: the losses are those of one process; the export is a plain HF model that
@@ -99,12 +69,8 @@ def test_sigkill_resume_then_export_loads_as_plain_model(runs, tiny_model, tmp_p
     ref = runs("ref-full", *METHOD["full"])
     args = [f"model.path={tiny_model}", *COMMON, *METHOD["full"], *PP2x2, "train.save_every=3"]
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args, f"hydra.run.dir={run}"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    _kill_when(run / "checkpoints" / "latest", proc, 300)
+    killed_at = kill_once_committed(start(run, *args), run)
     assert not (run / "summary.json").exists()
-    killed_at = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert killed_at < 10
 
     out = launch(*args, f"hydra.run.dir={run}")
