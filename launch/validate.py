@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from parallel import refusal
+from parallel import refusal, resume_refusal
 from trainers.errors import UserError
 from trainers.optim import SCHEDULES
 
@@ -62,6 +62,9 @@ def check(cfg: DictConfig) -> None:
     reason = refusal(cfg, world_size(cfg))
     if reason:
         raise UserError(f"parallel={cfg.parallel.name} with method={cfg.method.name}: {reason}")
+    reason = resume_refusal(cfg)
+    if reason:
+        raise UserError(reason)
 
 
 def check_data(cfg: DictConfig) -> list[str]:

@@ -32,3 +32,19 @@ def build_plan(cfg, env):
 def refusal(cfg, world_size: int) -> str | None:
     """Why this configuration cannot run under its plan (None if it can)."""
     return plan_class(cfg.parallel.name).refuse(cfg, world_size)
+
+
+def resume_refusal(cfg) -> str | None:
+    """Why the run directory's latest committed checkpoint cannot be resumed under `cfg`
+    (None if there is none, or it can)."""
+    import json
+    from pathlib import Path
+
+    from trainers.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
+    if checkpoint is None:
+        return None
+    written = json.loads((checkpoint / "trainer_state.json").read_text())
+    reason = plan_class(cfg.parallel.name).refuse_resume(cfg, written)
+    return f"Cannot resume {checkpoint}: {reason}" if reason else None

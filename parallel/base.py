@@ -46,6 +46,34 @@ class Plan:
         """A reason this plan cannot run `cfg` (checked before any process starts)."""
         return None
 
+    @classmethod
+    def checkpoint_format(cls, cfg) -> str:
+        """What this plan's checkpoints hold, as far as another plan could load them: DCP
+        state dicts under the unwrapped model's names reshard between world sizes and
+        between none, ddp and fsdp2."""
+        return "dcp"
+
+    @classmethod
+    def refuse_resume(cls, cfg, written: dict) -> str | None:
+        """A reason this run cannot resume a checkpoint whose trainer_state.json is `written`
+        (checked before any process starts)."""
+        theirs, ours = written.get("checkpoint_format"), cls.checkpoint_format(cfg)
+        plan, method = written.get("plan"), written.get("method")
+        if theirs is None:  # written before these fields existed: the load itself checks
+            return None
+        if theirs != ours:
+            return (
+                f"it was written by parallel={plan} ({theirs} checkpoint), which "
+                f"parallel={cfg.parallel.name} ({ours}) cannot load. Resume with parallel={plan} "
+                f"(at any world size), or start a new run in another hydra.run.dir."
+            )
+        if method != cfg.method.name:
+            return (
+                f"it was written by method={method}, and method={cfg.method.name} trains other "
+                f"parameters. Resume with method={method}, or start a new run in another hydra.run.dir."
+            )
+        return None
+
     # --------------------------------------------------------------------- topology
     @property
     def dp_rank(self) -> int:

@@ -108,6 +108,10 @@ class DeepSpeedZero(Plan):
             )
         return None
 
+    @classmethod
+    def checkpoint_format(cls, cfg) -> str:
+        return f"deepspeed-zero{cfg.parallel.stage}"  # universal conversion keeps the stage
+
     # ------------------------------------------------------------------------ setup
     def __init__(self, cfg, env):
         super().__init__(cfg, env)
@@ -247,13 +251,11 @@ class DeepSpeedZero(Plan):
                 f"run directory), or start this run in a new hydra.run.dir."
             )
         meta = json.loads((ckpt / "plan.json").read_text())
-        if meta["stage"] != self.stage:
+        if meta["stage"] != self.stage:  # (refused before launch when trainer_state says so)
             raise UserError(
                 f"The checkpoint {directory} was written by parallel={meta['plan']} (ZeRO-{meta['stage']}), "
-                f"but this run is ZeRO-{self.stage}. DeepSpeed checkpoints reshard to another world size "
-                f"but not to another ZeRO stage: relaunch with parallel={meta['plan']} (any number of "
-                f"ranks), or rebuild the weights with {Path(directory) / 'zero_to_fp32.py'} and start a "
-                f"new run from them."
+                f"but this run is ZeRO-{self.stage}; DeepSpeed checkpoints reshard to another world "
+                f"size, not to another stage. Resume with parallel={meta['plan']}."
             )
         if meta["dp_world"] == self.dp_world:
             self._load(directory, TAG)

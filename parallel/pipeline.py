@@ -535,6 +535,10 @@ class Pipeline(Plan):
     # per-parameter keys so DCP never merges two stages' lists under one key.
     _sd_options = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True)
 
+    @classmethod
+    def checkpoint_format(cls, cfg) -> str:
+        return "dcp-flat-optimizer"
+
     def load(self, directory) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._sd_options)
         state = {"model": model_sd, "optim": optim_sd}

@@ -103,13 +103,20 @@ def test_reshard_gives_same_next_step_loss(tmp_path, tiny_model, plan, before, a
         assert (run / "checkpoints" / "step_4" / "deepspeed_universal" / "zero").is_dir()
 
 
-def test_deepspeed_refuses_another_zero_stage_with_a_message(tmp_path, tiny_model):
+def test_resume_under_another_plan_format_or_method_is_refused_before_launch(tmp_path, tiny_model):
     run = tmp_path / "run"
-    launch(*common(tiny_model, "zero2", 1), "train.max_steps=2", "train.save_every=2", f"hydra.run.dir={run}")
-    out = launch(*common(tiny_model, "zero3", 1), "train.max_steps=3", f"hydra.run.dir={run}", check=False)
-    assert out.returncode != 0
-    assert "ZeRO-2" in out.stderr and "not to another ZeRO stage" in out.stderr
-    assert "Traceback" not in out.stderr
+    args = common(tiny_model, "zero2", 1)
+    launch(*args, "train.max_steps=2", "train.save_every=2", f"hydra.run.dir={run}")
+    for override, says in [
+        ("parallel=zero3", "parallel=zero2 (deepspeed-zero2 checkpoint), which parallel=zero3"),
+        ("parallel=fsdp2", "parallel=zero2 (deepspeed-zero2 checkpoint), which parallel=fsdp2 (dcp)"),
+        ("method=full", "written by method=lora, and method=full"),
+    ]:
+        resume = [a for a in args if not a.startswith("method.dropout")] + [override, "train.max_steps=3"]
+        out = launch(*resume, f"hydra.run.dir={run}", check=False)
+        assert out.returncode == 2 and says in out.stderr, (override, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr and "data ok" not in out.stdout + out.stderr  # before anything ran
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_2"
 
 
 def allocated_bytes(directory: Path) -> int:

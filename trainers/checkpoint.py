@@ -110,7 +110,9 @@ class Checkpointer:
         self.wait()
         final = self.root / f"step_{step}"
         tmp = self.root / f"step_{step}.tmp"
-        state = dict(trainer_state, step=step, world_size=self.env.world_size,
+        cfg = self.plan.cfg
+        state = dict(trainer_state, step=step, world_size=self.env.world_size, plan=cfg.parallel.name,
+                     method=cfg.method.name, checkpoint_format=self.plan.checkpoint_format(cfg),
                      scheduler=self.plan.scheduler_state())
         rng = rng_state()
         with self._disk_errors(final):
