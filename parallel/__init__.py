@@ -1,8 +1,9 @@
 """Parallel plans. A plan wraps the model and optimizer and owns backward, step and its
 share of checkpoint state; the training loop is the same for all of them.
 
-Each plan lives in its own module and registers itself in PLANS by name; `refuse`
-checks a method x plan combination before any process starts.
+Each plan lives in its own module and registers itself in PLANS by name. Before any
+process starts, `refuse` checks a method x plan combination and `refuse_resume` whether
+the run directory's latest checkpoint is one this plan and method can load.
 """
 from __future__ import annotations
 
