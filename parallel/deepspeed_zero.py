@@ -53,7 +53,6 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from parallel.base import Plan
-from parallel.deepspeed_checkpoint import UNIVERSAL, StagingCheckpointEngine, to_universal, universal_checkpoint_info
 from trainers.distributed import backend_for, barrier
 from trainers.errors import TrainingError, UserError
 from trainers.optim import build_optimizer, build_scheduler, param_groups
@@ -172,6 +171,8 @@ class DeepSpeedZero(Plan):
     def prepare(self, model: torch.nn.Module) -> None:
         import deepspeed
 
+        from parallel.deepspeed_checkpoint import StagingCheckpointEngine  # imports deepspeed: lazily, as here
+
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.inner = model
         self._unsharded_bytes = self.count_state_bytes(model)
@@ -230,6 +231,8 @@ class DeepSpeedZero(Plan):
         return self.cfg.method.peft is not None or bool(self.cfg.method.get("quantize"))
 
     def save(self, directory: Path) -> None:
+        from parallel.deepspeed_checkpoint import universal_checkpoint_info
+
         self.engine.save_checkpoint(
             str(directory), tag=TAG, client_state=universal_checkpoint_info(), save_latest=False,
             exclude_frozen_parameters=self._exclude_frozen,
@@ -260,6 +263,8 @@ class DeepSpeedZero(Plan):
         if meta["dp_world"] == self.dp_world:
             self._load(directory, TAG)
             return
+        from parallel.deepspeed_checkpoint import UNIVERSAL
+
         if self.env.is_main:
             log.info("resharding %s: ZeRO-%s from %s to %s ranks", directory, self.stage,
                      meta["dp_world"], self.dp_world)
@@ -271,6 +276,8 @@ class DeepSpeedZero(Plan):
             self.engine._config.load_universal_checkpoint = False
 
     def _convert_on_rank0(self, source: Path, target: Path) -> None:
+        from parallel.deepspeed_checkpoint import to_universal
+
         failure = [None]
         if self.env.is_main:
             try:
