@@ -183,14 +183,18 @@ class Checkpointer:
         try:
             yield
         except BaseException as e:
-            if not is_disk_full(e):
+            if is_disk_full(e):
+                why = "the disk is full"
+            elif isinstance(e, OSError):  # e.g. permissions, a vanished mount
+                why = str(e)
+            else:
                 raise
             if self.env.is_main:
                 shutil.rmtree(final.with_name(final.name + ".tmp"), ignore_errors=True)
             prev = latest_checkpoint(self.root)
             raise TrainingError(
-                f"Could not write checkpoint {final}: the disk is full. Nothing committed was "
-                f"lost: the last committed checkpoint is {prev or 'none'}. Free space or point "
+                f"Could not write checkpoint {final}: {why}. Nothing committed was lost: the "
+                f"last committed checkpoint is {prev or 'none'}. Free space or point "
                 f"hydra.run.dir at a larger disk, then relaunch to resume."
             ) from None
 
