@@ -184,9 +184,9 @@ class Checkpointer:
             yield
         except BaseException as e:
             if is_disk_full(e):
-                why = "the disk is full"
+                why, fix = "the disk is full", "Free space or point hydra.run.dir at a larger disk"
             elif isinstance(e, OSError):  # e.g. permissions, a vanished mount
-                why = str(e)
+                why, fix = str(e), "Fix that, or point hydra.run.dir at another disk"
             else:
                 raise
             if self.env.is_main:
@@ -194,8 +194,7 @@ class Checkpointer:
             prev = latest_checkpoint(self.root)
             raise TrainingError(
                 f"Could not write checkpoint {final}: {why}. Nothing committed was lost: the "
-                f"last committed checkpoint is {prev or 'none'}. Free space or point "
-                f"hydra.run.dir at a larger disk, then relaunch to resume."
+                f"last committed checkpoint is {prev or 'none'}. {fix}, then relaunch to resume."
             ) from None
 
     def wait(self) -> None:
