@@ -53,7 +53,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from parallel.base import Plan
-from trainers.distributed import backend_for, barrier
+from trainers.distributed import backend_for
 from trainers.errors import TrainingError, UserError
 from trainers.optim import build_optimizer, build_scheduler, param_groups
 
@@ -285,10 +285,9 @@ class DeepSpeedZero(Plan):
             except TrainingError as e:
                 failure = [str(e)]
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast_object_list(failure, src=0)
+            dist.broadcast_object_list(failure, src=0)  # also holds the others until it is done
         if failure[0]:
             raise TrainingError(failure[0])
-        barrier()
 
     def _load(self, directory: Path, tag: str) -> None:
         load_path, _ = self.engine.load_checkpoint(

@@ -9,12 +9,12 @@ micro-batches, accumulation steps or ranks changes speed and memory but not the 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
 import time
 from pathlib import Path
-
 
 from parallel import build_plan
 from trainers.batches import BatchLayout, GlobalBatches
@@ -157,13 +157,11 @@ def train(cfg, leave_process_group: bool = False) -> dict:
         status, error = "failed", f"{type(e).__name__}: {e}"
         raise
     finally:
-        if error is None:
-            ckpt.wait()
-        else:  # let an in-flight save commit; the run is failing anyway
-            try:
+        # A run that ends normally has waited for its last save above (so a failed write
+        # fails the run); a failing run still lets an in-flight save commit.
+        if error is not None:
+            with contextlib.suppress(TrainingError):
                 ckpt.wait()
-            except TrainingError:
-                pass
         metrics.close()
         summary = {
             "status": status, "final_step": step, "world_size": env.world_size,
