@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import FAST, kill_tree, launch, losses, metrics, start, summary, wait_until
+from tests.helpers import FAST, assert_resumed_exactly, kill_tree, launch, losses, metrics, start, summary, wait_until
 
 
 def test_batch_split_does_not_change_losses(tmp_path, tiny_model):
@@ -55,11 +55,7 @@ def test_sigkill_then_relaunch_continues_exactly(tmp_path, tiny_model):
         kill_tree(proc)
     assert not (run / "summary.json").exists()
     launch(*args, f"hydra.run.dir={run}")
-    got, want = losses(run), losses(ref)
-    assert sorted(got) == list(range(1, 13))
-    for s in want:
-        assert got[s] == pytest.approx(want[s], rel=1e-6, abs=1e-7), s
-    assert summary(run)["status"] == "completed"
+    assert_resumed_exactly(run, ref, steps=12)
 
 
 def test_non_finite_loss_stops_with_message_and_keeps_checkpoint(tmp_path, tiny_model):
