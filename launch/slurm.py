@@ -33,8 +33,6 @@ shlex.quote); `launcher.setup` lines are shell commands and are written verbatim
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -50,6 +48,7 @@ from omegaconf import DictConfig
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from launch.config import REPO_ROOT, load
+from launch.json_files import read_json, update_json
 from trainers.errors import TrainingError, UserError
 
 log = logging.getLogger("launch")
@@ -188,35 +187,9 @@ def new_folder(base: Path) -> Path:
 
 
 # ------------------------------------------------------------------------- state
-@contextlib.contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def update_state(run_dir: Path, change) -> dict:
     """Read-modify-write RUN_DIR/slurm/state.json under a file lock (submitter and job)."""
-    path = Path(run_dir) / STATE
-    with _locked(path):
-        data = read_json(path)
-        change(data)
-        write_json(path, data)
-    return data
+    return update_json(Path(run_dir) / STATE, change)
 
 
 def read_state(run_dir: Path) -> dict:

@@ -24,6 +24,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from launch.json_files import locked, read_json, update_json, write_json
+
 MANIFEST = "sweep.json"
 SUMMARY = "sweep_summary"
 FINAL = {"completed", "failed", "preempted", "cancelled"}
@@ -62,14 +64,7 @@ def current() -> dict | None:
 
 # --------------------------------------------------------------------- manifest
 def _update_manifest(sweep_dir: Path, change) -> dict:
-    from launch.slurm import _locked, read_json, write_json
-
-    path = sweep_dir / MANIFEST
-    with _locked(path):
-        data = read_json(path)
-        change(data)
-        write_json(path, data)
-    return data
+    return update_json(sweep_dir / MANIFEST, change)
 
 
 def register(cfg: DictConfig, config_path: Path) -> None:
@@ -102,35 +97,32 @@ def _parse(override: str) -> tuple[str, str]:
     return key, value
 
 
-def point_status(run_dir: Path) -> tuple[str, dict]:
-    from launch.slurm import read_json, read_state
-
-    summary = read_json(run_dir / "summary.json")
-    state = read_state(run_dir)
+def point_status(summary: dict, state: dict) -> str:
+    """From the point's summary.json and (SLURM) state.json."""
     attempts = state.get("attempts") or []
     if attempts and "ended" not in attempts[-1]:
-        return "running", summary
+        return "running"
     if attempts and attempts[-1].get("requeued"):
-        return "requeued", summary
+        return "requeued"
     if summary:
-        return summary.get("status", "unknown"), summary
+        return summary.get("status", "unknown")
     if state.get("job_id"):
-        return "pending", summary
-    return "not started", summary
+        return "pending"
+    return "not started"
 
 
 def write_summary(sweep_dir: Path) -> dict:
     """Build and write SWEEP_DIR/sweep_summary.{json,md}; returns the JSON data."""
-    from launch.slurm import _locked, read_json, read_state, write_json
+    from launch.slurm import read_state
 
     sweep_dir = Path(sweep_dir)
-    with _locked(sweep_dir / (SUMMARY + ".json")):
+    with locked(sweep_dir / (SUMMARY + ".json")):
         manifest = read_json(sweep_dir / MANIFEST)
         rows = []
         for p in manifest.get("points", []):
             run_dir = Path(p["run_dir"])
-            status, s = point_status(run_dir)
-            state = read_state(run_dir)
+            s, state = read_json(run_dir / "summary.json"), read_state(run_dir)
+            status = point_status(s, state)
             rows.append({
                 "num": p["num"], "overrides": p["overrides"], "params": dict(_parse(o) for o in p["overrides"]),
                 "run_dir": str(run_dir), "status": status, "final_step": s.get("final_step"),
