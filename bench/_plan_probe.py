@@ -108,7 +108,7 @@ def main(plan_name: str, model_dir: str, out: str, steps: int, data: str | None 
     from trainers.data import collate
     from trainers.distributed import all_reduce_sum, init_distributed
     from trainers.loop import load_training_data
-    from trainers.model import build_model, load_tokenizer
+    from trainers.model import ModelSource, load_tokenizer
     from trainers.objectives import get_objective
     from trainers.rng import seed_everything
 
@@ -130,7 +130,7 @@ def main(plan_name: str, model_dir: str, out: str, steps: int, data: str | None 
     plan = build_plan(cfg, env)
     batches = GlobalBatches(train_seqs, BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, plan.dp_world), cfg.seed)
     seed_everything(cfg.seed)
-    plan.prepare(build_model(cfg.model, cfg.method, plan.model_device))
+    plan.prepare(ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed))
     objective = get_objective(cfg.objective.name)
     expected = plan.expected_state_bytes()
     times, toks, losses, snap = [], [], [], None

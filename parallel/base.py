@@ -83,16 +83,19 @@ class Plan:
     def dp_world(self) -> int:
         return self.env.world_size
 
-    @property
-    def model_device(self) -> torch.device:
-        """Where build_model should put the freshly loaded model."""
-        return self.env.device
-
     # ------------------------------------------------------------------------ setup
+    def build(self, source) -> torch.nn.Module:
+        """This rank's share of the model, loaded from `source` (a trainers.model.ModelSource).
+        Plans that keep every weight on every rank load it whole; sharding plans override
+        this so that no rank ever holds weights it will not keep."""
+        return source.whole(self.env.device)
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
-    def prepare(self, model: torch.nn.Module) -> None:
+    def prepare(self, source) -> None:
+        model = self.build(source)
+        source.close()
         self.inner = model  # the (peft) model, unwrapped
         self._unsharded_bytes = self.count_state_bytes(model)
         self.model = self.wrap(model)

@@ -47,6 +47,25 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return best
 
 
+def params_to_meta(model: torch.nn.Module) -> None:
+    """Every parameter becomes a meta tensor of its shape and dtype (tied ones stay tied)."""
+    from trainers.weights import replace_parameter
+
+    for name, p in list(model.named_parameters()):
+        replace_parameter(model, name, torch.nn.Parameter(
+            torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad))
+
+
+def shard_rows(p: torch.Tensor) -> tuple[int, int] | None:
+    """The rows [start, stop) of dim 0 this rank holds of a Shard(0) DTensor (None: all)."""
+    if not hasattr(p, "device_mesh"):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return (offset[0], offset[0] + shape[0]) if len(shape) else None
+
+
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose forward `generate` calls repeatedly (the HF *ForCausalLM)."""
     from transformers import PreTrainedModel
@@ -77,14 +96,40 @@ class FSDP2(Plan):
         return None
 
     # ------------------------------------------------------------------------ setup
-    @property
-    def model_device(self) -> torch.device:
-        # On GPU, load non-quantized weights on CPU: fully_shard moves only this rank's
-        # shard to the mesh device. 4-bit layers are quantized (and keep their
-        # quantization state) where they are loaded, so they load on the device directly.
-        if self.env.device.type == "cuda" and not self.cfg.method.get("quantize"):
-            return torch.device("cpu")
-        return self.env.device
+    def build(self, source) -> torch.nn.Module:
+        """Shard first, load second: the model is built with its checkpoint weights on the
+        meta device, `fully_shard` splits them, and each rank reads only the rows of its own
+        shards from the safetensors files. A rank's peak is its shards plus one tensor's
+        rows, never the whole model. (4-bit bases are quantized by transformers as they
+        load, then sharded.)"""
+        from trainers.weights import checkpoint_names, init_dora_magnitudes
+
+        mesh = self._mesh()
+        if source.quantized:
+            model = source.whole(self.env.device)
+            self._shard(model, mesh)
+            return model
+        model = source.skeleton()
+        files = source.files()
+        from_files = checkpoint_names(model, files)
+        fresh = {n: p.detach().clone() for n, p in model.named_parameters() if n not in from_files}
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        params_to_meta(model)
+        self._shard(model, mesh)
+        model.to_empty(device=self.env.device)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                rows = shard_rows(p)
+                local = p.to_local() if hasattr(p, "to_local") else p
+                if name in from_files:
+                    value = files.read(from_files[name], p.dtype, rows)
+                else:
+                    value = fresh[name] if rows is None else fresh[name][rows[0] : rows[1]]
+                local.copy_(value)
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+            init_dora_magnitudes(model, rows_of=lambda t: t.to_local() if hasattr(t, "to_local") else t)
+        return model
 
     def _mesh(self):
         from torch.distributed.device_mesh import init_device_mesh
@@ -117,10 +162,9 @@ class FSDP2(Plan):
             kwargs["offload_policy"] = OffloadPolicy()
         return kwargs
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+    def _shard(self, model: torch.nn.Module, mesh) -> None:
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-        mesh = self._mesh()
         kwargs = self._policies()
         layers = decoder_layers(model)
         if not layers:
@@ -141,7 +185,6 @@ class FSDP2(Plan):
             # covers: make generate itself gather/release the root's parameters.
             register_fsdp_forward_method(model, "generate")
         self.layers = layers
-        return model
 
     # ------------------------------------------------------------------- train step
     def no_sync(self, accumulating: bool):

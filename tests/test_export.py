@@ -34,8 +34,6 @@ def test_merged_equals_base_plus_adapter(tmp_path, tiny_model, method):
 def test_qlora_merge_uses_the_dequantized_base(tmp_path, tiny_model):
     from peft import PeftModel
 
-    from trainers.export import dequantized_base
-
     run = tmp_path / "run"
     launch(f"model.path={tiny_model}", "method=qlora", *FAST[:-1], "train.max_steps=4", f"hydra.run.dir={run}")
     merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged", dtype=torch.float32).eval()
@@ -46,6 +44,30 @@ def test_qlora_merge_uses_the_dequantized_base(tmp_path, tiny_model):
     x = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=x).logits, reference(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+
+
+def dequantized_base(model_cfg, method_cfg):
+    """The 4-bit base as training saw it, in fp32 on CPU: each Linear4bit replaced by the
+    nn.Linear of its dequantized weight (what the streaming export must reproduce)."""
+    import bitsandbytes as bnb
+    from peft.utils.integrations import dequantize_module_weight
+
+    from trainers.model import load_quantized_model
+
+    model = load_quantized_model(model_cfg, method_cfg, torch.device("cpu"))
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                linear.weight.data = dequantize_module_weight(child).float().cpu()
+                if child.bias is not None:
+                    linear.bias.data = child.bias.data.float().cpu()
+                setattr(module, child_name, linear)
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    model.is_quantized = False
+    return model.float()
 
 
 def test_full_finetune_exports_a_plain_model(tmp_path, tiny_model):

@@ -25,7 +25,7 @@ from trainers.errors import TrainingError
 from trainers.evaluate import Evaluator
 from trainers.export import export
 from trainers.metrics import MetricsLogger, plot_losses, write_summary
-from trainers.model import build_model, count_parameters, load_tokenizer
+from trainers.model import ModelSource, count_parameters, load_tokenizer
 from trainers.objectives import get_objective
 from trainers.peft_methods import SUPPORTS_PACKING, method_summary
 from trainers.rng import seed_everything
@@ -80,7 +80,7 @@ def train(cfg, leave_process_group: bool = False) -> dict:
         train_seqs, BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, plan.dp_world), cfg.seed
     )
     seed_everything(cfg.seed)  # every rank builds identical initial weights
-    plan.prepare(build_model(cfg.model, cfg.method, plan.model_device))
+    plan.prepare(ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed))
     objective = get_objective(cfg.objective.name)
     trainable, total = count_parameters(plan.inner)
     if env.is_main:

@@ -1,7 +1,5 @@
-"""Build the model a run trains: load (optionally 4-bit), then apply the PEFT method.
-
-Plans receive the result and only wrap it; nothing here knows about parallelism except
-that a sharded plan may ask for the model on CPU first.
+"""Build the model a run trains: tokenizer, config, and a `ModelSource` from which each
+parallel plan builds only its own share of the weights (see trainers/weights.py).
 """
 from __future__ import annotations
 
@@ -83,37 +81,119 @@ def disable_cpu_weight_repacking(model: torch.nn.Module) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
-def load_base_model(model_cfg, method_cfg, device: torch.device):
-    """The pre-trained model, on `device`, in fp32 (4-bit NF4 for quantized methods)."""
-    kwargs = dict(
-        attn_implementation=model_cfg.attn_implementation,
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
+def frozen_dtype(method_cfg, compute_dtype: torch.dtype) -> torch.dtype:
+    """Frozen base weights live in the compute dtype (bf16 halves a 70B base to 140 GB);
+    weights that train (method=full) keep fp32 masters and each plan casts them for compute
+    (autocast, FSDP2's MixedPrecisionPolicy, DeepSpeed's bf16 mode)."""
+    return torch.float32 if method_cfg.peft is None else compute_dtype
+
+
+def load_quantized_model(model_cfg, method_cfg, device: torch.device):
+    """The 4-bit NF4 base: transformers quantizes tensor by tensor while it loads (no full
+    bf16 copy), then its norms and embeddings stay in bf16 until PEFT's kbit preparation."""
     _check_path(model_cfg.path)
     try:
-        if method_cfg.quantize == "nf4":
-            model = AutoModelForCausalLM.from_pretrained(
-                model_cfg.path,
-                quantization_config=quantization_config(method_cfg),
-                device_map={"": device.index if device.type == "cuda" else "cpu"},
-                dtype=torch.bfloat16,
-                **kwargs,
-            )
-            disable_cpu_weight_repacking(model)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=torch.float32, **kwargs)
-            model.to(device)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.path,
+            quantization_config=quantization_config(method_cfg),
+            device_map={"": device.index if device.type == "cuda" else "cpu"},
+            dtype=torch.bfloat16,
+            attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
     except OSError as e:
         raise UserError(f"Could not load model weights from model.path={model_cfg.path!r}: {e}") from None
+    disable_cpu_weight_repacking(model)
     model.train()  # from_pretrained returns eval mode (dropout off; see bnb note above)
     return model
 
 
-def build_model(model_cfg, method_cfg, device: torch.device):
-    model = load_base_model(model_cfg, method_cfg, device)
-    model = apply_method(model, method_cfg)
-    model.train()
-    return model
+class ModelSource:
+    """What a plan needs to build its share of the model: the architecture, the method
+    and where the pre-trained tensors are. Plans call `skeleton()` and fill it with
+    `trainers.weights` (whole tensors, dim-0 shards or flat partitions), or
+    `whole(device)` when they keep every weight.
+
+    Adapters are initialised right after a re-seed, so every plan (and the quantized
+    path) starts from the same adapter weights whatever the loading did to the RNG."""
+
+    def __init__(self, model_cfg, method_cfg, compute_dtype: torch.dtype, seed: int):
+        self.model_cfg = model_cfg
+        self.method_cfg = method_cfg
+        self.compute_dtype = compute_dtype
+        self.dtype = frozen_dtype(method_cfg, compute_dtype)
+        self.seed = seed
+        self._files = None
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.method_cfg.get("quantize"))
+
+    def config(self):
+        return load_config(self.model_cfg)
+
+    def apply_method(self, model: torch.nn.Module) -> torch.nn.Module:
+        from trainers.rng import seed_everything
+
+        seed_everything(self.seed)
+        model = apply_method(model, self.method_cfg)
+        model.train()
+        return model
+
+    def skeleton(self) -> torch.nn.Module:
+        """The (PEFT) model whose checkpoint weights are zero-byte placeholders in
+        `self.dtype`; adapters and buffers are real."""
+        from accelerate import init_empty_weights
+
+        from trainers.weights import make_placeholder, replace_parameter
+
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(
+                self.config(), dtype=self.dtype, attn_implementation=self.model_cfg.attn_implementation,
+                trust_remote_code=self.model_cfg.trust_remote_code,
+            )
+        for name, p in list(model.named_parameters()):
+            replace_parameter(model, name, make_placeholder(p.shape, p.dtype))
+        return self.apply_method(model)
+
+    def files(self):
+        """The checkpoint's tensors (a hub id is resolved to its local snapshot first)."""
+        if self._files is None:
+            from trainers.weights import CheckpointFiles
+
+            self._files = CheckpointFiles(local_model_dir(self.model_cfg.path))
+        return self._files
+
+    def whole(self, device: torch.device) -> torch.nn.Module:
+        """Every weight on `device`: what none, ddp and zero1/2 keep."""
+        if self.quantized:
+            return self.apply_method(load_quantized_model(self.model_cfg, self.method_cfg, device))
+        from trainers.weights import load_whole
+
+        model = self.skeleton()
+        load_whole(model, self.files(), device)
+        return model
+
+    def close(self) -> None:
+        if self._files is not None:
+            self._files.close()
+            self._files = None
+
+
+def local_model_dir(path: str) -> Path:
+    _check_path(path)
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # noqa: BLE001 - any hub failure is the same advice
+        raise UserError(
+            f"model.path={path!r} is neither a local directory nor a reachable hub model ({type(e).__name__}: "
+            f"{e}). Download it first (huggingface-cli download {path} --local-dir DIR) and set model.path=DIR."
+        ) from None
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -1,0 +1,187 @@
+"""Pre-trained weights read a slice at a time, straight into what a rank keeps.
+
+A 70B base is 140 GB in bf16: no rank may hold all of it unless its plan keeps all of
+it. So the model is first built as a *skeleton* (`trainers/model.py`): every weight that
+comes from the checkpoint is a zero-byte placeholder, and only what is created fresh
+(LoRA adapters, prompt embeddings) is real. Each plan then fills in its own share:
+
+- the whole tensor (none, ddp, zero1/2 and the layers a pipeline stage owns),
+- the rows of a dim-0 shard (FSDP2's DTensor `Shard(0)`),
+- a flat range of the flattened tensor (a ZeRO-3 partition).
+
+safetensors maps the files and `get_slice` reads only the requested rows, so a rank's
+peak is its own share plus one tensor's rows in flight, never the whole model.
+"""
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trainers.errors import UserError
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+class CheckpointFiles:
+    """The tensors of a local Hugging Face model directory (one or several safetensors
+    files), by checkpoint key."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).expanduser()
+        index = self.directory / "model.safetensors.index.json"
+        single = self.directory / "model.safetensors"
+        if index.is_file():
+            self.file_of = {k: self.directory / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        elif single.is_file():
+            self.file_of = None
+        else:
+            raise UserError(
+                f"model.path={str(directory)!r} has no model.safetensors (or sharded "
+                f"model.safetensors.index.json). Convert the weights to safetensors "
+                f"(save_pretrained(..., safe_serialization=True))."
+            )
+        self._stack = ExitStack()
+        self._open: dict[Path, object] = {}
+        if self.file_of is None:
+            handle = self._handle(single)
+            self.file_of = {k: single for k in handle.keys()}
+
+    def _handle(self, path: Path):
+        if path not in self._open:
+            from safetensors import safe_open
+
+            self._open[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
+        return self._open[path]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.file_of
+
+    def keys(self):
+        return self.file_of.keys()
+
+    def _slice(self, key: str):
+        return self._handle(self.file_of[key]).get_slice(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._slice(key).get_shape())
+
+    def read(self, key: str, dtype: torch.dtype, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor (or rows [start, stop) of dim 0), converted to `dtype`."""
+        sl = self._slice(key)
+        t = sl[:] if rows is None else sl[rows[0] : rows[1]]
+        return t.to(dtype) if t.is_floating_point() else t
+
+    def read_flat(self, key: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Elements [start, stop) of the row-major flattened tensor: reads only the rows
+        that hold them."""
+        shape = self.shape(key)
+        if len(shape) < 2:
+            return self.read(key, dtype).reshape(-1)[start:stop]
+        row = 1
+        for d in shape[1:]:
+            row *= d
+        first, last = start // row, -(-stop // row)
+        block = self.read(key, dtype, (first, last)).reshape(-1)
+        return block[start - first * row : stop - first * row]
+
+    def close(self) -> None:
+        self._stack.close()
+        self._open.clear()
+
+
+# --------------------------------------------------------------------- skeletons
+def make_placeholder(shape, dtype: torch.dtype) -> nn.Parameter:
+    """A frozen parameter of the right shape, dtype and device (CPU) that owns one element:
+    PEFT reads shape, dtype and device from base weights to create its adapters, and would
+    move them to the meta device if the base were there."""
+    return nn.Parameter(torch.zeros((), dtype=dtype).expand(tuple(shape)), requires_grad=False)
+
+
+def is_placeholder(t: torch.Tensor) -> bool:
+    return t.device.type != "meta" and t.numel() > 1 and t.untyped_storage().nbytes() <= t.element_size()
+
+
+def checkpoint_key(name: str) -> str:
+    """Our parameter name -> the checkpoint's key: PEFT wraps the HF model
+    (`base_model.model.` for LoRA-style tuners, `base_model.` for prompt learning) and
+    moves a replaced linear's weight under `.base_layer`."""
+    for prefix in ("base_model.model.", "base_model."):
+        if name.startswith(prefix) and not name.startswith("base_model.model.base_model"):
+            name = name[len(prefix):]
+            break
+    return name.replace(".base_layer.", ".")
+
+
+def checkpoint_names(model: nn.Module, files: CheckpointFiles) -> dict[str, str]:
+    """Parameter name -> checkpoint key, for the parameters that come from the checkpoint
+    (placeholders). A placeholder the files do not have is a clear error, not zeros."""
+    out, missing = {}, []
+    for name, p in model.named_parameters():
+        if not is_placeholder(p):
+            continue
+        key = _resolve_key(name, files)
+        if key is None:
+            missing.append(name)
+        else:
+            out[name] = key
+    if missing:
+        raise UserError(
+            f"model.path={str(files.directory)!r} lacks {len(missing)} weight(s) the model needs, e.g. "
+            f"{missing[0]!r} (looked up as {checkpoint_key(missing[0])!r}). Point model.path at a "
+            f"complete save_pretrained directory of this architecture."
+        )
+    return out
+
+
+def _resolve_key(name: str, files: CheckpointFiles) -> str | None:
+    key = checkpoint_key(name)
+    if key in files:
+        return key
+    # Some saves prefix the backbone differently (e.g. without the "model." of *ForCausalLM).
+    for candidate in (key.removeprefix("model."), "model." + key):
+        if candidate in files:
+            return candidate
+    return None
+
+
+def replace_parameter(model: nn.Module, name: str, new: nn.Parameter) -> None:
+    """Put `new` wherever `name`'s parameter object is registered (tied weights share it)."""
+    old = model.get_parameter(name)
+    for module in model.modules():
+        for pname, p in list(module._parameters.items()):
+            if p is old:
+                module._parameters[pname] = new
+
+
+# ------------------------------------------------------------------ materialize
+@torch.no_grad()
+def load_whole(model: nn.Module, files: CheckpointFiles, device: torch.device) -> None:
+    """Every placeholder becomes its full tensor from the files, on `device`."""
+    for name, key in checkpoint_names(model, files).items():
+        p = model.get_parameter(name)
+        value = files.read(key, p.dtype).to(device)
+        replace_parameter(model, name, nn.Parameter(value, requires_grad=p.requires_grad))
+    model.to(device)
+    init_dora_magnitudes(model)
+
+
+@torch.no_grad()
+def init_dora_magnitudes(model: nn.Module, rows_of=None) -> None:
+    """DoRA's magnitude starts as the row norms of the base weight (its B starts at zero).
+    PEFT computed it from the placeholders; compute it from the loaded weights, the way
+    PEFT does (norm over dim 1, in the base weight's dtype). `rows_of(weight)` gives the
+    locally held rows of a sharded weight."""
+    for module in model.modules():
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        if not magnitudes:
+            continue
+        weight = module.get_base_layer().weight
+        local = rows_of(weight) if rows_of else weight
+        norm = torch.linalg.norm(local.float() if local.dtype == torch.float16 else local, dim=1).to(local.dtype)
+        for layer in magnitudes.values():
+            target = rows_of(layer.weight) if rows_of else layer.weight
+            target.copy_(norm)
