@@ -112,10 +112,11 @@ class Plan:
     def count_state_bytes(model: torch.nn.Module) -> dict[str, int]:
         params = grads = optim = 0
         for p in model.parameters():
-            params += p.numel() * p.element_size()
+            n = getattr(p, "ds_numel", None) or p.numel()  # a ZeRO-3 partition's full size
+            params += n * p.element_size()
             if p.requires_grad:
-                grads += p.numel() * p.element_size()
-                optim += p.numel() * 8
+                grads += n * p.element_size()
+                optim += n * 8
         return {"params": params, "grads": grads, "optim": optim}
 
     def describe(self) -> str:

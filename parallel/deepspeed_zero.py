@@ -79,6 +79,30 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return base
 
 
+def partitioned_model(source, ds_config: dict, device: torch.device) -> torch.nn.Module:
+    """The skeleton with every checkpoint weight turned into a ZeRO-3 parameter, one module
+    at a time: a rank holds its partitions plus one module's full tensors, never the model."""
+    import deepspeed
+
+    from trainers.weights import checkpoint_names, init_dora_magnitudes, is_placeholder, replace_parameter
+
+    model = source.skeleton()
+    files = source.files()
+    names = checkpoint_names(model, files)
+    name_of = {id(model.get_parameter(n)): n for n in names}
+    for module in list(model.modules()):
+        todo = [p for p in module.parameters(recurse=False) if is_placeholder(p)]
+        if not todo:
+            continue
+        for p in todo:
+            name = name_of[id(p)]
+            value = files.read(names[name], p.dtype).to(device)
+            replace_parameter(model, name, torch.nn.Parameter(value, requires_grad=p.requires_grad))
+        deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
+    init_dora_magnitudes(model, gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+    return model
+
+
 class DeepSpeedZero(Plan):
     name = "zero"
     shards = frozenset({"optim"})  # per instance: see __init__ / shards_for
@@ -168,23 +192,35 @@ class DeepSpeedZero(Plan):
             os.environ.setdefault(key, value)
         dist.init_process_group(backend=backend_for(self.env.device), rank=0, world_size=1)
 
-    def prepare(self, model: torch.nn.Module) -> None:
+    def build(self, source) -> torch.nn.Module:
+        """ZeRO-1/2 keep every weight on every rank. ZeRO-3 partitions each weight as it is
+        loaded: module by module, the module's tensors are read from the checkpoint and
+        handed to `deepspeed.zero.Init(module=...)`, which keeps this rank's partition and
+        frees the rest before the next module is read (4-bit bases load whole, then
+        deepspeed.initialize partitions them)."""
+        if self.stage != 3 or source.quantized:
+            return source.whole(self.env.device)
+        return partitioned_model(source, self.ds_config, self.env.device)
+
+    def prepare(self, source) -> None:
         import deepspeed
 
         from parallel.deepspeed_checkpoint import StagingCheckpointEngine  # imports deepspeed: lazily, as here
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        self.inner = model
-        self._unsharded_bytes = self.count_state_bytes(model)
-        groups = [g for g in param_groups(model, self.cfg.optim, self.cfg.method) if g["params"]]
-        optimizer = build_optimizer(groups, self.cfg.optim)
-        self.scheduler = build_scheduler(optimizer, self.cfg.optim, self.cfg.train.max_steps)
         self.ds_config = self.deepspeed_config()
         if self.env.is_main:
             path = Path(self.cfg.run_dir) / "ds_config.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.ds_config, indent=2) + "\n")
         self._ensure_process_group()
+        model = self.build(source)
+        source.close()
+        self.inner = model
+        self._unsharded_bytes = self.count_state_bytes(model)
+        groups = [g for g in param_groups(model, self.cfg.optim, self.cfg.method) if g["params"]]
+        optimizer = build_optimizer(groups, self.cfg.optim)
+        self.scheduler = build_scheduler(optimizer, self.cfg.optim, self.cfg.train.max_steps)
         t0 = time.perf_counter()
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=self.ds_config

@@ -327,8 +327,13 @@ class Pipeline(Plan):
         return self.dp_rank * self.stages + pp_rank
 
     # ------------------------------------------------------------------------ setup
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, source) -> None:
+        """Each stage prunes the skeleton (zero-byte placeholders) to its own layers first,
+        then reads only those layers' tensors from the checkpoint (4-bit bases load whole,
+        quantized, then are pruned)."""
         from torch.distributed.device_mesh import init_device_mesh
+
+        from trainers.weights import load_whole
 
         if not dist.is_initialized():  # refuse() guarantees world_size >= stages >= 2
             raise UserError("parallel=pipeline needs several processes (launcher.nproc_per_node).")
@@ -337,6 +342,7 @@ class Pipeline(Plan):
         self.dp_group = self.mesh.get_group("dp")
         assert dist.get_rank(self.pp_group) == self.pp_rank
 
+        model = source.whole(self.env.device) if source.quantized else source.skeleton()
         causal, bb = _backbone(model)
         virtual = VIRTUAL_STAGES[self.cfg.parallel.schedule]
         self.n_chunks = self.stages * virtual
@@ -363,6 +369,9 @@ class Pipeline(Plan):
         self.has_first = 0 in mine
         self.has_last = self.last_stage in mine
         self.layer_ranges = {s: ranges[s] for s in mine}
+        if not source.quantized:
+            load_whole(model, source.files(), self.env.device)
+        source.close()
 
         self.model = model
         self._hf_config = causal.config

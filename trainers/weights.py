@@ -170,18 +170,22 @@ def load_whole(model: nn.Module, files: CheckpointFiles, device: torch.device) -
 
 
 @torch.no_grad()
-def init_dora_magnitudes(model: nn.Module, rows_of=None) -> None:
+def init_dora_magnitudes(model: nn.Module, rows_of=None, gather=None) -> None:
     """DoRA's magnitude starts as the row norms of the base weight (its B starts at zero).
     PEFT computed it from the placeholders; compute it from the loaded weights, the way
     PEFT does (norm over dim 1, in the base weight's dtype). `rows_of(weight)` gives the
-    locally held rows of a sharded weight."""
+    locally held rows of a dim-0-sharded weight; `gather(params)` is a context that makes
+    partitioned parameters whole (and writes rank 0's values back)."""
+    from contextlib import nullcontext
+
     for module in model.modules():
         magnitudes = getattr(module, "lora_magnitude_vector", None)
         if not magnitudes:
             continue
         weight = module.get_base_layer().weight
-        local = rows_of(weight) if rows_of else weight
-        norm = torch.linalg.norm(local.float() if local.dtype == torch.float16 else local, dim=1).to(local.dtype)
-        for layer in magnitudes.values():
-            target = rows_of(layer.weight) if rows_of else layer.weight
-            target.copy_(norm)
+        vectors = [layer.weight for layer in magnitudes.values()]
+        with gather([weight, *vectors]) if gather else nullcontext():
+            local = rows_of(weight) if rows_of else weight
+            norm = torch.linalg.norm(local.float() if local.dtype == torch.float16 else local, dim=1).to(local.dtype)
+            for vector in vectors:
+                (rows_of(vector) if rows_of else vector).copy_(norm)
