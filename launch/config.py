@@ -35,3 +35,18 @@ def load(path: str | Path) -> DictConfig:
     cfg = OmegaConf.load(path)
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def group_option(group: str, name: str) -> dict:
+    """One option of a config group (conf/GROUP/NAME.yaml) with its defaults list applied,
+    as a plain dict: lets the launcher ask about another plan or method (suggestions)
+    without composing a whole new Hydra config."""
+    path = REPO_ROOT / "conf" / group / f"{name}.yaml"
+    node = OmegaConf.load(path)
+    merged = OmegaConf.create({})
+    defaults = node.pop("defaults", None) or ["_self_"]
+    if "_self_" not in defaults:
+        defaults = [*defaults, "_self_"]
+    for entry in defaults:
+        merged = OmegaConf.merge(merged, node if entry == "_self_" else group_option(group, entry))
+    return OmegaConf.to_container(merged, resolve=False)

@@ -1,9 +1,12 @@
 """Memory per GPU, estimated from the architecture alone (no weights are loaded).
 
 The architecture comes from `model.arch` (presets: 1b ... 70b) or, for a local model
-directory, from its config.json. The estimate is what one rank holds at its peak:
+directory, from its config.json. What a plan does with the state comes from the plan
+itself (`layout(cfg, world)`, parallel/layout.py); nothing here names a plan. The estimate
+is what one rank holds at its peak, the larger of training and loading:
 
-    total = params + grads + optimizer + activations + buffers + overhead
+    train = params + grads + optimizer + activations + buffers + overhead
+    load  = what the rank keeps + what loading holds on top of it + overhead
 
   P          parameter count: per decoder layer q,o = h*h; k,v = h*kv (kv = kv_heads *
              h/heads); gate,up,down = h*I; two RMSNorms 2h. Plus embeddings V*h, lm_head
@@ -11,46 +14,58 @@ directory, from its config.json. The estimate is what one rank holds at its peak
   T          trainable parameters: full = P; LoRA (r, targets) = sum over targeted
              linears of r*(in+out) (+ out per module for DoRA's magnitude); IA3, prompt
              and prefix tuning are a few vectors (counted, but tiny).
-  params     as trainers/model.py loads them: fp32 = 4 B/param; QLoRA: the decoder's
+  c          compute bytes per element: 2 under bf16 (train.precision=bf16, or auto, which
+             assumes a bf16 GPU), 4 in fp32.
+  params     as trainers/model.py builds them: a frozen base in the compute dtype (c B);
+             trained weights (method=full) as fp32 masters (4 B); QLoRA: the decoder's
              linear weights in NF4 = 0.5 B/param + double-quantized absmax constants
-             (~0.127 bit/param), everything else (embeddings, lm_head, norms) fp32 after
-             prepare_model_for_kbit_training; adapters fp32 (4 B).
+             (~0.127 bit/param), everything else fp32 after prepare_model_for_kbit_training;
+             adapters fp32 (4 B).
   grads      4 B per trainable parameter (fp32).
-  optimizer  8 B per trainable parameter (AdamW's two fp32 moments).
-  sharding   each of params / grads / optimizer is divided by the data-parallel world
-             size when the plan shards it (Plan.shards: ddp none, zero1 optim, zero2
-             optim+grads, zero3 and fsdp2 all three). Offloaded state (zero3_offload,
-             fsdp2 cpu_offload) lives in CPU RAM: the GPU keeps only working buffers.
-             A pipeline (parallel.stages = S) holds 1/S of the layers' state, and the
-             activations of its layers for min(S, parallel.microbatches) micro-batches.
-  activations  no recomputation (the loop does not enable gradient checkpointing), for
-             one micro-batch of t = micro_batch_size * max_seq_len tokens, a bytes per
-             element (2 under bf16 autocast - train.precision auto assumes a bf16 GPU -,
-             4 in fp32):
-                 per layer and token (6h + 2kv + 4I) elements: attention saves the norm
-                 and projection inputs, q, k, v and the attention output (sdpa: no s^2
-                 term); the SwiGLU MLP its two inputs and gate, up, act(gate), product
-                 (Korthikanti et al. 2022, "Reducing Activation Recomputation", adapted
-                 from GPT's 34 s*b*h bytes to GQA + SwiGLU, no dropout)
-                 + logits: t*V*(a + 8) bytes (logits, fp32 log-softmax and its gradient).
-  buffers    plans that shard parameters gather whole units to compute: the largest
-             unit (the root: embeddings + lm_head + final norm, or one decoder layer) +
-             one prefetched decoder layer, in the compute dtype, + one layer's unsharded
-             fp32 gradients before the reduce-scatter. QLoRA dequantizes one linear at a
-             time (h*I elements in bf16).
-  overhead   CUDA context + NCCL (1.5 GiB) + 10 % allocator fragmentation.
+  optimizer  8 B per trainable parameter (AdamW's two fp32 moments), + 4 B of fp32
+             master copy where the plan keeps one beside the model (DeepSpeed; the model's
+             own trained weights are then in the compute dtype).
+  sharding   params / grads / optimizer are divided by the data-parallel world size where
+             the plan's layout shards them; offloaded parts live in host RAM (on a GPU only
+             working buffers remain; the CPU estimate counts them). A pipeline of S stages
+             holds 1/S of the layers' state.
+  activations  for one micro-batch of t = rows * max_seq_len tokens (rows: the plan's rows
+             per forward), per layer and token (6h + 2kv + 4I) elements: attention saves
+             the norm and projection inputs, q, k, v and the attention output (sdpa: no s^2
+             term); the SwiGLU MLP its two inputs and gate, up, act(gate), product
+             (Korthikanti et al. 2022, adapted to GQA + SwiGLU, no dropout). A pipeline
+             stage holds them for its layers and its micro-batches in flight. With
+             train.activation_checkpointing each layer keeps only its input (h per token)
+             and one layer's activations are alive while it is recomputed.
+             + logits: k*V*(c + 8) bytes (logits, fp32 log-softmax and its gradient) for
+             k = t tokens, or k = train.loss_chunk_tokens when the loss is chunked.
+  buffers    plans that gather parameters unit by unit (layout.gathers_units): the largest
+             unit (the root: embeddings + lm_head + final norm, or one decoder layer) + one
+             prefetched decoder layer, in the compute dtype, + one layer's unsharded fp32
+             gradients before the reduce-scatter. QLoRA dequantizes one linear at a time
+             (h*I elements in bf16).
+  load       what the rank keeps (params) + layout.load_transient: one tensor in flight
+             (the largest, V*h), one module's full tensors (ZeRO-3: the largest module,
+             V*h), or the whole unsharded model (4-bit bases under sharding plans, which
+             transformers quantizes whole before the plan shards them).
+  overhead   GPU: CUDA context + NCCL (1.5 GiB) + 10 % allocator fragmentation. The CPU
+             estimate (device="cpu", what bench/memory_estimate.py compares with
+             measured RSS) has no overhead term: the process's fixed overhead is measured
+             separately and subtracted.
 
-It is an estimate (+-20 % is typical): it exists to refuse what cannot fit before
-anything is queued, and to say what would.
+It is an estimate: it exists to refuse what cannot fit before anything is queued, and to
+say what would. bench/memory_estimate.py holds it to measurement on CPU.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from parallel.layout import StateLayout
 from trainers.errors import UserError
 
 GIB = 2**30
@@ -58,13 +73,6 @@ CUDA_OVERHEAD = 1.5 * GIB
 FRAGMENTATION = 0.10
 NF4_BYTES = 0.5 + 0.127 / 8
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-# Sharding of plans that are suggested (the current plan's comes from its class).
-PLAN_SHARDS = {
-    "none": frozenset(), "ddp": frozenset(), "zero1": frozenset({"optim"}),
-    "zero2": frozenset({"optim", "grads"}), "zero3": frozenset({"params", "grads", "optim"}),
-    "zero3_offload": frozenset({"params", "grads", "optim"}), "fsdp2": frozenset({"params", "grads", "optim"}),
-}
 
 
 @dataclass(frozen=True)
@@ -110,15 +118,15 @@ class Setup:
     lora_targets: tuple[str, ...]
     dora: bool
     virtual_tokens: int
-    plan: str
-    shards: frozenset
-    offload: frozenset   # subset of {"params", "grads", "optim"} kept in CPU RAM
+    plan: str            # for messages only
+    layout: StateLayout
     world: int
     nodes: int
-    tokens: int          # per micro-batch
-    act_bytes: int
-    stages: int = 1      # pipeline stages (parallel=pipeline): layers split over them
-    in_flight: int = 1   # micro-batches whose activations a stage holds at once (1F1B)
+    tokens: int          # per forward (micro-batch, or pipeline micro-batch)
+    act_bytes: int       # compute bytes per element (c)
+    activation_checkpointing: bool = False
+    loss_chunk_tokens: int | None = None
+    device: str = "gpu"  # "gpu": overhead and offload apply; "cpu": one memory for all
 
 
 @dataclass
@@ -132,26 +140,37 @@ class Estimate:
     activations: float
     buffers: float
     overhead: float
+    load: float = 0.0    # load-time peak, overhead included
+
+    @property
+    def train(self) -> float:
+        return self.params + self.grads + self.optim + self.activations + self.buffers + self.overhead
 
     @property
     def total(self) -> float:
-        """Bytes."""
-        return self.params + self.grads + self.optim + self.activations + self.buffers + self.overhead
+        """Bytes: the larger of the training and the loading peak."""
+        return max(self.train, self.load)
 
     def fits(self, gpu_mem_gb: float) -> bool:
         return self.total <= gpu_mem_gb * GIB
 
     def table(self, gpu_mem_gb: float | None) -> str:
         s = self.setup
+        act = f"{s.tokens} tokens/micro-batch, {s.act_bytes} B/element"
+        if s.activation_checkpointing:
+            act += ", recomputed per layer"
         lines = [
             f"memory per GPU (estimate; formula in launch/estimate.py), {s.world} rank(s):",
             f"  parameters   {_bytes(self.params)}   {_count(self.total_params)} params"
             + (", 4-bit base" if s.quantized else "") + _sharded("params", s),
             f"  gradients    {_bytes(self.grads)}   {_count(self.trainable)} trainable" + _sharded("grads", s),
-            f"  optimizer    {_bytes(self.optim)}   AdamW, 8 B/trainable param" + _sharded("optim", s),
-            f"  activations  {_bytes(self.activations)}   {s.tokens} tokens/micro-batch, {s.act_bytes} B/element",
+            f"  optimizer    {_bytes(self.optim)}   AdamW, {12 if s.layout.master_copy else 8} B/trainable param"
+            + _sharded("optim", s),
+            f"  activations  {_bytes(self.activations)}   {act}",
             f"  buffers      {_bytes(self.buffers)}   gathered units / dequantization",
             f"  overhead     {_bytes(self.overhead)}   CUDA context + fragmentation",
+            f"  training     {_bytes(self.train)}",
+            f"  loading      {_bytes(self.load)}   peak while the weights are read ({s.layout.load_transient} in flight)",
             f"  total        {_bytes(self.total)}"
             + (f"   of launcher.gpu_mem_gb={gpu_mem_gb:g}" if gpu_mem_gb else "   (launcher.gpu_mem_gb not set: not checked)"),
         ]
@@ -170,10 +189,11 @@ def _count(n: int) -> str:
 
 
 def _sharded(part: str, s: Setup) -> str:
-    if part in s.offload:
+    if part in s.layout.offload:
         return " (offloaded to CPU)"
-    pipeline = f" (1/{s.stages} of the layers per stage)" if s.stages > 1 else ""
-    return (f" (sharded /{s.world})" if part in s.shards and s.world > 1 else "") + pipeline
+    stages = s.layout.stages
+    pipeline = f" (1/{stages} of the layers per stage)" if stages > 1 else ""
+    return (f" (sharded /{s.world})" if part in s.layout.shards and s.world > 1 else "") + pipeline
 
 
 # ----------------------------------------------------------------------- inputs
@@ -193,24 +213,13 @@ def arch_of(model_cfg) -> Arch | None:
     )
 
 
-def plan_sharding(parallel_cfg) -> tuple[frozenset, frozenset]:
-    """(sharded, offloaded) parts of the model state for this plan's config."""
+def layout_of(cfg: DictConfig, world: int) -> StateLayout:
     from parallel import plan_class
 
-    cls = plan_class(parallel_cfg.name)
-    if hasattr(cls, "shards_for") and parallel_cfg.get("stage") is not None:
-        shards = cls.shards_for(parallel_cfg.stage)
-    else:
-        shards = cls.shards
-    offload = set()
-    if parallel_cfg.get("offload_param") or parallel_cfg.get("cpu_offload"):
-        offload |= {"params", "grads", "optim"} if parallel_cfg.get("cpu_offload") else {"params"}
-    if parallel_cfg.get("offload_optimizer"):
-        offload |= {"optim", "grads"}
-    return frozenset(shards), frozenset(offload)
+    return plan_class(cfg.parallel.name).layout(cfg, world)
 
 
-def setup_of(cfg: DictConfig) -> Setup:
+def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
     from launch.validate import world_size
 
     m = cfg.method
@@ -219,23 +228,24 @@ def setup_of(cfg: DictConfig) -> Setup:
         targets = LINEARS
     elif isinstance(targets, str):
         targets = (targets,)
-    shards, offload = plan_sharding(cfg.parallel)
+    world = world_size(cfg)
+    layout = layout_of(cfg, world)
     precision = cfg.train.precision
-    rows = int(cfg.train.micro_batch_size)
-    stages = int(cfg.parallel.get("stages") or 1)
-    in_flight = 1
-    if stages > 1:  # a pipeline cuts each rank's micro_batch x grad_accum rows into microbatches
-        micro = int(cfg.parallel.get("microbatches") or 1)
-        rows = max(1, rows * int(cfg.train.grad_accum) // micro)
-        in_flight = min(stages, micro)
+    bf16 = precision == "bf16" or (precision == "auto" and device == "gpu")
+    rows = layout.rows_per_forward or int(cfg.train.micro_batch_size)
+    chunk = cfg.train.get("loss_chunk_tokens", 0)
+    if chunk == "auto":  # trainers/lm_loss.py: chunks whose fp32 logits stay under 128 MiB
+        a = arch_of(cfg.model)
+        chunk = max(1, (128 * 2**20) // (4 * a.vocab)) if a else 0
     return Setup(
         method=m.name, peft=m.get("peft"), quantized=m.get("quantize") == "nf4",
         lora_r=int(m.get("r") or 0), lora_targets=tuple(t for t in targets if t in LINEARS),
         dora=bool(m.get("use_dora")), virtual_tokens=int(m.get("num_virtual_tokens") or 0),
-        plan=cfg.parallel.name, shards=shards, offload=offload, world=world_size(cfg),
+        plan=cfg.parallel.name, layout=layout, world=world,
         nodes=int(cfg.launcher.get("nodes", 1) or 1),
-        tokens=rows * int(cfg.data.max_seq_len),
-        act_bytes=4 if precision == "fp32" else 2, stages=stages, in_flight=in_flight,
+        tokens=rows * int(cfg.data.max_seq_len), act_bytes=2 if bf16 else 4,
+        activation_checkpointing=bool(cfg.train.get("activation_checkpointing", False)),
+        loss_chunk_tokens=int(chunk) if chunk else None, device=device,
     )
 
 
@@ -257,48 +267,66 @@ def trainable_params(a: Arch, s: Setup) -> int:
 
 
 def estimate(a: Arch, s: Setup) -> Estimate:
+    L = s.layout
     total = a.total_params
     trainable = trainable_params(a, s)
     adapters = 0 if s.peft is None else trainable
+    c = s.act_bytes
     if s.quantized:
         quantized = a.layers * a.layer_linear_params
         params = quantized * NF4_BYTES + (total - quantized) * 4 + adapters * 4
+    elif s.peft is None:
+        # trained weights: fp32 masters, unless the plan keeps its own master copy
+        params = total * (c if L.master_copy else 4)
     else:
-        params = total * 4 + adapters * 4
-    grads, optim = trainable * 4, trainable * 8
+        params = total * c + adapters * 4
+    grads = trainable * 4
+    optim = trainable * (12 if L.master_copy else 8)
 
     def per_rank(part: str, value: float) -> float:
-        if part in s.offload:
+        if part in L.offload and s.device == "gpu":
             return 0.0
-        return value / s.world if part in s.shards else value
+        return (value / s.world if part in L.shards else value) / L.stages
 
-    params, grads, optim = (per_rank(k, v) / s.stages for k, v in
-                            (("params", params), ("grads", grads), ("optim", optim)))
+    params, grads, optim = (per_rank(k, v) for k, v in (("params", params), ("grads", grads), ("optim", optim)))
 
-    layers_here = -(-a.layers // s.stages)
-    act_elems_per_token = layers_here * (6 * a.hidden + 2 * a.kv_dim + 4 * a.intermediate)
-    activations = (s.in_flight * s.tokens * act_elems_per_token * s.act_bytes
-                   + s.tokens * a.vocab * (s.act_bytes + 8))
+    layers_here = -(-a.layers // L.stages)
+    per_layer = 6 * a.hidden + 2 * a.kv_dim + 4 * a.intermediate  # saved elements per token
+    if s.activation_checkpointing:
+        layer_acts = L.in_flight * s.tokens * layers_here * a.hidden + s.tokens * per_layer
+    else:
+        layer_acts = L.in_flight * s.tokens * layers_here * per_layer
+    logit_tokens = min(s.tokens, s.loss_chunk_tokens) if s.loss_chunk_tokens else s.tokens
+    activations = layer_acts * c + logit_tokens * a.vocab * (c + 8)
 
     layer = a.layer_linear_params + 2 * a.hidden
     buffers = 0.0
-    if "params" in s.shards and s.world > 1 or "params" in s.offload:
-        unit_bytes = NF4_BYTES if s.quantized else s.act_bytes
-        root_bytes = 4 if s.quantized else s.act_bytes  # QLoRA keeps the root in fp32
+    if L.gathers_units and (s.world > 1 or "params" in L.offload):
+        unit_bytes = NF4_BYTES if s.quantized else c
+        root_bytes = 4 if s.quantized else c  # QLoRA keeps the root in fp32
         buffers += max(a.root_params * root_bytes, layer * unit_bytes) + layer * unit_bytes
         layer_trainable = trainable / max(a.layers, 1) if s.peft else layer
         buffers += layer_trainable * 4
     if s.quantized:
         buffers += a.hidden * a.intermediate * 2
     subtotal = params + grads + optim + activations + buffers
-    overhead = CUDA_OVERHEAD + FRAGMENTATION * subtotal
-    return Estimate(s, total, trainable, params, grads, optim, activations, buffers, overhead)
+    overhead = CUDA_OVERHEAD + FRAGMENTATION * subtotal if s.device == "gpu" else 0.0
+
+    # Loading: what the rank keeps + what is in flight while the checkpoint is read.
+    largest_tensor = a.vocab * a.hidden * (4 if s.quantized or s.peft is None else c)
+    if L.load_transient == "whole":
+        in_flight = estimate(a, replace(s, layout=StateLayout(), world=1)).params - params + largest_tensor
+    else:  # "tensor" or "module": the largest module is the embedding (one V x h tensor)
+        in_flight = largest_tensor
+    load_state = params + in_flight
+    load = load_state + (CUDA_OVERHEAD + FRAGMENTATION * load_state if s.device == "gpu" else 0.0)
+    return Estimate(s, total, trainable, params, grads, optim, activations, buffers, overhead, load)
 
 
 # ------------------------------------------------------------------- the check
-def for_config(cfg: DictConfig) -> Estimate | None:
+def for_config(cfg: DictConfig, device: str = "gpu") -> Estimate | None:
     a = arch_of(cfg.model)
-    return None if a is None else estimate(a, setup_of(cfg))
+    return None if a is None else estimate(a, setup_of(cfg, device))
 
 
 def gpu_budget(cfg: DictConfig) -> float | None:
@@ -306,68 +334,81 @@ def gpu_budget(cfg: DictConfig) -> float | None:
     return float(value) if value else None
 
 
+def variant(cfg: DictConfig, parallel: str | None = None, method: str | None = None, **keys) -> DictConfig:
+    """`cfg` with another plan or method (their own config files) and dotted keys changed."""
+    from launch.config import group_option
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    if parallel:
+        container["parallel"] = group_option("parallel", parallel)
+    if method:
+        container["method"] = group_option("method", method)
+    out = OmegaConf.create(container)
+    for dotted, value in keys.items():
+        OmegaConf.update(out, dotted.replace("__", "."), value, force_add=True)
+    return out
+
+
 def suggestions(cfg: DictConfig, est: Estimate, budget: float) -> list[str]:
-    """Nearby configurations that fit, as command-line overrides."""
-    from parallel import plan_class
+    """Nearby configurations that fit, as command-line overrides: every plan that accepts
+    the method (fewest nodes first, then one row per micro-batch), the 4-bit base, and
+    activation checkpointing."""
+    from parallel import PLANS, plan_class
 
     a, s = arch_of(cfg.model), est.setup
-    base = replace(s, stages=1, in_flight=1, tokens=int(cfg.train.micro_batch_size) * int(cfg.data.max_seq_len))
     per_node = max(1, s.world // max(s.nodes, 1))
+    rows = int(cfg.train.micro_batch_size)
+    one_row = {"train__micro_batch_size": 1, "train__grad_accum": int(cfg.train.grad_accum) * rows} if rows > 1 else None
     out: list[str] = []
 
-    def fits(setup: Setup) -> Estimate | None:
-        e = estimate(a, setup)
+    def fitting(c: DictConfig) -> Estimate | None:
+        world = per_node * int(c.launcher.get("nodes", 1) or 1)
+        try:
+            if plan_class(c.parallel.name).refuse(c, world) is not None:
+                return None
+        except (UserError, KeyError, TypeError, ValueError):
+            return None
+        e = estimate(a, setup_of(c))
         return e if e.fits(budget) else None
 
-    def allowed(plan: str) -> bool:
-        """Would the plan accept this method? (asked with that plan's own settings)"""
-        if plan == s.plan:
-            return True
-        container = OmegaConf.to_container(cfg, resolve=True)
-        container["parallel"] = {"name": plan, "stage": 3 if plan.startswith("zero3") else None}
-        try:
-            return plan_class(plan).refuse(OmegaConf.create(container), s.world) is None
-        except UserError:
-            return False
+    def flags(c: DictConfig, changed: dict) -> str:
+        parts = [f"parallel={c.parallel.name}"] if c.parallel.name != cfg.parallel.name else []
+        if c.method.name != cfg.method.name:
+            parts.insert(0, f"method={c.method.name}")
+        parts += [f"{k.replace('__', '.')}={v}" for k, v in changed.items()]
+        return " ".join(parts)
 
-    seq = int(cfg.data.max_seq_len)
-    smaller_batch = (f" train.micro_batch_size=1 train.grad_accum={cfg.train.grad_accum * cfg.train.micro_batch_size}"
-                     if base.tokens > seq else None)
-    for plan in [p for p in ("fsdp2", "zero3") if allowed(p)]:
-        # fewest nodes that fit, first with the current micro-batch, then with 1 row
-        for tokens, batch in ((base.tokens, ""), (seq, smaller_batch)):
+    def describe(e: Estimate) -> str:
+        note = ""
+        if e.setup.layout.offload:
+            host = estimate(a, replace(e.setup, device="cpu"))
+            node = (host.params + host.grads + host.optim) * per_node / GIB
+            note = f"; needs ~{node:.0f} GiB of CPU RAM per node for the offloaded state"
+        return f"  (~{e.total / GIB:.0f} GiB/GPU on {e.setup.world} GPUs{note})"
+
+    ac = {"train__activation_checkpointing": True} if not s.activation_checkpointing else {}
+    if ac and (e := fitting(variant(cfg, **ac))):
+        out.append(flags(cfg, ac) + describe(e))
+    for plan in [p for p in PLANS if p != cfg.parallel.name]:
+        for batch in ({}, one_row):
             if batch is None:
                 continue
-            e = next((e for nodes in range(s.nodes, 65) if (e := fits(replace(
-                base, plan=plan, shards=PLAN_SHARDS[plan], offload=frozenset(), world=nodes * per_node,
-                nodes=nodes, tokens=tokens)))), None)
-            if e:
-                nodes = e.setup.nodes
-                extra = f" launcher.nodes={nodes}" if nodes != s.nodes else ""
-                out.append(f"parallel={plan}{extra}{batch}  (~{e.total / GIB:.0f} GiB/GPU on {nodes * per_node} GPUs)")
+            found = None
+            for nodes in range(s.nodes, 65):
+                keys = {**batch, **({"launcher__nodes": nodes} if nodes != s.nodes else {})}
+                c = variant(cfg, parallel=plan, **keys)
+                if (e := fitting(c)):
+                    found = flags(c, keys) + describe(e)
+                    break
+            if found:
+                out.append(found)
                 break
     if not s.quantized:
-        q = replace(base, method="qlora", peft="lora", quantized=True, lora_r=s.lora_r or 16,
-                    lora_targets=s.lora_targets or LINEARS, plan="fsdp2", shards=PLAN_SHARDS["fsdp2"],
-                    offload=frozenset())
-        e = fits(q)
-        if e:
-            out.append(f"method=qlora parallel=fsdp2  (~{e.total / GIB:.0f} GiB/GPU, 4-bit base)")
-    if not s.quantized and "params" not in s.offload:
-        e = fits(replace(base, plan="zero3_offload", shards=PLAN_SHARDS["zero3_offload"],
-                         offload=frozenset({"params", "grads", "optim"})))
-        if e:
-            whole = estimate(a, replace(base, world=1, shards=frozenset(), offload=frozenset()))
-            cpu = (whole.params + whole.grads + whole.optim) / max(s.nodes, 1) / GIB
-            out.append(f"parallel=zero3_offload  (~{e.total / GIB:.0f} GiB/GPU; needs ~{cpu:.0f} GiB "
-                       f"of CPU RAM per node for the offloaded state)")
-    if s.stages == 1 and s.tokens > cfg.data.max_seq_len:
-        e = fits(replace(s, tokens=int(cfg.data.max_seq_len)))
-        if e:
-            out.append(
-                f"train.micro_batch_size=1 train.grad_accum={cfg.train.grad_accum * cfg.train.micro_batch_size}"
-                f"  (same global batch, ~{e.total / GIB:.0f} GiB/GPU)"
-            )
+        for plan in [cfg.parallel.name, *[p for p in PLANS if p != cfg.parallel.name]]:
+            c = variant(cfg, parallel=None if plan == cfg.parallel.name else plan, method="qlora")
+            if (e := fitting(c)):
+                out.append(flags(c, {}) + describe(e) + " 4-bit base")
+                break
     return out
 
 

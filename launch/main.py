@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from launch import config as config_io
 from launch import sweep
 from launch.estimate import check as memory_check
-from launch.validate import check, check_data
+from launch.validate import check, check_data, check_data_suits_model
 from trainers.errors import TrainingError, UserError
 from trainers.registry import resolve
 
@@ -38,6 +38,7 @@ def run(cfg: DictConfig, run_dir: str) -> int:
         print(describe(cfg))
         return 0
     launch_fn = launcher_for(cfg.launcher.name)
+    check_data_suits_model(cfg)
     for line in check_data(cfg):
         log.info("data ok: %s", line)
     config_path = Path(cfg.run_dir) / "config.yaml"

@@ -67,6 +67,23 @@ def check(cfg: DictConfig) -> None:
         raise UserError(reason)
 
 
+def check_data_suits_model(cfg: DictConfig) -> None:
+    """A size preset with the bundled toy task would spend GPU hours learning to reverse
+    strings with 2k-token rows: ask for the user's data instead."""
+    from launch.config import REPO_ROOT
+
+    if cfg.model.get("toy", True):
+        return
+    bundled = REPO_ROOT / "data"
+    train = str(cfg.data.train)
+    if train.startswith(str(bundled)):
+        raise UserError(
+            f"model={cfg.model.name} is a real model, but data.train={train!r} is the bundled toy task "
+            f"(made for model=tiny). Pass your own data: data.train=PATH (and data.eval=PATH), in "
+            f"chat `messages` or `prompt`/`completion` rows (JSONL, parquet or a datasets folder)."
+        )
+
+
 def check_data(cfg: DictConfig) -> list[str]:
     """Tokenize and validate every row (needs only the tokenizer). Returns report lines."""
     from trainers.loop import load_training_data

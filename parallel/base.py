@@ -47,6 +47,13 @@ class Plan:
         return None
 
     @classmethod
+    def layout(cls, cfg, world_size: int):
+        """How this plan lays out the model state per rank (parallel/layout.py): replicas."""
+        from parallel.layout import StateLayout
+
+        return StateLayout()
+
+    @classmethod
     def checkpoint_format(cls, cfg) -> str:
         """What this plan's checkpoints hold, as far as another plan could load them: DCP
         state dicts under the unwrapped model's names reshard between world sizes and

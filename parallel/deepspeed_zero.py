@@ -105,7 +105,7 @@ def partitioned_model(source, ds_config: dict, device: torch.device) -> torch.nn
 
 class DeepSpeedZero(Plan):
     name = "zero"
-    shards = frozenset({"optim"})  # per instance: see __init__ / shards_for
+    shards = frozenset({"optim"})  # per instance: see __init__
 
     # ------------------------------------------------------------------ compatibility
     @staticmethod
@@ -115,6 +115,22 @@ class DeepSpeedZero(Plan):
             2: frozenset({"optim", "grads"}),
             3: frozenset({"params", "grads", "optim"}),
         }[int(stage)]
+
+    @classmethod
+    def layout(cls, cfg, world_size: int):
+        from parallel.layout import StateLayout
+
+        p = cfg.parallel
+        stage = int(p.stage)
+        offload = set()
+        if p.get("offload_param"):
+            offload.add("params")
+        if p.get("offload_optimizer"):
+            offload |= {"optim", "grads"}
+        quantized = bool(cfg.method.get("quantize"))
+        transient = ("whole" if quantized else "module") if stage == 3 else "tensor"
+        return StateLayout(shards=cls.shards_for(stage), offload=frozenset(offload), gathers_units=stage == 3,
+                           master_copy=True, load_transient=transient)
 
     @classmethod
     def refuse(cls, cfg, world_size: int) -> str | None:

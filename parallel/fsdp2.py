@@ -95,6 +95,14 @@ class FSDP2(Plan):
             )
         return None
 
+    @classmethod
+    def layout(cls, cfg, world_size: int):
+        from parallel.layout import STATE_PARTS, StateLayout
+
+        offload = frozenset(STATE_PARTS) if cfg.parallel.get("cpu_offload") else frozenset()
+        return StateLayout(shards=frozenset(STATE_PARTS), offload=offload, gathers_units=True,
+                           load_transient="whole" if cfg.method.get("quantize") else "tensor")
+
     # ------------------------------------------------------------------------ setup
     def build(self, source) -> torch.nn.Module:
         """Shard first, load second: the model is built with its checkpoint weights on the

@@ -281,6 +281,15 @@ class Pipeline(Plan):
             return f"objective={cfg.objective.name!r}: the pipeline's last stage computes only the sft loss."
         return cls._refuse_model(cfg, stages * VIRTUAL_STAGES[schedule])
 
+    @classmethod
+    def layout(cls, cfg, world_size: int):
+        from parallel.layout import StateLayout
+
+        p = cfg.parallel
+        stages, micro = int(p.stages), int(p.microbatches)
+        rows = int(cfg.train.micro_batch_size) * int(cfg.train.grad_accum)
+        return StateLayout(stages=stages, in_flight=min(stages, micro), rows_per_forward=max(1, rows // micro))
+
     @staticmethod
     def _refuse_model(cfg, chunks: int) -> str | None:
         from trainers.model import load_config

@@ -7,15 +7,16 @@ comes from the checkpoint is a zero-byte placeholder, and only what is created f
 
 - the whole tensor (none, ddp, zero1/2 and the layers a pipeline stage owns),
 - the rows of a dim-0 shard (FSDP2's DTensor `Shard(0)`),
-- a flat range of the flattened tensor (a ZeRO-3 partition).
+- one module's tensors at a time, partitioned before the next is read (ZeRO-3).
 
-safetensors maps the files and `get_slice` reads only the requested rows, so a rank's
-peak is its own share plus one tensor's rows in flight, never the whole model.
+Only the requested bytes are read (no memory map), so a rank's peak is its own share plus
+one tensor's rows in flight, never the whole model.
 """
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -23,39 +24,50 @@ from torch import nn
 
 from trainers.errors import UserError
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class CheckpointFiles:
     """The tensors of a local Hugging Face model directory (one or several safetensors
-    files), by checkpoint key."""
+    files), by checkpoint key.
+
+    Reads with pread at the offsets the safetensors header gives, not through a memory
+    map: mapped pages count in the process's RSS for as long as the file stays mapped, so
+    a mapped 140 GB checkpoint would look (and, under memory pressure, behave) like a
+    rank holding all of it. Here a rank holds exactly the bytes it asked for."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory).expanduser()
         index = self.directory / "model.safetensors.index.json"
         single = self.directory / "model.safetensors"
         if index.is_file():
-            self.file_of = {k: self.directory / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+            files = sorted({self.directory / f for f in json.loads(index.read_text())["weight_map"].values()})
         elif single.is_file():
-            self.file_of = None
+            files = [single]
         else:
             raise UserError(
                 f"model.path={str(directory)!r} has no model.safetensors (or sharded "
                 f"model.safetensors.index.json). Convert the weights to safetensors "
                 f"(save_pretrained(..., safe_serialization=True))."
             )
-        self._stack = ExitStack()
-        self._open: dict[Path, object] = {}
-        if self.file_of is None:
-            handle = self._handle(single)
-            self.file_of = {k: single for k in handle.keys()}
-
-    def _handle(self, path: Path):
-        if path not in self._open:
-            from safetensors import safe_open
-
-            self._open[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
-        return self._open[path]
+        self.file_of: dict[str, Path] = {}
+        self._entry: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}  # dtype, shape, byte offset
+        for path in files:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            for key, meta in header.items():
+                if key == "__metadata__":
+                    continue
+                if meta["dtype"] not in _DTYPES:
+                    raise UserError(f"{path}: tensor {key!r} has dtype {meta['dtype']}, which this loader does not read.")
+                self.file_of[key] = path
+                self._entry[key] = (_DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + meta["data_offsets"][0])
+        self._fds: dict[Path, int] = {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.file_of
@@ -63,34 +75,37 @@ class CheckpointFiles:
     def keys(self):
         return self.file_of.keys()
 
-    def _slice(self, key: str):
-        return self._handle(self.file_of[key]).get_slice(key)
-
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._slice(key).get_shape())
+        return self._entry[key][1]
+
+    def _read_elements(self, key: str, start: int, stop: int) -> torch.Tensor:
+        dtype, _, offset = self._entry[key]
+        size = torch.empty((), dtype=dtype).element_size()
+        path = self.file_of[key]
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        buf = bytearray((stop - start) * size)
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            got = os.preadv(self._fds[path], [view[done:]], offset + start * size + done)
+            if got <= 0:
+                raise UserError(f"{path} ends early (truncated?) while reading {key!r}.")
+            done += got
+        return torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
 
     def read(self, key: str, dtype: torch.dtype, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor (or rows [start, stop) of dim 0), converted to `dtype`."""
-        sl = self._slice(key)
-        t = sl[:] if rows is None else sl[rows[0] : rows[1]]
+        shape = self.shape(key)
+        row = math.prod(shape[1:]) if shape else 1
+        first, last = (0, shape[0] if shape else 1) if rows is None else rows
+        t = self._read_elements(key, first * row, last * row)
+        t = t.reshape((last - first, *shape[1:]) if shape else ())
         return t.to(dtype) if t.is_floating_point() else t
 
-    def read_flat(self, key: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
-        """Elements [start, stop) of the row-major flattened tensor: reads only the rows
-        that hold them."""
-        shape = self.shape(key)
-        if len(shape) < 2:
-            return self.read(key, dtype).reshape(-1)[start:stop]
-        row = 1
-        for d in shape[1:]:
-            row *= d
-        first, last = start // row, -(-stop // row)
-        block = self.read(key, dtype, (first, last)).reshape(-1)
-        return block[start - first * row : stop - first * row]
-
     def close(self) -> None:
-        self._stack.close()
-        self._open.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 # --------------------------------------------------------------------- skeletons

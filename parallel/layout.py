@@ -1,0 +1,36 @@
+"""How a plan lays the model state out over ranks: what the launcher needs to know about a
+plan without building it (memory estimate, suggestions). Plain data, no torch state.
+
+Each plan class answers `layout(cfg, world_size)`; the estimator combines the answer
+with the architecture and never names a plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+STATE_PARTS = ("params", "grads", "optim")
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    # parts of the model state split over the data-parallel ranks
+    shards: frozenset = frozenset()
+    # parts kept in host RAM instead of on the accelerator
+    offload: frozenset = frozenset()
+    # pipeline stages: each rank holds the state and activations of 1/stages of the layers
+    stages: int = 1
+    # micro-batches whose activations a rank holds at once (1F1B: min(stages, micro-batches))
+    in_flight: int = 1
+    # rows of one forward: a pipeline cuts micro_batch_size x grad_accum into micro-batches
+    # (None: train.micro_batch_size)
+    rows_per_forward: int | None = None
+    # parameters are gathered unit by unit for compute (FSDP2, ZeRO-3): one unit plus one
+    # prefetched, in the compute dtype, and one unit's unsharded gradients are alive
+    gathers_units: bool = False
+    # an fp32 master copy of the trainable weights beside the model's own (DeepSpeed),
+    # split like the optimizer state
+    master_copy: bool = False
+    # what a rank holds while it loads, on top of what it keeps: "tensor" (one tensor in
+    # flight), "module" (one module's full tensors, ZeRO-3), "whole" (the whole model
+    # before it is sharded: 4-bit bases under sharding plans)
+    load_transient: str = "tensor"
