@@ -24,6 +24,7 @@ from trainers.distributed import all_reduce_sum, any_rank, init_distributed, shu
 from trainers.errors import TrainingError
 from trainers.evaluate import Evaluator
 from trainers.export import export
+from trainers.memory import apply_memory_options
 from trainers.metrics import MetricsLogger, plot_losses, write_summary
 from trainers.model import build_model, count_parameters, load_tokenizer
 from trainers.objectives import get_objective
@@ -80,7 +81,9 @@ def train(cfg, leave_process_group: bool = False) -> dict:
         train_seqs, BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, plan.dp_world), cfg.seed
     )
     seed_everything(cfg.seed)  # every rank builds identical initial weights
-    plan.prepare(build_model(cfg.model, cfg.method, plan.model_device))
+    model = build_model(cfg.model, cfg.method, plan.model_device)
+    apply_memory_options(model, cfg.train)  # before the plan wraps it: the same model under every plan
+    plan.prepare(model)
     objective = get_objective(cfg.objective.name)
     trainable, total = count_parameters(plan.inner)
     if env.is_main:
