@@ -58,7 +58,7 @@ from torch.distributed.checkpoint.state_dict import (
 from parallel.base import Plan
 from trainers.data import IGNORE
 from trainers.errors import UserError
-from trainers.lm_loss import lm_ce_sum
+from trainers.lm_loss import lm_ce_sum, plain_logits
 from trainers.optim import build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,8 @@ class PipelineEvalModel(nn.Module):
             batch["attention_mask"] = attention_mask
         if position_ids is not None:
             batch["position_ids"] = position_ids
-        logits = self._plan.forward_only(pad_batch(batch, round_up(width, WIDTH_MULTIPLE)))
+        with plain_logits():  # the Evaluator's loss computes from these logits, not in the stages
+            logits = self._plan.forward_only(pad_batch(batch, round_up(width, WIDTH_MULTIPLE)))
         return SimpleNamespace(logits=self._plan.broadcast_from_last(logits)[:, :width])
 
     @torch.no_grad()

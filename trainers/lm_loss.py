@@ -20,6 +20,7 @@ nothing where it does not matter.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from typing import Callable
 
@@ -104,6 +105,18 @@ def lm_ce_sum(forward: Callable[[], torch.Tensor], labels: torch.Tensor) -> torc
     return token_ce_sum(out, labels)
 
 
+@contextlib.contextmanager
+def plain_logits():
+    """Inside, the lm_head returns logits even under `lm_ce_sum`: for a forward that runs
+    the lm_head on other rows than the labels' (the pipeline's eval forward, which
+    broadcasts logits from its last stage)."""
+    token = _TARGETS.set(None)
+    try:
+        yield
+    finally:
+        _TARGETS.reset(token)
+
+
 def chunk_tokens_for(setting, vocab_size: int) -> int:
     """Tokens per chunk for `train.loss_chunk_tokens` (0: never chunk)."""
     if setting == "auto":
@@ -116,14 +129,12 @@ def chunk_tokens_for(setting, vocab_size: int) -> int:
     return setting
 
 
-def install_chunked_head(model: torch.nn.Module, setting) -> bool:
-    """Make the model's lm_head compute the chunked loss when `lm_ce_sum` asks for it.
-    Returns whether it did (not for `setting` 0, models without a plain output head, or
-    models that transform the logits after it)."""
-    from transformers import PreTrainedModel
-
-    causal = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-    head = causal.get_output_embeddings() if causal is not None else None
+def install_chunked_head(causal_lm, setting) -> bool:
+    """Make the lm_head of `causal_lm` (a transformers *ForCausalLM) compute the chunked
+    loss when `lm_ce_sum` asks for it. Returns whether it did (not for `setting` 0, models
+    without a plain output head, or models that transform the logits after it)."""
+    causal = causal_lm
+    head = causal.get_output_embeddings()
     if head is None or any(getattr(causal.config, k, None) for k in POST_HEAD_TRANSFORMS):
         return False
     vocab = getattr(head, "out_features", None) or causal.config.get_text_config().vocab_size

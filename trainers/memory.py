@@ -30,11 +30,10 @@ def hf_model(model: torch.nn.Module):
     return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    hf = hf_model(model)
-    if hf is None or not hf.supports_gradient_checkpointing:
+def enable_activation_checkpointing(hf) -> None:
+    if not hf.supports_gradient_checkpointing:
         raise UserError(
-            f"train.activation_checkpointing=true: {type(hf or model).__name__} does not support "
+            f"train.activation_checkpointing=true: {type(hf).__name__} does not support "
             f"per-layer activation checkpointing in transformers; set it to false."
         )
     had_input_hooks = bool(getattr(hf, "_require_grads_hooks", None))
@@ -47,6 +46,9 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 def apply_memory_options(model: torch.nn.Module, train_cfg) -> None:
+    hf = hf_model(model)
+    if hf is None:
+        raise UserError(f"{type(model).__name__} holds no transformers model to apply train.* memory options to.")
     if train_cfg.get("activation_checkpointing", False):
-        enable_activation_checkpointing(model)
-    install_chunked_head(model, train_cfg.get("loss_chunk_tokens", "auto"))
+        enable_activation_checkpointing(hf)
+    install_chunked_head(hf, train_cfg.get("loss_chunk_tokens", "auto"))
