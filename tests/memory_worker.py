@@ -2,7 +2,7 @@
 process start for all of them, like matrix_worker.py), counting two things each job's
 forward passes do, through global module hooks (the real modules, nothing replaced):
 
-- `mlp_calls`: calls of the decoder layers' MLP blocks (counted as they start: a
+- `mlp_calls`: training-mode calls of the decoder layers' MLP blocks (counted as they start: a
   recomputation stops early, inside the MLP's last projection, once it has what backward
   needs). Activation checkpointing recomputes every layer in backward: twice the calls.
 - `head_losses`: lm_head calls that returned the chunked loss (a 0-d tensor) instead of
@@ -30,7 +30,7 @@ class Counts:
         self.head_losses = 0
 
     def before(self, module, args):
-        if type(module).__name__.endswith("MLP"):
+        if module.training and type(module).__name__.endswith("MLP"):
             self.mlp_calls += 1
 
     def after(self, module, args, output):

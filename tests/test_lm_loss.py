@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from trainers.data import IGNORE
-from trainers.lm_loss import chunk_tokens_for, chunked_ce_sum, install_chunked_head, lm_ce_sum, token_ce_sum
 from trainers.errors import UserError
+from trainers.lm_loss import (chunk_tokens_for, chunked_ce_sum, install_chunked_head, lm_ce_sum, plain_logits,
+                              token_ce_sum)
 
 
 def _random_case(dtype=torch.float32, rows=3, width=37, hidden=24, vocab=101, seed=0):
@@ -112,18 +113,20 @@ def test_installed_head_returns_the_same_loss_and_gradients(kind):
         model = _tiny_llama()
         if kind != "full":
             model = _peft(model, kind)
-        installed = install_chunked_head(model, chunk)
+        installed = install_chunked_head(model.get_base_model() if kind != "full" else model, chunk)
         loss = lm_ce_sum(lambda: model(input_ids=ids, use_cache=False).logits, labels)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        with torch.no_grad():  # outside lm_ce_sum the head still returns logits
-            logits = model(input_ids=ids).logits
-        return installed, loss.detach(), grads, logits
+        with torch.no_grad():  # evaluation: no recomputation, the same loss
+            eval_loss = lm_ce_sum(lambda: model(input_ids=ids, use_cache=False).logits, labels)
+            logits = model(input_ids=ids).logits  # outside lm_ce_sum the head returns logits
+        return installed, loss.detach(), eval_loss, grads, logits
 
-    _, want_loss, want_grads, want_logits = run(0)
-    installed, loss, grads, logits = run(6)
+    _, want_loss, want_eval, want_grads, want_logits = run(0)
+    installed, loss, eval_loss, grads, logits = run(6)
     assert installed and loss.dim() == 0
     torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(eval_loss, want_eval, rtol=1e-6, atol=0)
     assert grads.keys() == want_grads.keys() and grads
     for name, g in grads.items():
         torch.testing.assert_close(g, want_grads[name], rtol=1e-5, atol=1e-7, msg=name)
@@ -139,6 +142,22 @@ def test_small_micro_batch_keeps_plain_logits_path():
     model.lm_head.register_forward_hook(lambda m, i, out: seen.append(out.shape))
     lm_ce_sum(lambda: model(input_ids=ids, use_cache=False).logits, ids)
     assert seen == [torch.Size([2, 16, 97])]
+
+
+def test_plain_logits_inside_the_loss_context():
+    """The pipeline's eval forward runs under the Evaluator's lm_ce_sum but must return logits."""
+    model = _tiny_llama()
+    assert install_chunked_head(model, 4)
+    ids = torch.randint(0, 97, (2, 16))
+    inside = []
+
+    def forward():
+        with plain_logits():
+            inside.append(model(input_ids=ids, use_cache=False).logits.shape)
+        return model(input_ids=ids, use_cache=False).logits
+
+    assert lm_ce_sum(forward, ids).dim() == 0
+    assert inside == [torch.Size([2, 16, 97])]
 
 
 def test_chunk_setting():
