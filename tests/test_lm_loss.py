@@ -166,3 +166,17 @@ def test_chunk_setting():
     for bad in (-1, "big", 1.5, True):
         with pytest.raises(UserError, match="train.loss_chunk_tokens"):
             chunk_tokens_for(bad, 100)
+
+
+def test_models_that_transform_logits_keep_the_plain_loss():
+    """Gemma-2 soft-caps its logits after the lm_head: a loss returned by the head would be
+    soft-capped instead. auto leaves such models alone; an explicit chunk size is refused."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    assert config.final_logit_softcapping
+    model = Gemma2ForCausalLM(config)
+    assert not install_chunked_head(model, "auto")
+    with pytest.raises(UserError, match="final_logit_softcapping"):
+        install_chunked_head(model, 16)

@@ -131,16 +131,23 @@ def chunk_tokens_for(setting, vocab_size: int) -> int:
 
 def install_chunked_head(causal_lm, setting) -> bool:
     """Make the lm_head of `causal_lm` (a transformers *ForCausalLM) compute the chunked
-    loss when `lm_ce_sum` asks for it. Returns whether it did (not for `setting` 0, models
-    without a plain output head, or models that transform the logits after it)."""
-    causal = causal_lm
-    head = causal.get_output_embeddings()
-    if head is None or any(getattr(causal.config, k, None) for k in POST_HEAD_TRANSFORMS):
-        return False
-    vocab = getattr(head, "out_features", None) or causal.config.get_text_config().vocab_size
+    loss when `lm_ce_sum` asks for it. Returns whether it did: not for `setting` 0, nor
+    (with `auto`) for models without a plain output head or that transform the logits after
+    it, for which an explicit chunk size is refused."""
+    head = causal_lm.get_output_embeddings()
+    vocab = getattr(head, "out_features", None) or causal_lm.config.get_text_config().vocab_size
     chunk_tokens = chunk_tokens_for(setting, vocab)
     if chunk_tokens == 0:
         return False
+    transforms = [k for k in POST_HEAD_TRANSFORMS if getattr(causal_lm.config, k, None)]
+    if head is None or transforms:
+        if setting == "auto":
+            return False
+        raise UserError(
+            f"train.loss_chunk_tokens={setting}: {type(causal_lm).__name__} "
+            f"{'transforms its logits after the lm_head (' + ', '.join(transforms) + ')' if transforms else 'has no output head'}, "
+            f"so the loss cannot be computed in chunks inside it; use train.loss_chunk_tokens=auto or 0."
+        )
     plain = head.forward
 
     def forward(hidden, *args, **kwargs):

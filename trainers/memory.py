@@ -13,14 +13,10 @@ it, so every plan (none, ddp, zero*, fsdp2, pipeline) trains the same modified m
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from trainers.errors import UserError
 from trainers.lm_loss import install_chunked_head
-
-log = logging.getLogger(__name__)
 
 
 def hf_model(model: torch.nn.Module):
