@@ -130,7 +130,7 @@ def main(plan_name: str, model_dir: str, out: str, steps: int, data: str | None 
     plan = build_plan(cfg, env)
     batches = GlobalBatches(train_seqs, BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, plan.dp_world), cfg.seed)
     seed_everything(cfg.seed)
-    plan.prepare(ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed))
+    plan.prepare(ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed, cfg.train))
     objective = get_objective(cfg.objective.name)
     expected = plan.expected_state_bytes()
     times, toks, losses, snap = [], [], [], None

@@ -19,8 +19,7 @@ is what one rank holds at its peak, the larger of training and loading:
   params     as trainers/model.py builds them: a frozen base in the compute dtype (c B);
              trained weights (method=full) as fp32 masters (4 B); QLoRA: the decoder's
              linear weights in NF4 = 0.5 B/param + double-quantized absmax constants
-             (~0.127 bit/param), everything else fp32 after prepare_model_for_kbit_training;
-             adapters fp32 (4 B).
+             (~0.127 bit/param), everything else in bf16 (2 B); adapters fp32 (4 B).
   grads      4 B per trainable parameter (fp32).
   optimizer  8 B per trainable parameter (AdamW's two fp32 moments), + 4 B of fp32
              master copy where the plan keeps one beside the model (DeepSpeed; the model's
@@ -274,7 +273,7 @@ def estimate(a: Arch, s: Setup) -> Estimate:
     c = s.act_bytes
     if s.quantized:
         quantized = a.layers * a.layer_linear_params
-        params = quantized * NF4_BYTES + (total - quantized) * 4 + adapters * 4
+        params = quantized * NF4_BYTES + (total - quantized) * 2 + adapters * 4
     elif s.peft is None:
         # trained weights: fp32 masters, unless the plan keeps its own master copy
         params = total * (c if L.master_copy else 4)
@@ -303,7 +302,7 @@ def estimate(a: Arch, s: Setup) -> Estimate:
     buffers = 0.0
     if L.gathers_units and (s.world > 1 or "params" in L.offload):
         unit_bytes = NF4_BYTES if s.quantized else c
-        root_bytes = 4 if s.quantized else c  # QLoRA keeps the root in fp32
+        root_bytes = 2 if s.quantized else c  # QLoRA keeps the root in bf16
         buffers += max(a.root_params * root_bytes, layer * unit_bytes) + layer * unit_bytes
         layer_trainable = trainable / max(a.layers, 1) if s.peft else layer
         buffers += layer_trainable * 4
@@ -313,7 +312,7 @@ def estimate(a: Arch, s: Setup) -> Estimate:
     overhead = CUDA_OVERHEAD + FRAGMENTATION * subtotal if s.device == "gpu" else 0.0
 
     # Loading: what the rank keeps + what is in flight while the checkpoint is read.
-    largest_tensor = a.vocab * a.hidden * (4 if s.quantized or s.peft is None else c)
+    largest_tensor = a.vocab * a.hidden * (4 if s.peft is None else 2 if s.quantized else c)
     if L.load_transient == "whole":
         in_flight = estimate(a, replace(s, layout=StateLayout(), world=1)).params - params + largest_tensor
     else:  # "tensor" or "module": the largest module is the embedding (one V x h tensor)
@@ -386,10 +385,14 @@ def suggestions(cfg: DictConfig, est: Estimate, budget: float) -> list[str]:
             note = f"; needs ~{node:.0f} GiB of CPU RAM per node for the offloaded state"
         return f"  (~{e.total / GIB:.0f} GiB/GPU on {e.setup.world} GPUs{note})"
 
-    ac = {"train__activation_checkpointing": True} if not s.activation_checkpointing else {}
-    if ac and (e := fitting(variant(cfg, **ac))):
-        out.append(flags(cfg, ac) + describe(e))
+    for same_plan in ({"train__activation_checkpointing": True} if not s.activation_checkpointing else None,
+                      one_row):
+        if same_plan and (e := fitting(variant(cfg, **same_plan))):
+            out.append(flags(cfg, same_plan) + describe(e))
+            break
     for plan in [p for p in PLANS if p != cfg.parallel.name]:
+        if layout_of(variant(cfg, parallel=plan), s.world) == s.layout:
+            continue  # e.g. ddp for a one-GPU job under none: nothing would change
         for batch in ({}, one_row):
             if batch is None:
                 continue

@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from parallel import refusal, resume_refusal
 from trainers.errors import UserError
+from trainers.lm_loss import chunk_tokens_for
 from trainers.optim import SCHEDULES
 
 CHOICES = {
@@ -45,6 +46,10 @@ def check_values(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"{key}={value!r} must be a positive integer.")
+    ac = cfg.train.get("activation_checkpointing", False)
+    if not isinstance(ac, bool):
+        raise UserError(f"train.activation_checkpointing={ac!r} must be true or false.")
+    chunk_tokens_for(cfg.train.get("loss_chunk_tokens", "auto"), 1)
     lr = cfg.optim.lr
     if not isinstance(lr, (int, float)) or not 0 < lr < 1:
         raise UserError(f"optim.lr={lr!r} must be a number between 0 and 1 (e.g. 2e-4).")

@@ -11,13 +11,18 @@ keys and the exported state dict are those of the unsplit model. With
 Forward of a stage. The first stage embeds the tokens; every stage then calls the HF
 backbone (LlamaModel) with `inputs_embeds` and only its own layers swapped in, which
 recomputes position ids, the rotary (cos, sin) and the causal / packed mask locally; the
-last stage adds the final norm and lm_head. PEFT adapters (LoRA, DoRA, IA3, ...) live
-inside the layers, so they work unchanged; the PeftModel forward itself is bypassed,
-which is why virtual-token methods (prefix, prompt) are refused.
+last stage adds the final norm and (for evaluation; training applies it in the loss) the
+lm_head. PEFT adapters (LoRA, DoRA, IA3, ...) live inside the layers, so they work
+unchanged; the PeftModel forward itself is bypassed, which is why virtual-token methods
+(prefix, prompt) are refused. Activation checkpointing (train.activation_checkpointing)
+reaches the stages through the layer modules themselves (trainers/memory.py).
 
 Loss. A step's rows (train.micro_batch_size x grad_accum per dp rank) are padded to one
 width (a multiple of 8) and cut into `parallel.microbatches` equal pipeline micro-batches.
-The last stage's loss_fn returns the summed token cross-entropy divided by the target
+The training schedule's last stage ends at the final norm, because the loss needs the
+labels, which only loss_fn receives: loss_fn applies the lm_head through
+trainers/lm_loss.py's lm_ce_sum (the loss every plan uses, chunked over tokens when the
+logits would be large) and returns the summed token cross-entropy divided by the target
 count of the whole global batch (`scale_grads=False`), so gradients are exactly those of
 the single-process token mean. Gradients are then summed over the dp group by hand (one
 flat all_reduce; no DDP), and the gradient norm for clipping is reduced over the pp group.
@@ -53,7 +58,7 @@ from torch.distributed.checkpoint.state_dict import (
 from parallel.base import Plan
 from trainers.data import IGNORE
 from trainers.errors import UserError
-from trainers.objectives import token_ce_sum
+from trainers.lm_loss import lm_ce_sum, plain_logits
 from trainers.optim import build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger(__name__)
@@ -203,7 +208,8 @@ class PipelineEvalModel(nn.Module):
             batch["attention_mask"] = attention_mask
         if position_ids is not None:
             batch["position_ids"] = position_ids
-        logits = self._plan.forward_only(pad_batch(batch, round_up(width, WIDTH_MULTIPLE)))
+        with plain_logits():  # the Evaluator's loss computes from these logits, not in the stages
+            logits = self._plan.forward_only(pad_batch(batch, round_up(width, WIDTH_MULTIPLE)))
         return SimpleNamespace(logits=self._plan.broadcast_from_last(logits)[:, :width])
 
     @torch.no_grad()
@@ -292,9 +298,9 @@ class Pipeline(Plan):
 
     @staticmethod
     def _refuse_model(cfg, chunks: int) -> str | None:
-        from trainers.model import load_config
+        from trainers.model import config_for_checks
 
-        config = load_config(cfg.model)
+        config = config_for_checks(cfg.model)
         mtype = getattr(config, "model_type", None)
         if mtype not in SUPPORTED_MODEL_TYPES:
             return (f"model_type {mtype!r} is not one of the Llama-family backbones the pipeline "
@@ -375,6 +381,10 @@ class Pipeline(Plan):
                 norm=bb.norm if s == self.last_stage else None,
                 lm_head=causal.lm_head if s == self.last_stage else None,
             )))
+        # The training schedule's last stage stops before the lm_head, which _loss applies.
+        self.train_chunks = [(s, c if s != self.last_stage else StageChunk(
+            self, bb, c.layers, embed=c.embed, norm=c.norm, lm_head=None)) for s, c in self.chunks]
+        self._lm_head = causal.lm_head
         self.has_first = 0 in mine
         self.has_last = self.last_stage in mine
         self.layer_ranges = {s: ranges[s] for s in mine}
@@ -451,7 +461,8 @@ class Pipeline(Plan):
             self._schedules.move_to_end(key)
             return self._schedules[key]
         device = self.env.device
-        stages = [PipelineStage(chunk, s, self.n_chunks, device, group=self.pp_group) for s, chunk in self.chunks]
+        chunks = self.train_chunks if train else self.chunks
+        stages = [PipelineStage(chunk, s, self.n_chunks, device, group=self.pp_group) for s, chunk in chunks]
         loss_fn = self._loss if train else None
         kind = self.cfg.parallel.schedule
         if kind == "interleaved_1f1b":
@@ -465,8 +476,9 @@ class Pipeline(Plan):
             self._schedules.popitem(last=False)
         return sched
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        ce = token_ce_sum(logits, labels)
+    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            ce = lm_ce_sum(lambda: self._lm_head(hidden), labels)
         self._ce_sums.append(float(ce.detach()))
         return ce / self._n_targets
 

@@ -80,7 +80,7 @@ def train(cfg, leave_process_group: bool = False) -> dict:
         train_seqs, BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, plan.dp_world), cfg.seed
     )
     seed_everything(cfg.seed)  # every rank builds identical initial weights
-    plan.prepare(ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed))
+    plan.prepare(ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed, cfg.train))
     objective = get_objective(cfg.objective.name)
     trainable, total = count_parameters(plan.inner)
     if env.is_main:

@@ -58,6 +58,19 @@ def load_config(model_cfg):
         raise UserError(f"Could not load a model config from model.path={model_cfg.path!r}: {e}") from None
 
 
+def config_for_checks(model_cfg):
+    """The model config that pre-launch checks read: built from the preset's `model.arch`
+    when there is one (no download, no network: dry runs and suggestions stay offline),
+    else the model directory's config.json."""
+    arch = model_cfg.get("arch")
+    if not arch:
+        return load_config(model_cfg)
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(arch, resolve=True)
+    return AutoConfig.for_model(values.pop("model_type", "llama"), **values)
+
+
 def quantization_config(method_cfg):
     from transformers import BitsAndBytesConfig
 
@@ -115,10 +128,13 @@ class ModelSource:
     `whole(device)` when they keep every weight.
 
     Adapters are initialised right after a re-seed, so every plan (and the quantized
-    path) starts from the same adapter weights whatever the loading did to the RNG."""
+    path) starts from the same adapter weights whatever the loading did to the RNG. The
+    train.* memory options (trainers/memory.py) are applied there too, before any plan
+    wraps the model, so every plan trains the same modified model."""
 
-    def __init__(self, model_cfg, method_cfg, compute_dtype: torch.dtype, seed: int):
+    def __init__(self, model_cfg, method_cfg, compute_dtype: torch.dtype, seed: int, train_cfg=None):
         self.model_cfg = model_cfg
+        self.train_cfg = train_cfg
         self.method_cfg = method_cfg
         self.compute_dtype = compute_dtype
         self.dtype = frozen_dtype(method_cfg, compute_dtype)
@@ -138,6 +154,10 @@ class ModelSource:
         seed_everything(self.seed)
         model = apply_method(model, self.method_cfg)
         model.train()
+        if self.train_cfg is not None:
+            from trainers.memory import apply_memory_options
+
+            apply_memory_options(model, self.train_cfg)
         return model
 
     def skeleton(self) -> torch.nn.Module:

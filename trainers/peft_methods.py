@@ -65,11 +65,13 @@ def apply_method(model: torch.nn.Module, m):
         return model
     if m.peft not in PEFT_BUILDERS:
         raise UserError(f"method.peft={m.peft!r} is unknown; available: {', '.join(PEFT_BUILDERS)}.")
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
-    if m.quantize == "nf4":
-        # fp32 norms/embeddings for stability; no gradient checkpointing by default.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for p in model.parameters():
+        # Frozen weights stay in the dtype they were loaded in: bf16 beside a 4-bit base.
+        # (peft's prepare_model_for_kbit_training would upcast embeddings, lm_head and norms
+        # to fp32: 4 GiB more on an 8B model, for norms that compute in fp32 anyway.)
+        p.requires_grad_(False)
     return get_peft_model(model, PEFT_BUILDERS[m.peft](m))
 
 
