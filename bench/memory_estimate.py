@@ -132,7 +132,18 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "memory_estimate.json"))
     ap.add_argument("--quick", action="store_true", help="lora fp32 only, one row per plan")
     ap.add_argument("--plans", nargs="+", default=list(PLANS))
+    ap.add_argument("--reestimate", action="store_true",
+                    help="recompute estimate_mib of --out's rows from their saved run configs (no runs)")
     args = ap.parse_args()
+    if args.reestimate:
+        rows = json.loads(Path(args.out).read_text())
+        for r in rows:
+            name = f"{r['plan']}-{r['method']}-ac{int(r['activation_checkpointing'])}-{r['precision']}"
+            runs = Path(args.work) / "runs"
+            r["estimate_mib"] = round(cpu_estimate_mib(runs / f"{name}-model") - cpu_estimate_mib(runs / f"{name}-base"))
+            r["ratio"] = round(r["estimate_mib"] / r["measured_mib"], 3)
+        write(rows, Path(args.out))
+        return
     from _model100m import build
 
     work = Path(args.work)
@@ -161,7 +172,11 @@ def main() -> None:
                    "fixed_overhead_mib": round(result["base"][0])}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    write(rows, Path(args.out))
+
+
+def write(rows: list[dict], out: Path) -> None:
+    out.write_text(json.dumps(rows, indent=1) + "\n")
     print()
     print("| plan | N | method | act. ckpt | precision | estimate MiB | measured MiB | est/meas | peak RSS | fixed overhead |")
     print("|---|---:|---|---|---|---:|---:|---:|---:|---:|")

@@ -12,6 +12,13 @@ from parallel.base import Plan
 class DDP(Plan):
     name = "ddp"
 
+    @classmethod
+    def layout(cls, cfg, world_size: int):
+        from parallel.layout import StateLayout
+
+        # DDP all-reduces from buckets that hold a copy of every gradient
+        return StateLayout(grad_buckets=world_size > 1)
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if not self.env.distributed:
             return model

@@ -27,6 +27,8 @@ class StateLayout:
     # parameters are gathered unit by unit for compute (FSDP2, ZeRO-3): one unit plus one
     # prefetched, in the compute dtype, and one unit's unsharded gradients are alive
     gathers_units: bool = False
+    # gradients are also copied into communication buckets of their full size (DDP)
+    grad_buckets: bool = False
     # an fp32 master copy of the trainable weights beside the model's own (DeepSpeed),
     # split like the optimizer state
     master_copy: bool = False

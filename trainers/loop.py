@@ -80,7 +80,8 @@ def train(cfg, leave_process_group: bool = False) -> dict:
         train_seqs, BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, plan.dp_world), cfg.seed
     )
     seed_everything(cfg.seed)  # every rank builds identical initial weights
-    plan.prepare(ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed, cfg.train))
+    source = ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed, cfg.train)
+    plan.prepare(source)
     objective = get_objective(cfg.objective.name)
     trainable, total = count_parameters(plan.inner)
     if env.is_main:
@@ -94,6 +95,9 @@ def train(cfg, leave_process_group: bool = False) -> dict:
         describe = getattr(plan, "describe", None)
         if describe:
             log.info("plan: %s", describe())
+        if source.read_report:
+            read, whole = source.read_report
+            log.info("weights: rank 0 read %.1f MiB of the checkpoint's %.1f MiB", read / 2**20, whole / 2**20)
 
     ckpt = Checkpointer(run_dir, plan, env, cfg.train.keep_last, cfg.train.checkpoint.mode)
     resumed = ckpt.restore()

@@ -140,6 +140,7 @@ class ModelSource:
         self.dtype = frozen_dtype(method_cfg, compute_dtype)
         self.seed = seed
         self._files = None
+        self.read_report: tuple[int, int] | None = None  # (bytes this rank read, checkpoint bytes)
 
     @property
     def quantized(self) -> bool:
@@ -195,7 +196,9 @@ class ModelSource:
         return model
 
     def close(self) -> None:
+        """Close the checkpoint files; `read_report` keeps what this rank read of them."""
         if self._files is not None:
+            self.read_report = (self._files.bytes_read, self._files.total_bytes)
             self._files.close()
             self._files = None
 

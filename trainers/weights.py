@@ -68,6 +68,12 @@ class CheckpointFiles:
                 self.file_of[key] = path
                 self._entry[key] = (_DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + meta["data_offsets"][0])
         self._fds: dict[Path, int] = {}
+        self.bytes_read = 0  # what this rank actually read (tests and logs)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                   for dtype, shape, _ in self._entry.values())
 
     def __contains__(self, key: str) -> bool:
         return key in self.file_of
@@ -91,6 +97,7 @@ class CheckpointFiles:
             if got <= 0:
                 raise UserError(f"{path} ends early (truncated?) while reading {key!r}.")
             done += got
+        self.bytes_read += len(buf)
         return torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
 
     def read(self, key: str, dtype: torch.dtype, rows: tuple[int, int] | None = None) -> torch.Tensor:
