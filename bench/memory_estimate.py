@@ -7,7 +7,8 @@ CPU against the estimator's CPU prediction for the same configuration.
 Each row is one `python launch.py ...` (plans none, ddp, fsdp2, zero3, pipeline at N=1
 or 2; lora and full; activation checkpointing on and off; fp32 and bf16) on a randomly
 initialised ~360M-parameter Llama (bench/_model100m.py shapes: hidden 1024, 28 layers,
-intermediate 2816; 8 safetensors files), 4 rows of 64 tokens per micro-batch, measured
+intermediate 2816; 8 safetensors files), 4 rows of 64 tokens per micro-batch (generated
+rows, truncated to 64 tokens, unpacked: every micro-batch has exactly that shape), measured
 until the first step is logged (load + one optimizer step: the peak the estimate is about;
 the process tree is then stopped).
 
@@ -40,7 +41,16 @@ MiB = 2**20
 
 SHAPE = dict(hidden=1024, layers=28, intermediate=2816, heads=16)
 COMMON = ["data.eval=null", "train.max_steps=2", "train.save_every=1000", "train.micro_batch_size=4",
-          "train.grad_accum=1", "data.max_seq_len=64", "optim.lr=1e-5"]
+          "train.grad_accum=1", "data.max_seq_len=64", "data.packing=false", "optim.lr=1e-5"]
+
+
+def full_length_rows(path: Path, n: int = 64) -> Path:
+    """Rows longer than max_seq_len (truncated to it): every micro-batch is 4 x 64 tokens,
+    the shape the estimate assumes (the bundled rows are shorter and vary)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"prompt": f"row {i} " + "abcdefgh" * 3, "completion": "zyxwvuts" * 10}) for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 # (plan overrides, world size) x (method, activation checkpointing, precision)
 PLANS = {
@@ -84,12 +94,12 @@ def hwm_mib(pid: int) -> tuple[float, str] | None:
     return None
 
 
-def peak_until_first_step(args: list[str], log: Path, timeout: float = 900) -> dict[int, float]:
+def peak_until_first_step(args: list[str], log: Path, repo: Path = REPO, timeout: float = 900) -> dict[int, float]:
     """Run launch.py; return {pid: peak MiB} of its training processes when step 1 is
     logged (workers; or the launcher itself when it trains in-process)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "launch.py", *args], cwd=REPO, env=env, stdout=out,
+        proc = subprocess.Popen([sys.executable, "launch.py", *args], cwd=repo, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     peaks: dict[int, float] = {}
     t0 = time.time()
@@ -132,6 +142,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "memory_estimate.json"))
     ap.add_argument("--quick", action="store_true", help="lora fp32 only, one row per plan")
     ap.add_argument("--plans", nargs="+", default=list(PLANS))
+    ap.add_argument("--repo", default=str(REPO),
+                    help="measure another checkout's launch.py (e.g. the commit before a change); "
+                         "its estimate is not computed")
     ap.add_argument("--reestimate", action="store_true",
                     help="recompute estimate_mib of --out's rows from their saved run configs (no runs)")
     args = ap.parse_args()
@@ -149,26 +162,28 @@ def main() -> None:
     work = Path(args.work)
     big = build(work / "model", max_shard_size="200MB", **SHAPE)
     tiny = REPO / "assets" / "tiny-llama"
+    data = full_length_rows(work / "train.jsonl")
     rows = []
     for plan in args.plans:
         plan_args, world = PLANS[plan]
         for method, ac, precision in (QUICK if args.quick else VARIANTS):
             if plan == "pipeline" and ac and method == "full":
                 continue
-            cfg = [*COMMON, *plan_args, f"method={method}", f"train.activation_checkpointing={str(ac).lower()}",
-                   f"train.precision={precision}"] + (["method.dropout=0"] if method != "full" else [])
+            cfg = [*COMMON, f"data.train={data}", *plan_args, f"method={method}", f"train.precision={precision}"]
+            cfg += (["train.activation_checkpointing=true"] if ac else []) + (["method.dropout=0"] if method != "full" else [])
+            other = Path(args.repo).resolve() != REPO
             result = {}
             for label, path in (("model", big), ("base", tiny)):
                 run = work / "runs" / f"{plan}-{method}-ac{int(ac)}-{precision}-{label}"
                 subprocess.run(["rm", "-rf", str(run)])
                 peaks = peak_until_first_step([*cfg, f"model.path={path}", f"hydra.run.dir={run}"],
-                                              work / f"{run.name}.log")
-                result[label] = (max(peaks.values()), cpu_estimate_mib(run))
+                                              work / f"{run.name}.log", Path(args.repo))
+                result[label] = (max(peaks.values()), 0.0 if other else cpu_estimate_mib(run))
             measured = result["model"][0] - result["base"][0]
             estimate = result["model"][1] - result["base"][1]
             row = {"plan": plan, "method": method, "world_size": world, "activation_checkpointing": ac,
                    "precision": precision, "estimate_mib": round(estimate), "measured_mib": round(measured),
-                   "ratio": round(estimate / measured, 3), "peak_rss_mib": round(result["model"][0]),
+                   "ratio": round(estimate / measured, 3) if estimate else None, "peak_rss_mib": round(result["model"][0]),
                    "fixed_overhead_mib": round(result["base"][0])}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -182,7 +197,7 @@ def write(rows: list[dict], out: Path) -> None:
     print("|---|---:|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['plan']} | {r['world_size']} | {r['method']} | {'on' if r['activation_checkpointing'] else 'off'} "
-              f"| {r['precision']} | {r['estimate_mib']} | {r['measured_mib']} | {r['ratio']:.2f} "
+              f"| {r['precision']} | {r['estimate_mib']} | {r['measured_mib']} | {r['ratio'] or 0:.2f} "
               f"| {r['peak_rss_mib']} | {r['fixed_overhead_mib']} |")
 
 

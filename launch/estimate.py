@@ -30,13 +30,12 @@ is what one rank holds at its peak, the larger of training and loading:
              working buffers remain; the CPU estimate counts them). A pipeline of S stages
              holds 1/S of the layers' state.
   activations  for one micro-batch of t = rows * max_seq_len tokens (rows: the plan's rows
-             per forward), per layer and token (11h + 4kv + 4I) elements, counted on
-             transformers' Llama layer: each RMSNorm saves its input and normalised output
-             (2 x 2h), the projections their shared input (2h), rotary q, k and their
-             rotated halves (2h + 2kv), sdpa q, k, v and its output (2h + 2kv; no s^2
-             term), o_proj its input (h); the SwiGLU MLP gate, act(gate), up and their
-             product (4I) (after Korthikanti et al. 2022; measured on CPU, 0.76 GiB for
-             256 tokens of the 360M benchmark model against 0.77 predicted). A pipeline
+             per forward), per layer and token (6h + 2kv + 4I) elements: attention saves
+             the norm and projection inputs, q, k, v and the attention output (sdpa: no s^2
+             term); the SwiGLU MLP its two inputs and gate, up, act(gate), product
+             (Korthikanti et al. 2022, adapted to GQA + SwiGLU, no dropout); + 3h when all
+             weights train (their inputs are kept for the weight gradients). Checked by
+             counting the tensors autograd saves on transformers' Llama (within 3 %). A pipeline
              stage holds them for its layers and its micro-batches in flight. With
              train.activation_checkpointing each layer keeps only its input (h per token)
              and one layer's activations are alive while it is recomputed.
@@ -294,7 +293,9 @@ def estimate(a: Arch, s: Setup) -> Estimate:
     params, grads, optim = (per_rank(k, v) for k, v in (("params", params), ("grads", grads), ("optim", optim)))
 
     layers_here = -(-a.layers // L.stages)
-    per_layer = 11 * a.hidden + 4 * a.kv_dim + 4 * a.intermediate  # saved elements per token
+    per_layer = 6 * a.hidden + 2 * a.kv_dim + 4 * a.intermediate  # saved elements per token
+    if s.peft is None:
+        per_layer += 3 * a.hidden  # trained norms and projections keep their inputs too
     if s.activation_checkpointing:
         layer_acts = L.in_flight * s.tokens * layers_here * a.hidden + s.tokens * per_layer
     else:
