@@ -29,6 +29,7 @@ def test_merged_equals_base_plus_adapter(tmp_path, tiny_model, method):
         want, got, before = with_adapter(input_ids=x).logits, merged(input_ids=x).logits, plain(input_ids=x).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert (got - before).abs().max() > 1e-3  # the adapter did train something
+    assert (run / "export" / "merged" / "model.safetensors").exists()  # one base file: one merged file
 
 
 def test_qlora_merge_uses_the_dequantized_base(tmp_path, tiny_model):

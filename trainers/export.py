@@ -110,13 +110,16 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> None
             if module is not None:
                 value = merged_weight(module, value)
             tensors[key] = value.contiguous()
-        name = f"model-{i + 1:05d}-of-{len(by_file):05d}.safetensors"
+        # Hugging Face's names: one file is model.safetensors (no index), several are numbered
+        name = ("model.safetensors" if len(by_file) == 1
+                else f"model-{i + 1:05d}-of-{len(by_file):05d}.safetensors")
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in tensors})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         del tensors
-    (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    if len(by_file) > 1:
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     config = source.config()
     if hasattr(config, "quantization_config"):
         del config.quantization_config
