@@ -142,6 +142,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "memory_estimate.json"))
     ap.add_argument("--quick", action="store_true", help="lora fp32 only, one row per plan")
     ap.add_argument("--plans", nargs="+", default=list(PLANS))
+    ap.add_argument("--variants", nargs="+", metavar="METHOD:AC:PRECISION",
+                    help="e.g. lora:1:fp32 full:0:bf16 (default: the four of VARIANTS)")
     ap.add_argument("--repo", default=str(REPO),
                     help="measure another checkout's launch.py (e.g. the commit before a change); "
                          "its estimate is not computed")
@@ -166,7 +168,8 @@ def main() -> None:
     rows = []
     for plan in args.plans:
         plan_args, world = PLANS[plan]
-        for method, ac, precision in (QUICK if args.quick else VARIANTS):
+        chosen = [(m, a == "1", p) for m, a, p in (v.split(":") for v in args.variants)] if args.variants else None
+        for method, ac, precision in chosen or (QUICK if args.quick else VARIANTS):
             if plan == "pipeline" and ac and method == "full":
                 continue
             cfg = [*COMMON, f"data.train={data}", *plan_args, f"method={method}", f"train.precision={precision}"]
