@@ -124,7 +124,10 @@ class FSDP2(Plan):
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         params_to_meta(model)
         self._shard(model, mesh)
-        model.to_empty(device=self.env.device)
+        # With CPU offload the sharded state lives in host memory (FSDP2 moves each unit's
+        # parameters to the device for compute); buffers are used on the device as they are.
+        offload = bool(self.cfg.parallel.get("cpu_offload", False))
+        model.to_empty(device=torch.device("cpu") if offload else self.env.device)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 rows = shard_rows(p)
@@ -134,8 +137,10 @@ class FSDP2(Plan):
                 else:
                     value = fresh[name] if rows is None else fresh[name][rows[0] : rows[1]]
                 local.copy_(value)
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
+            for prefix, module in model.named_modules():
+                for key, b in module._buffers.items():
+                    if b is not None:
+                        module._buffers[key] = buffers[f"{prefix}.{key}" if prefix else key].to(self.env.device)
             init_dora_magnitudes(model, rows_of=lambda t: t.to_local() if hasattr(t, "to_local") else t)
         return model
 
