@@ -46,7 +46,7 @@ def quantized_keys(model: torch.nn.Module) -> set[str]:
     for name, module in model.named_modules():
         if module is out_emb or not isinstance(module, torch.nn.Linear):
             continue
-        if name.endswith(("lora_A.default", "lora_B.default")) or ".lora_" in name:
+        if ".lora_" in name:  # the adapters' own linears
             continue
         keys.add(checkpoint_key(f"{name}.weight"))
     return keys
