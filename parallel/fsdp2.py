@@ -49,11 +49,10 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def params_to_meta(model: torch.nn.Module) -> None:
     """Every parameter becomes a meta tensor of its shape and dtype (tied ones stay tied)."""
-    from trainers.weights import replace_parameter
+    from trainers.weights import replace_parameters
 
-    for name, p in list(model.named_parameters()):
-        replace_parameter(model, name, torch.nn.Parameter(
-            torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad))
+    replace_parameters(model, lambda _, p: torch.nn.Parameter(
+        torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad))
 
 
 def shard_rows(p: torch.Tensor) -> tuple[int, int] | None:

@@ -103,7 +103,7 @@ def frozen_dtype(method_cfg, compute_dtype: torch.dtype) -> torch.dtype:
 
 def load_quantized_model(model_cfg, method_cfg, device: torch.device):
     """The 4-bit NF4 base: transformers quantizes tensor by tensor while it loads (no full
-    bf16 copy), then its norms and embeddings stay in bf16 until PEFT's kbit preparation."""
+    bf16 copy); the other weights (embeddings, lm_head, norms) stay frozen in bf16."""
     _check_path(model_cfg.path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -123,9 +123,9 @@ def load_quantized_model(model_cfg, method_cfg, device: torch.device):
 
 class ModelSource:
     """What a plan needs to build its share of the model: the architecture, the method
-    and where the pre-trained tensors are. Plans call `skeleton()` and fill it with
-    `trainers.weights` (whole tensors, dim-0 shards or flat partitions), or
-    `whole(device)` when they keep every weight.
+    and where the pre-trained tensors are. Plans call `skeleton()` and fill it from
+    `files()` (whole tensors, dim-0 shards, one module at a time), or `whole(device)` when
+    they keep every weight.
 
     Adapters are initialised right after a re-seed, so every plan (and the quantized
     path) starts from the same adapter weights whatever the loading did to the RNG. The
@@ -166,15 +166,14 @@ class ModelSource:
         `self.dtype`; adapters and buffers are real."""
         from accelerate import init_empty_weights
 
-        from trainers.weights import make_placeholder, replace_parameter
+        from trainers.weights import make_placeholder, replace_parameters
 
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(
                 self.config(), dtype=self.dtype, attn_implementation=self.model_cfg.attn_implementation,
                 trust_remote_code=self.model_cfg.trust_remote_code,
             )
-        for name, p in list(model.named_parameters()):
-            replace_parameter(model, name, make_placeholder(p.shape, p.dtype))
+        replace_parameters(model, lambda _, p: make_placeholder(p.shape, p.dtype))
         return self.apply_method(model)
 
     def files(self):

@@ -170,23 +170,33 @@ def _resolve_key(name: str, files: CheckpointFiles) -> str | None:
     return None
 
 
-def replace_parameter(model: nn.Module, name: str, new: nn.Parameter) -> None:
-    """Put `new` wherever `name`'s parameter object is registered (tied weights share it)."""
-    old = model.get_parameter(name)
+def replace_parameters(model: nn.Module, new_for) -> None:
+    """One pass: each parameter for which `new_for(name, p)` returns a new one is replaced
+    wherever it is registered (tied weights share one object, so they stay tied)."""
+    new = {}
+    for name, p in model.named_parameters():  # each shared object once, under its first name
+        replacement = new_for(name, p)
+        if replacement is not None:
+            new[id(p)] = replacement
     for module in model.modules():
         for pname, p in list(module._parameters.items()):
-            if p is old:
-                module._parameters[pname] = new
+            if p is not None and id(p) in new:
+                module._parameters[pname] = new[id(p)]
+
+
+def replace_parameter(model: nn.Module, name: str, new: nn.Parameter) -> None:
+    """Put `new` wherever `name`'s parameter object is registered."""
+    old = model.get_parameter(name)
+    replace_parameters(model, lambda _, p: new if p is old else None)
 
 
 # ------------------------------------------------------------------ materialize
 @torch.no_grad()
 def load_whole(model: nn.Module, files: CheckpointFiles, device: torch.device) -> None:
     """Every placeholder becomes its full tensor from the files, on `device`."""
-    for name, key in checkpoint_names(model, files).items():
-        p = model.get_parameter(name)
-        value = files.read(key, p.dtype).to(device)
-        replace_parameter(model, name, nn.Parameter(value, requires_grad=p.requires_grad))
+    keys = checkpoint_names(model, files)
+    replace_parameters(model, lambda name, p: nn.Parameter(
+        files.read(keys[name], p.dtype).to(device), requires_grad=p.requires_grad) if name in keys else None)
     model.to(device)
     init_dora_magnitudes(model)
 
