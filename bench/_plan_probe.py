@@ -104,10 +104,8 @@ def main(plan_name: str, model_dir: str, out: str, steps: int, data: str | None 
     from launch.quiet import quiet_libraries
     from launch.worker import setup_logging
     from parallel import build_plan
-    from trainers.batches import BatchLayout, GlobalBatches
-    from trainers.data import collate
+    from trainers.data import training_batches
     from trainers.distributed import all_reduce_sum, init_distributed
-    from trainers.loop import load_training_data
     from trainers.model import ModelSource, load_tokenizer
     from trainers.objectives import get_objective
     from trainers.rng import seed_everything
@@ -126,9 +124,8 @@ def main(plan_name: str, model_dir: str, out: str, steps: int, data: str | None 
     env = init_distributed()
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    train_seqs, _, _, packed, _ = load_training_data(cfg, tokenizer)
     plan = build_plan(cfg, env)
-    batches = GlobalBatches(train_seqs, BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, plan.dp_world), cfg.seed)
+    batches, _ = training_batches(cfg, tokenizer, plan.dp_world)
     seed_everything(cfg.seed)
     plan.prepare(ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed, cfg.train))
     objective = get_objective(cfg.objective.name)
@@ -137,7 +134,6 @@ def main(plan_name: str, model_dir: str, out: str, steps: int, data: str | None 
     for step in range(steps):
         t0 = time.perf_counter()
         micro, n_targets = batches.micro_batches(step, plan.dp_rank)
-        micro = [collate(rows, tokenizer.pad_token_id, packed) for rows in micro]
         loss_sum, real = plan.forward_backward(micro, n_targets, objective)
         loss_sum, real = all_reduce_sum([loss_sum, real], env.device)
         t_fb = time.perf_counter()

@@ -127,10 +127,8 @@ def run_ac_mode(model_dir: Path, run_dir: Path, on: bool, args) -> dict:
 
     from launch.config import finalize, register_resolvers
     from parallel import build_plan
-    from trainers.batches import BatchLayout, GlobalBatches
-    from trainers.data import collate
+    from trainers.data import training_batches
     from trainers.distributed import init_distributed
-    from trainers.loop import load_training_data
     from trainers.model import ModelSource, count_parameters, load_tokenizer
     from trainers.objectives import get_objective
     from trainers.rng import seed_everything
@@ -147,9 +145,8 @@ def run_ac_mode(model_dir: Path, run_dir: Path, on: bool, args) -> dict:
     env = init_distributed()
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
-    train_seqs, _, _, packed, _ = load_training_data(cfg, tokenizer)
     plan = build_plan(cfg, env)
-    batches = GlobalBatches(train_seqs, BatchLayout(cfg.train.micro_batch_size, 1, 1), cfg.seed)
+    batches, _ = training_batches(cfg, tokenizer, 1)
     seed_everything(cfg.seed)
     plan.prepare(ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed, cfg.train))
     objective = get_objective(cfg.objective.name)
@@ -157,7 +154,6 @@ def run_ac_mode(model_dir: Path, run_dir: Path, on: bool, args) -> dict:
            "cpu_s": [], "tokens": []}
     for step in range(args.steps):
         micro, n_targets = batches.micro_batches(step, 0)
-        micro = [collate(rows, tokenizer.pad_token_id, packed) for rows in micro]
         if step == 0:
             with SavedForBackward(plan.inner.parameters()) as saved, RssPeak() as rss:
                 loss_sum, real = plan.forward_backward(micro, n_targets, objective)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from launch import config as config_io
 from launch import sweep
 from launch.estimate import check as memory_check
-from launch.validate import check, check_data, check_data_suits_model
+from launch.validate import check, check_data_suits_model, prepare_data
 from trainers.errors import TrainingError, UserError
 from trainers.registry import resolve
 
@@ -39,7 +39,7 @@ def run(cfg: DictConfig, run_dir: str) -> int:
         return 0
     launch_fn = launcher_for(cfg.launcher.name)
     check_data_suits_model(cfg)
-    for line in check_data(cfg):
+    for line in prepare_data(cfg):
         log.info("data ok: %s", line)
     config_path = Path(cfg.run_dir) / "config.yaml"
     config_io.save(cfg, config_path)

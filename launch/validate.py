@@ -7,7 +7,9 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from parallel import refusal, resume_refusal
+from trainers.data import parse_sources
 from trainers.errors import UserError
+from trainers.neftune import check_alpha
 from trainers.lm_loss import chunk_tokens_for
 from trainers.optim import SCHEDULES
 
@@ -50,6 +52,13 @@ def check_values(cfg: DictConfig) -> None:
     if not isinstance(ac, bool):
         raise UserError(f"train.activation_checkpointing={ac!r} must be true or false.")
     chunk_tokens_for(cfg.train.get("loss_chunk_tokens", "auto"), 1)
+    if not parse_sources(cfg.data.train, "data.train"):
+        raise UserError("data.train is empty: give a data file (data.train=PATH).")
+    parse_sources(cfg.data.get("eval"), "data.eval")
+    num_proc = cfg.data.get("num_proc", "auto")
+    if num_proc != "auto" and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
+        raise UserError(f"data.num_proc={num_proc!r} must be auto or a positive integer (tokenizer processes).")
+    check_alpha(cfg.train.get("neftune_alpha"))
     lr = cfg.optim.lr
     if not isinstance(lr, (int, float)) or not 0 < lr < 1:
         raise UserError(f"optim.lr={lr!r} must be a number between 0 and 1 (e.g. 2e-4).")
@@ -79,9 +88,9 @@ def check_data_suits_model(cfg: DictConfig) -> None:
 
     if cfg.model.get("toy", True):
         return
-    bundled = REPO_ROOT / "data"
-    train = str(cfg.data.train)
-    if train.startswith(str(bundled)):
+    bundled = str(REPO_ROOT / "data")
+    train = next((s.path for s in parse_sources(cfg.data.train, "data.train") if s.path.startswith(bundled)), None)
+    if train:
         raise UserError(
             f"model={cfg.model.name} is a real model, but data.train={train!r} is the bundled toy task "
             f"(made for model=tiny). Pass your own data: data.train=PATH (and data.eval=PATH), in "
@@ -89,11 +98,16 @@ def check_data_suits_model(cfg: DictConfig) -> None:
         )
 
 
-def check_data(cfg: DictConfig) -> list[str]:
-    """Tokenize and validate every row (needs only the tokenizer). Returns report lines."""
-    from trainers.loop import load_training_data
+def prepare_data(cfg: DictConfig) -> list[str]:
+    """Validate and tokenize every row into the token cache (needs only the tokenizer),
+    or find it cached; record the cache folders in `cfg.data.prepared` for the workers.
+    Returns report lines."""
+    from omegaconf import open_dict
+
+    from trainers.data import prepare_data as prepare
     from trainers.model import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model)
-    *_, reports = load_training_data(cfg, tokenizer)
+    prepared, reports = prepare(cfg, load_tokenizer(cfg.model))
+    with open_dict(cfg):
+        cfg.data.prepared = prepared
     return [r.describe() for r in reports]

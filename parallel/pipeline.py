@@ -56,7 +56,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from parallel.base import Plan
-from trainers.data import IGNORE
+from trainers.rows import IGNORE
 from trainers.errors import UserError
 from trainers.lm_loss import lm_ce_sum, plain_logits
 from trainers.optim import build_optimizer, build_scheduler, param_groups

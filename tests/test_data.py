@@ -1,19 +1,26 @@
-"""Data pipeline: loss masks, EOS, packing isolation, bad rows (fast, in-process)."""
+"""Data pipeline, in-process: loss masks, EOS, bad rows, the token cache (keys, reuse,
+atomicity, parallel build), best-fit-decreasing packing, mixtures, collation."""
 from __future__ import annotations
 
 import json
+import os
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainers.data import IGNORE, collate, load_examples, pack, tokenize_messages, unpacked
+from trainers.batches import BatchLayout, GlobalBatches, Mixture, Source, collate
+from trainers.data import parse_sources
 from trainers.errors import UserError
+from trainers.packing import best_fit_decreasing
+from trainers.rows import IGNORE, tokenize_messages
+from trainers.token_cache import TokenStore, entry_dir, entry_key, prepare
 
 
 def data_cfg(**kw):
-    base = dict(format="auto", max_seq_len=64, truncation=True, on_bad_row="error", packing=True)
+    base = dict(format="auto", max_seq_len=64, truncation=True, on_bad_row="error", packing=True, num_proc=1)
     base.update(kw)
     return OmegaConf.create(base)
 
@@ -28,8 +35,17 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def targets(tok, ex):
-    return tok.decode([t for t in ex.labels if t != IGNORE])
+def load(path, tok, cfg, root):
+    return TokenStore(prepare(str(path), tok, cfg, root))
+
+
+def targets(tok, store, i):
+    ids, mask = store.example(i)
+    return tok.decode([int(t) for t, m in zip(ids, mask) if m])
+
+
+def chat(q, a):
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
 
 
 def test_every_assistant_turn_is_a_target_with_eos(tok):
@@ -51,9 +67,11 @@ def test_every_assistant_turn_is_a_target_with_eos(tok):
 
 def test_prompt_completion_rows(tok, tmp_path):
     path = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Reverse: ab\nAnswer: ", "completion": "ba"}])
-    (ex,), _, report = load_examples(path, tok, data_cfg())
-    assert targets(tok, ex) == "ba<|end|>"
-    assert ex.input_ids[0] == tok.bos_token_id and report.kept == 1
+    store = load(path, tok, data_cfg(), tmp_path / "cache")
+    assert targets(tok, store, 0) == "ba<|end|>"
+    assert store.example(0)[0][0] == tok.bos_token_id and store.report().kept == 1
+    # the targets array counts shifted labels: every answer token but none at position 0
+    assert int(store.targets[0]) == int(store.example(0)[1].sum())
 
 
 BAD_ROWS = {
@@ -65,45 +83,174 @@ BAD_ROWS = {
 
 @pytest.mark.parametrize("kind", sorted(BAD_ROWS))
 def test_bad_row_names_file_and_row(tok, tmp_path, kind):
-    good = {"messages": [{"role": "user", "content": "Reverse: ab"}, {"role": "assistant", "content": "ba"}]}
+    good = chat("Reverse: ab", "ba")
     path = write_jsonl(tmp_path / "d.jsonl", [good, good, BAD_ROWS[kind], good])
     with pytest.raises(UserError, match=r"d\.jsonl, row 3"):
-        load_examples(path, tok, data_cfg())
-    examples, _, report = load_examples(path, tok, data_cfg(on_bad_row="skip"))
-    assert len(examples) == 3 and report.skipped[kind] == 1
+        load(path, tok, data_cfg(), tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("d-*/meta.json")), "a failed build left a cache entry"
+    store = load(path, tok, data_cfg(on_bad_row="skip"), tmp_path / "cache")
+    assert len(store) == 3 and store.report().skipped[kind] == 1
+    assert list(store.rows) == [1, 2, 4]  # row numbers survive for error reports and eval
 
 
 def test_undecodable_and_too_long_rows(tok, tmp_path):
-    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
-    long = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b" * 200}]})
+    good = json.dumps(chat("hi", "yo"))
+    long = json.dumps(chat("a", "b" * 200))
     path = tmp_path / "d.jsonl"
     path.write_bytes((good + "\n").encode() + b'{"prompt": "\xff\xfe", "completion": "x"}\n' + (long + "\n").encode())
+    root = tmp_path / "cache"
     with pytest.raises(UserError, match=r"row 2: text is not valid UTF-8"):
-        load_examples(str(path), tok, data_cfg())
+        load(path, tok, data_cfg(), root)
     only_long = tmp_path / "long.jsonl"
     only_long.write_text(good + "\n" + long + "\n")
     with pytest.raises(UserError, match=r"row 2: .*longer than data.max_seq_len=64"):
-        load_examples(str(only_long), tok, data_cfg(truncation=False))
-    ex, _, report = load_examples(str(path), tok, data_cfg(on_bad_row="skip", truncation=False))
-    assert len(ex) == 1 and report.skipped == {"undecodable": 1, "too_long": 1}
-    ex, _, report = load_examples(str(path), tok, data_cfg(on_bad_row="skip", truncation=True))
-    assert report.truncated == 1 and len(ex[1].input_ids) == 64
+        load(only_long, tok, data_cfg(truncation=False), root)
+    store = load(path, tok, data_cfg(on_bad_row="skip", truncation=False), root)
+    assert len(store) == 1 and store.report().skipped == {"undecodable": 1, "too_long": 1}
+    store = load(path, tok, data_cfg(on_bad_row="skip", truncation=True), root)
+    assert store.report().truncated == 1 and len(store.example(1)[0]) == 64
 
 
-def test_packing_blocks_attention_across_rows(tok, tiny_model, tmp_path):
-    rows = [
-        {"messages": [{"role": "user", "content": f"Reverse: {w}"}, {"role": "assistant", "content": w[::-1]}]}
-        for w in ("abc", "hello", "xy")
-    ]
-    examples, _, _ = load_examples(write_jsonl(tmp_path / "d.jsonl", rows), tok, data_cfg())
-    packed = pack(examples, 64)
-    assert len(packed) == 1 and sum(s.n_targets for s in packed) == sum(s.n_targets for s in unpacked(examples))
+def test_cache_is_keyed_reused_and_never_half_written(tok, tmp_path):
+    root = tmp_path / "cache"
+    path = tmp_path / "d.jsonl"
+    write_jsonl(path, [chat(f"Reverse: {w}", w[::-1]) for w in ("abc", "hello", "xy")])
+    first = prepare(str(path), tok, data_cfg(), root)
+    built = (first / "meta.json").stat().st_mtime_ns
+    assert prepare(str(path), tok, data_cfg(), root) == first
+    assert (first / "meta.json").stat().st_mtime_ns == built, "an unchanged file was tokenized again"
+    # what changes the tokens changes the entry: the data's bytes and the settings
+    assert prepare(str(path), tok, data_cfg(max_seq_len=32), root) != first
+    write_jsonl(path, [chat("Reverse: abc", "cba")])
+    changed = prepare(str(path), tok, data_cfg(), root)
+    assert changed != first and len(TokenStore(changed)) == 1
+    # a build killed before its rename leaves a temporary folder that is never read
+    key = entry_key(str(path), tok, data_cfg(on_bad_row="skip"), root)
+    final = entry_dir(str(path), key, root)
+    (final.parent / f".{final.name}.12345.tmp").mkdir()
+    assert prepare(str(path), tok, data_cfg(on_bad_row="skip"), root) == final
+    # a damaged entry is refused with what to do, not read
+    with open(final / "ids.bin", "r+b") as f:
+        f.truncate(4)
+    with pytest.raises(UserError, match="unreadable.*Delete that folder"):
+        TokenStore(final)
+
+
+def test_parallel_tokenization_equals_serial(tok, tmp_path):
+    rows = [chat(f"Reverse: {'ab' * (i % 9)}x{i}", f"{i}x{'ba' * (i % 9)}") for i in range(5000)]
+    rows[1234] = BAD_ROWS["role_order"]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    serial = load(path, tok, data_cfg(on_bad_row="skip"), tmp_path / "a")
+    parallel = load(path, tok, data_cfg(on_bad_row="skip", num_proc=2), tmp_path / "b")
+    assert parallel.meta["processes"] == 2 and len(parallel) == 4999
+    for name in ("ids", "mask", "offsets", "rows", "targets"):
+        np.testing.assert_array_equal(getattr(serial, name), getattr(parallel, name))
+    with pytest.raises(UserError, match="row 1235"):
+        load(path, tok, data_cfg(num_proc=2), tmp_path / "c")
+
+
+def naive_bfd_bins(lengths, capacity):
+    rooms = []
+    for n in sorted(lengths, reverse=True):
+        fits = [b for b, r in enumerate(rooms) if r >= n]
+        if fits:
+            best = min(fits, key=lambda b: rooms[b])
+            rooms[best] -= n
+        else:
+            rooms.append(capacity - n)
+    return len(rooms)
+
+
+def test_best_fit_decreasing_is_exact_and_as_dense_as_trl():
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        capacity = int(rng.integers(8, 128))
+        lengths = rng.integers(1, capacity + 1, size=int(rng.integers(1, 200)))
+        order, offsets = best_fit_decreasing(lengths, capacity)
+        assert sorted(order.tolist()) == list(range(len(lengths)))
+        assert (np.add.reduceat(lengths[order], offsets[:-1]) <= capacity).all()
+        assert len(offsets) - 1 == naive_bfd_bins(lengths.tolist(), capacity)
+    lengths = rng.integers(5, 60, size=3000)
+    _, offsets = best_fit_decreasing(lengths, 64)
+    ds = Dataset.from_dict({"input_ids": [[1] * int(n) for n in lengths]})
+    assert len(offsets) - 1 <= len(pack_dataset(ds, seq_length=64, strategy="bfd"))
+
+
+def test_packed_rows_do_not_attend_across_examples(tok, tiny_model, tmp_path):
+    rows = [chat(f"Reverse: {w}", w[::-1]) for w in ("abc", "hello", "xy")]
+    store = load(write_jsonl(tmp_path / "d.jsonl", rows), tok, data_cfg(), tmp_path / "cache")
+    src = Source("d", store, bins=best_fit_decreasing(store.lengths, 64))
+    assert len(src) == 1 and src.targets(0) == int(store.targets.sum())
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
     with torch.no_grad():
-        b = collate(packed, tok.pad_token_id, packed=True)
+        b = collate([src.tensors(0)], tok.pad_token_id, packed=True)
         together = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits[0]
         offset = 0
-        for ex in examples:
-            alone = model(input_ids=torch.tensor([ex.input_ids])).logits[0]
-            torch.testing.assert_close(together[offset : offset + len(ex.input_ids)], alone, atol=1e-5, rtol=1e-5)
-            offset += len(ex.input_ids)
+        for e in src.examples(0):
+            ids = torch.from_numpy(store.example(int(e))[0].astype(np.int64))[None]
+            alone = model(input_ids=ids).logits[0]
+            torch.testing.assert_close(together[offset : offset + ids.shape[1]], alone, atol=1e-5, rtol=1e-5)
+            offset += ids.shape[1]
+
+
+def test_mixture_keeps_every_prefix_within_one_row_of_its_share():
+    weights = [0.8, 0.15, 0.05]
+    mix = Mixture(weights)
+    prev = np.zeros(3, dtype=np.int64)
+    for p in range(1, 2000):
+        c = mix.counts(p)
+        assert c.sum() == p and (c >= prev).all() and (np.abs(c - p * np.array(weights)) <= 1).all()
+        prev = c
+    # positions of a range are exactly the difference of the prefixes, in a fixed order
+    items = mix.positions(100, 164)
+    assert len(items) == 64 and mix.positions(100, 164) == items
+    for k in range(3):
+        assert sum(1 for s, _ in items if s == k) == mix.counts(164)[k] - mix.counts(100)[k]
+
+
+def test_global_batch_rows_depend_only_on_seed_and_step(tok, tmp_path):
+    task = load(write_jsonl(tmp_path / "t.jsonl", [chat(f"q{i}", f"a{i}") for i in range(40)]), tok, data_cfg(), tmp_path / "c")
+    replay = load(write_jsonl(tmp_path / "r.jsonl", [chat(f"r{i}", f"b{i}") for i in range(7)]), tok, data_cfg(), tmp_path / "c")
+    sources = [Source("task", task, 0.75), Source("replay", replay, 0.25)]
+
+    def batches(mb, ga, dp):
+        return GlobalBatches(sources, BatchLayout(mb, ga, dp), seed=3, pad_id=tok.pad_token_id, packed=False)
+
+    a, b = batches(8, 1, 1), batches(2, 2, 2)
+    rows = [a.rows(s) for s in range(30)]
+    assert rows == [b.rows(s) for s in reversed(range(30))][::-1]  # any order of asking, any split
+    assert all(sum(1 for k, _ in r if k == 1) == 2 for r in rows)  # 25% of 8 rows every step
+    # replay (7 rows) is passed over many times, each pass a permutation of all its rows
+    seen = [i for r in rows for k, i in r if k == 1]
+    for e in range(len(seen) // 7):
+        assert sorted(seen[7 * e : 7 * e + 7]) == list(range(7))
+    stats = a.stats(0)
+    assert stats["tokens/task"] > 0 and stats["tokens/replay"] > 0 and 0 <= stats["padding_fraction"] < 1
+    micro, n_targets = b.micro_batches(0, dp_rank=1)
+    assert len(micro) == 2 and micro[0]["input_ids"].shape[0] == 2
+    assert n_targets == sum(sources[k].targets(i) for k, i in rows[0])
+    assert a.row_ids(0)[0].startswith(("task:", "replay:"))
+
+
+@pytest.mark.parametrize("value, needle", [
+    ([], "is not a data source"),
+    ([{"path": "a.jsonl", "weight": 0}], "weight 0"),
+    ([{"path": "a.jsonl", "wieght": 1}], "is not a data source"),
+    (["x/a.jsonl", "y/a.jsonl"], "named alike"),
+])
+def test_bad_source_specs_are_refused(value, needle):
+    with pytest.raises(UserError, match=needle):
+        parse_sources(value, "data.train")
+    specs = parse_sources({"held": "h.jsonl", "other": "o.jsonl"}, "data.eval")
+    assert [s.name for s in specs] == ["held", "other"]
+    assert parse_sources("data/reverse/train.jsonl", "data.train")[0].name == "reverse/train"
+
+
+def test_cache_files_hold_the_only_copy(tok, tmp_path):
+    """What a rank holds per row is index arithmetic: the token arrays stay on disk."""
+    store = load(write_jsonl(tmp_path / "d.jsonl", [chat("q", "a")] * 10), tok, data_cfg(), tmp_path / "c")
+    assert isinstance(store.ids, np.memmap) and isinstance(store.offsets, np.memmap)
+    assert os.path.getsize(store.folder / "ids.bin") == store.ids.nbytes

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainers.data import IGNORE
+from trainers.rows import IGNORE
 from trainers.errors import UserError
 from trainers.lm_loss import (chunk_tokens_for, chunked_ce_sum, install_chunked_head, lm_ce_sum, plain_logits,
                               token_ce_sum)

@@ -1,18 +1,28 @@
-"""Which rows form optimizer step s, and which of them this rank computes.
+"""Which rows form optimizer step s, which of them this rank computes, and their tensors.
 
 The rows of a global batch depend only on (seed, step), never on how the batch is split
 into micro-batches, accumulation steps or ranks. That is what makes every parallel plan
 comparable to the single-process run, and what makes resume exact: the data position is
-just the step number.
+just the step number. Everything here is index arithmetic over memory-mapped token
+arrays, so a rank holds a few bytes per batch row, not the dataset.
+
+Mixtures: the global-batch positions 0, 1, 2, ... are dealt to the sources in a fixed
+interleaving where source k's j-th row sits at time (j + 1/2) / weight_k (Webster's
+divisor method). Every prefix of the stream then holds each source within one row of its
+share, the share of a step never goes negative (no Alabama paradox), and the number of
+rows source k supplied before step s is computed directly, so step s needs no history.
+Within a source, rows come in a fresh seeded permutation per pass over it (its epoch).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from trainers.data import Sequence
 from trainers.errors import UserError
+from trainers.rows import IGNORE, labels_of
+from trainers.token_cache import TokenStore
 
 
 @dataclass(frozen=True)
@@ -22,43 +32,173 @@ class BatchLayout:
     dp_world: int
 
     @property
-    def global_rows(self) -> int:
+    def rows_per_step(self) -> int:
         return self.micro_batch_size * self.grad_accum * self.dp_world
 
 
+class Source:
+    """One dataset as batch rows: a row is a bin of packed examples, or one example."""
+
+    def __init__(self, name: str, store: TokenStore, weight: float = 1.0,
+                 bins: tuple[np.ndarray, np.ndarray] | None = None):
+        self.name, self.store, self.weight = name, store, float(weight)
+        self.order, self.offsets = bins if bins is not None else (None, None)
+
+    def __len__(self) -> int:
+        return len(self.store) if self.order is None else len(self.offsets) - 1
+
+    def examples(self, row: int) -> np.ndarray:
+        if self.order is None:
+            return np.array([row])
+        return self.order[int(self.offsets[row]) : int(self.offsets[row + 1])]
+
+    def length(self, row: int) -> int:
+        off = self.store.offsets
+        return int(sum(off[e + 1] - off[e] for e in self.examples(row)))
+
+    def targets(self, row: int) -> int:
+        return int(sum(int(self.store.targets[e]) for e in self.examples(row)))
+
+    def tensors(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids, labels, position_ids); positions restart per example, which is
+        what keeps attention inside each packed example."""
+        parts = [self.store.example(int(e)) for e in self.examples(row)]
+        ids = np.concatenate([p[0] for p in parts]).astype(np.int64)
+        labels = np.concatenate([labels_of(*p) for p in parts])
+        pos = np.concatenate([np.arange(len(p[0])) for p in parts])
+        return ids, labels, pos
+
+
+class Mixture:
+    """Counts of each source in the first P positions of the interleaved stream."""
+
+    def __init__(self, weights: list[float]):
+        w = np.asarray(weights, dtype=np.float64)
+        self.w = w / w.sum()
+
+    def _time(self, k: int, j: int) -> tuple[float, int]:
+        return ((j + 0.5) / self.w[k], k)
+
+    def counts(self, p: int) -> np.ndarray:
+        k_n = len(self.w)
+        if k_n == 1:
+            return np.array([p])
+        c = np.floor(self.w * p).astype(np.int64)
+        while True:  # move to the exact prefix of size p: O(number of sources) steps
+            nxt = min(self._time(k, int(c[k])) for k in range(k_n))
+            last = max((self._time(k, int(c[k]) - 1) for k in range(k_n) if c[k] > 0), default=None)
+            if c.sum() < p:
+                c[nxt[1]] += 1
+            elif c.sum() > p or (last is not None and last > nxt):
+                c[last[1]] -= 1
+                if c.sum() < p:
+                    c[nxt[1]] += 1
+            else:
+                return c
+
+    def positions(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """(source, index within the source's stream) of positions [start, stop)."""
+        a, b = self.counts(start), self.counts(stop)
+        items = [(self._time(k, j), k, j) for k in range(len(self.w)) for j in range(int(a[k]), int(b[k]))]
+        return [(k, j) for _, k, j in sorted(items)]
+
+
 class GlobalBatches:
-    def __init__(self, sequences: list[Sequence], layout: BatchLayout, seed: int):
-        self.sequences = sequences
-        self.layout = layout
-        self.seed = seed
-        self.steps_per_epoch = len(sequences) // layout.global_rows
-        if self.steps_per_epoch == 0:
+    def __init__(self, sources: list[Source], layout: BatchLayout, seed: int, pad_id: int, packed: bool):
+        self.sources, self.layout, self.seed = sources, layout, seed
+        self.pad_id, self.packed = pad_id, packed
+        self.mixture = Mixture([s.weight for s in sources])
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        total = sum(len(s) for s in sources)
+        if total < layout.rows_per_step:
             raise UserError(
-                f"The training set has {len(sequences)} sequences but one global batch needs "
-                f"{layout.global_rows} (micro_batch_size {layout.micro_batch_size} x grad_accum "
+                f"The training set has {total} sequences but one global batch needs "
+                f"{layout.rows_per_step} (micro_batch_size {layout.micro_batch_size} x grad_accum "
                 f"{layout.grad_accum} x {layout.dp_world} data-parallel ranks). Use more data or a "
                 f"smaller train.micro_batch_size / train.grad_accum."
             )
 
+    # ------------------------------------------------------------------ which rows
+    def _perm(self, k: int, epoch: int) -> np.ndarray:
+        if (k, epoch) not in self._perms:
+            if len(self._perms) >= 2 * len(self.sources):  # a step spans at most two epochs
+                self._perms.pop(next(iter(self._perms)))
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 1_000_003 * k)
+            self._perms[(k, epoch)] = torch.randperm(len(self.sources[k]), generator=g).numpy()
+        return self._perms[(k, epoch)]
+
+    def rows(self, step: int) -> list[tuple[int, int]]:
+        """(source, row) of every row of the global batch of `step`, in rank order."""
+        n = self.layout.rows_per_step
+        out = []
+        for k, j in self.mixture.positions(step * n, (step + 1) * n):
+            size = len(self.sources[k])
+            out.append((k, int(self._perm(k, j // size)[j % size])))
+        return out
+
     def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
+        """Passes completed over the first source before `step`."""
+        return int(self.mixture.counts(step * self.layout.rows_per_step)[0]) // len(self.sources[0])
 
-    def _order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(len(self.sequences), generator=g)
+    def row_ids(self, step: int) -> list[str]:
+        """`source:row_number` of the data rows in the global batch (file line numbers
+        for JSONL), to find a bad batch in the data."""
+        out = []
+        for k, r in self.rows(step):
+            src = self.sources[k]
+            out += [f"{src.name}:{int(src.store.rows[e])}" for e in src.examples(r)]
+        return out
 
-    def global_rows(self, step: int) -> list[Sequence]:
-        order = self._order(self.epoch_of(step))
-        i = step % self.steps_per_epoch
-        n = self.layout.global_rows
-        return [self.sequences[j] for j in order[i * n : (i + 1) * n].tolist()]
-
-    def micro_batches(self, step: int, dp_rank: int) -> tuple[list[list[Sequence]], int]:
-        """This rank's micro-batches for `step`, and the target-token count of the whole
-        global batch (every rank computes it locally: no collective needed)."""
-        rows = self.global_rows(step)
-        n_targets = sum(s.n_targets for s in rows)
-        per_rank = self.layout.micro_batch_size * self.layout.grad_accum
+    # ----------------------------------------------------------------- the tensors
+    def micro_batches(self, step: int, dp_rank: int) -> tuple[list[dict], int]:
+        """This rank's collated micro-batches for `step`, and the target-token count of
+        the whole global batch (every rank computes it locally: no collective needed)."""
+        rows = self.rows(step)
+        n_targets = sum(self.sources[k].targets(r) for k, r in rows)
+        mb, per_rank = self.layout.micro_batch_size, self.layout.micro_batch_size * self.layout.grad_accum
         mine = rows[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        return [self.collate(mine[i : i + mb]) for i in range(0, per_rank, mb)], n_targets
+
+    def stats(self, step: int) -> dict:
+        """Tokens each source supplied to the step, and the fraction of computed
+        positions that were padding (over every rank's micro-batches)."""
+        rows = self.rows(step)
         mb = self.layout.micro_batch_size
-        return [mine[k : k + mb] for k in range(0, per_rank, mb)], n_targets
+        lengths = [self.sources[k].length(r) for k, r in rows]
+        padded = sum(max(lengths[i : i + mb]) * len(lengths[i : i + mb]) for i in range(0, len(lengths), mb))
+        out = {"padding_fraction": 1 - sum(lengths) / padded}
+        for s in self.sources:
+            out[f"tokens/{s.name}"] = 0
+        for (k, _), n in zip(rows, lengths):
+            out[f"tokens/{self.sources[k].name}"] += n
+        return out
+
+    def collate(self, items: list[tuple[int, int]], keep: list[bool] | None = None) -> dict:
+        return collate([self.sources[k].tensors(r) for k, r in items], self.pad_id, self.packed, keep)
+
+
+def collate(seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], pad_id: int, packed: bool,
+            keep: list[bool] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch of (ids, labels, positions). Packed batches pass
+    position_ids and no attention mask, which makes transformers build a block-diagonal
+    causal mask (no cross-example attention). `keep[i]=False` blanks row i's targets
+    (evaluation pads short shards with such rows)."""
+    width = max(len(s[0]) for s in seqs)
+    n = len(seqs)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    pos = torch.arange(width).repeat(n, 1)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, (x, y, p) in enumerate(seqs):
+        L = len(x)
+        ids[i, :L] = torch.from_numpy(x)
+        if keep is None or keep[i]:
+            labels[i, :L] = torch.from_numpy(y)
+        pos[i, :L] = torch.from_numpy(p)
+        pos[i, L:] = torch.arange(width - L)
+        mask[i, :L] = 1
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos,
+             "n_real_tokens": sum(len(s[0]) for s in seqs)}
+    if not packed:
+        batch["attention_mask"] = mask
+    return batch

@@ -1,304 +1,158 @@
-"""Rows on disk -> tokenized, loss-masked, optionally packed training sequences.
+"""The data a run trains and evaluates on: which files (with mixture weights), their
+token caches, and their packing.
 
-Everything here runs before any training (and, for multi-process runs, in the launcher
-before workers are spawned), so a bad row stops the run with its file and row number
-instead of crashing step 4,000 on rank 7.
+The launcher calls `prepare_data` before any process is spawned: it validates every row
+and builds (or finds) each file's token cache, the same pass, and records the cache
+folders in the run's config. Workers then only open those folders (`open_data`), so a
+dataset is tokenized once, not once per rank and per requeue. Code that calls the loop
+directly (tests, benchmarks) gets the same caches prepared on first use, under a lock.
 """
 from __future__ import annotations
 
-import json
-from collections import Counter
-from dataclasses import dataclass, field
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
 
-import torch
+import numpy as np
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from trainers.batches import BatchLayout, GlobalBatches, Source
 from trainers.errors import UserError
+from trainers.packing import best_fit_decreasing
+from trainers.peft_methods import SUPPORTS_PACKING
+from trainers.token_cache import DataReport, TokenStore, locked, prepare
 
-IGNORE = -100
-ROLES = ("system", "user", "assistant")
-
-
-@dataclass
-class Example:
-    """One tokenized row. labels are already shifted: labels[t] is the target of position t."""
-
-    input_ids: list[int]
-    labels: list[int]
+SPEC_HELP = (
+    "Accepted: a path (JSONL, parquet or a datasets folder); a list of paths; or a list of "
+    "{path: ..., weight: ..., name: ...} entries (weight and name optional), e.g. "
+    "data.train='[{path: task.jsonl, weight: 0.8}, {path: replay.jsonl, weight: 0.2}]'"
+)
 
 
-@dataclass
-class Sequence:
-    """What the model sees as one batch row: one example, or several packed back to back."""
-
-    input_ids: list[int]
-    labels: list[int]
-    position_ids: list[int]
-
-    @property
-    def n_targets(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
-
-
-@dataclass
-class DataReport:
+@dataclass(frozen=True)
+class SourceSpec:
+    name: str
     path: str
-    rows: int = 0
-    kept: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    truncated: int = 0
-
-    def describe(self) -> str:
-        s = f"{self.path}: {self.kept}/{self.rows} rows kept"
-        if self.truncated:
-            s += f", {self.truncated} truncated"
-        if self.skipped:
-            s += ", skipped: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.skipped.items()))
-        return s
+    weight: float = 1.0
 
 
-class BadRow(Exception):
-    def __init__(self, kind: str, detail: str):
-        super().__init__(detail)
-        self.kind = kind
-
-
-# ----------------------------------------------------------------------------- reading
-def read_rows(path: str) -> Iterator[tuple[int, Any]]:
-    """Yield (row_number, row or BadRow). JSONL rows are numbered by line (1-based)."""
+def _default_name(path: str) -> str:
     p = Path(path)
-    if not p.exists():
+    stem = p.stem if p.suffix else p.name
+    return f"{p.parent.name}/{stem}" if stem in ("train", "eval", "test", "validation") else stem
+
+
+def parse_sources(value, key: str) -> list[SourceSpec]:
+    """data.train / data.eval -> named sources; a clear error for anything else."""
+    if value is None:
+        return []
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+        value = [{"name": k, "path": v} for k, v in value.items()]
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{key}={value!r} is not a data source. {SPEC_HELP}.")
+    specs = []
+    for entry in value:
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or set(entry) - {"path", "weight", "name"}:
+            raise UserError(f"{key} entry {entry!r} is not a data source. {SPEC_HELP}.")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise UserError(f"{key} entry {entry['path']!r} has weight {weight!r}; a weight must be a positive number.")
+        specs.append(SourceSpec(str(entry.get("name") or _default_name(entry["path"])), entry["path"], float(weight)))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise UserError(f"{key} has two sources named alike ({names}); give them distinct `name:` fields.")
+    bad = [s.name for s in specs if not re.fullmatch(r"[\w./-]+", s.name)]
+    if bad:
+        raise UserError(f"{key} source names {bad} may use only letters, digits, '_', '-', '.', '/'.")
+    return specs
+
+
+def is_packed(cfg) -> bool:
+    return bool(cfg.data.packing) and cfg.method.peft in SUPPORTS_PACKING
+
+
+def cache_root(cfg) -> Path:
+    return Path(cfg.data.cache_dir)
+
+
+def _bins_paths(folder: Path, capacity: int) -> tuple[Path, Path]:
+    return folder / f"bins-bfd-{capacity}.order.bin", folder / f"bins-bfd-{capacity}.offsets.bin"
+
+
+def _ensure_bins(folder: Path, capacity: int) -> None:
+    order_path, offsets_path = _bins_paths(folder, capacity)
+    if offsets_path.exists():
+        return
+    with locked(folder.with_name(folder.name + ".lock")):
+        if offsets_path.exists():
+            return
+        order, offsets = best_fit_decreasing(TokenStore(folder).lengths, capacity)
+        for path, arr in ((order_path, order), (offsets_path, offsets)):  # offsets last: it marks completion
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            arr.astype(np.int64).tofile(tmp)
+            tmp.replace(path)
+
+
+def _open_bins(folder: Path, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    order_path, offsets_path = _bins_paths(folder, capacity)
+    if not offsets_path.exists():
         raise UserError(
-            f"Data file {path!r} does not exist. Point data.train / data.eval at a JSONL or "
-            f"parquet file or a folder saved with datasets' save_to_disk."
+            f"The data cache {str(folder)!r} has no packing for data.max_seq_len={capacity}. Launch "
+            f"through launch.py (it packs the cache before starting workers), or delete the folder."
         )
-    if p.is_dir():
-        try:
-            import datasets
-
-            ds = datasets.load_from_disk(str(p))
-        except Exception as e:  # noqa: BLE001 - reported to the user as-is
-            raise UserError(f"Could not load the datasets folder {path!r}: {e}") from None
-        if isinstance(ds, datasets.DatasetDict):
-            raise UserError(
-                f"{path!r} is a DatasetDict with splits {list(ds)}; point data.train / data.eval "
-                f"at one split's folder, e.g. {path}/{next(iter(ds))}."
-            )
-        for i, row in enumerate(ds, start=1):
-            yield i, row
-        return
-    if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(p).to_pylist(), start=1):
-            yield i, row
-        return
-    if p.suffix not in (".jsonl", ".json"):
-        raise UserError(f"Unsupported data file {path!r}: use .jsonl, .parquet or a datasets folder.")
-    with open(p, "rb") as f:
-        for i, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield i, BadRow("undecodable", f"text is not valid UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield i, json.loads(text)
-            except json.JSONDecodeError as e:
-                yield i, BadRow("invalid_json", f"not valid JSON ({e.msg})")
+    return np.memmap(order_path, dtype=np.int64, mode="r"), np.memmap(offsets_path, dtype=np.int64, mode="r")
 
 
-# -------------------------------------------------------------------------- validating
-def row_format(row: dict) -> str:
-    if "messages" in row:
-        return "messages"
-    if "prompt" in row or "completion" in row:
-        return "prompt_completion"
-    raise BadRow("missing_field", f"row has neither 'messages' nor 'prompt'/'completion' (keys: {sorted(row)})")
+def prepare_data(cfg, tokenizer) -> tuple[dict, list[DataReport]]:
+    """Validate, tokenize and pack every source (or find it cached). Returns what the
+    workers open (saved in the run's config as data.prepared) and one report per file."""
+    root = cache_root(cfg)
+    prepared: dict = {"train": [], "eval": []}
+    reports = []
+    for split in ("train", "eval"):
+        for spec in parse_sources(cfg.data.get(split), f"data.{split}"):
+            folder = prepare(spec.path, tokenizer, cfg.data, root)
+            if is_packed(cfg):
+                _ensure_bins(folder, int(cfg.data.max_seq_len))
+            reports.append(TokenStore(folder).report())
+            prepared[split].append({"name": spec.name, "path": spec.path, "weight": spec.weight, "dir": str(folder)})
+    return prepared, reports
 
 
-def check_messages(messages: Any) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise BadRow("missing_field", "'messages' must be a non-empty list")
-    roles = []
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise BadRow("missing_field", f"message {j} needs 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise BadRow("bad_role", f"message {j} has role {m['role']!r}; accepted: {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise BadRow("missing_field", f"message {j} content must be a string")
-        roles.append(m["role"])
-    body = roles[1:] if roles[0] == "system" else roles
-    expected = ["user", "assistant"] * (len(body) // 2 + 1)
-    if not body or body != expected[: len(body)] or body[-1] != "assistant":
-        raise BadRow(
-            "role_order",
-            f"roles {roles} are out of order; expected an optional system message, then "
-            f"user/assistant turns alternating, ending with assistant",
-        )
-    for j, m in enumerate(messages):
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise BadRow("empty_answer", f"assistant message {j} is empty")
+@dataclass
+class TrainingData:
+    train: list[Source]
+    eval: list[Source]
+    packed: bool
+    reports: list[DataReport]
 
 
-def check_prompt_completion(row: dict) -> None:
-    for key in ("prompt", "completion"):
-        if not isinstance(row.get(key), str):
-            raise BadRow("missing_field", f"'{key}' is missing or not a string")
-    if not row["completion"].strip():
-        raise BadRow("empty_answer", "'completion' is empty")
+def open_data(cfg, tokenizer) -> TrainingData:
+    """The memory-mapped sources the launcher prepared (prepared here if it did not)."""
+    prepared = cfg.data.get("prepared")
+    if prepared is None:
+        prepared, _ = prepare_data(cfg, tokenizer)
+    packed = is_packed(cfg)
+
+    def source(entry) -> Source:
+        folder = Path(entry["dir"])
+        bins = _open_bins(folder, int(cfg.data.max_seq_len)) if packed else None
+        return Source(entry["name"], TokenStore(folder), entry["weight"], bins)
+
+    train = [source(e) for e in prepared["train"]]
+    evals = [source(e) for e in prepared["eval"]]
+    return TrainingData(train, evals, packed, [s.store.report() for s in train + evals])
 
 
-# ------------------------------------------------------------------------- tokenizing
-def _encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _render(tokenizer, messages: list[dict], **kw) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
-
-
-def tokenize_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids and a target mask covering every assistant turn (plus its EOS).
-
-    The rendered conversation is cut at the boundaries that the template itself
-    produces for `messages[:i]` with a generation prompt, so the prompt part of the last
-    turn is tokenized exactly as it will be at generation time.
-    """
-    full = _render(tokenizer, messages)
-    cuts: list[tuple[int, int]] = []  # (start, end) char spans of assistant turns
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
-        end = len(_render(tokenizer, messages[: i + 1]))
-        if not full.startswith(_render(tokenizer, messages[: i + 1])):
-            raise UserError(
-                "The tokenizer's chat template is not prefix-stable (rendering the first turns "
-                "is not a prefix of rendering all turns), so assistant tokens cannot be located. "
-                "Use a template without look-ahead, or prompt/completion rows."
-            )
-        cuts.append((start, end))
-    ids: list[int] = []
-    mask: list[int] = []
-    pos = 0
-    eos = tokenizer.eos_token_id
-    for start, end in cuts:
-        prompt_ids = _encode(tokenizer, full[pos:start])
-        answer_ids = _encode(tokenizer, full[start:end])
-        if eos is not None and eos not in answer_ids[-2:]:
-            answer_ids.append(eos)
-        ids += prompt_ids + answer_ids
-        mask += [0] * len(prompt_ids) + [1] * len(answer_ids)
-        pos = end
-    return ids, mask
-
-
-def tokenize_prompt_completion(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    p = bos + _encode(tokenizer, prompt)
-    c = _encode(tokenizer, completion)
-    if tokenizer.eos_token_id is not None:
-        c.append(tokenizer.eos_token_id)
-    return p + c, [0] * len(p) + [1] * len(c)
-
-
-def to_example(ids: list[int], mask: list[int]) -> Example:
-    labels = [ids[t + 1] if mask[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
-    return Example(input_ids=ids, labels=labels)
-
-
-def load_examples(path: str, tokenizer, data_cfg) -> tuple[list[Example], list[dict], DataReport]:
-    """Validate and tokenize a file. Returns examples, the kept raw rows, and a report."""
-    fmt_wanted = data_cfg.format
-    report = DataReport(path=path)
-    examples: list[Example] = []
-    kept_rows: list[dict] = []
-    for n, row in read_rows(path):
-        report.rows += 1
-        try:
-            if isinstance(row, BadRow):
-                raise row
-            if not isinstance(row, dict):
-                raise BadRow("missing_field", "row is not a JSON object")
-            fmt = row_format(row)
-            if fmt_wanted != "auto" and fmt != fmt_wanted:
-                raise BadRow("wrong_format", f"row is in {fmt} format but data.format={fmt_wanted}")
-            if fmt == "messages":
-                check_messages(row["messages"])
-                ids, mask = tokenize_messages(tokenizer, row["messages"])
-            else:
-                check_prompt_completion(row)
-                ids, mask = tokenize_prompt_completion(tokenizer, row["prompt"], row["completion"])
-            if len(ids) > data_cfg.max_seq_len:
-                if not data_cfg.truncation:
-                    raise BadRow(
-                        "too_long",
-                        f"{len(ids)} tokens, longer than data.max_seq_len={data_cfg.max_seq_len} "
-                        f"with data.truncation=false",
-                    )
-                ids, mask = ids[: data_cfg.max_seq_len], mask[: data_cfg.max_seq_len]
-                report.truncated += 1
-                if sum(mask[1:]) == 0:
-                    raise BadRow("too_long", "no answer token left after truncation")
-        except BadRow as bad:
-            if data_cfg.on_bad_row == "skip":
-                report.skipped[bad.kind] += 1
-                continue
-            raise UserError(
-                f"Bad row in {path}, row {n}: {bad}. Fix the row, or set data.on_bad_row=skip to "
-                f"drop bad rows (they are counted and reported)."
-            ) from None
-        examples.append(to_example(ids, mask))
-        kept_rows.append(row)
-        report.kept += 1
-    if not examples:
-        raise UserError(f"No usable rows in {path} ({report.describe()}).")
-    return examples, kept_rows, report
-
-
-# ---------------------------------------------------------------------------- packing
-def pack(examples: list[Example], max_len: int) -> list[Sequence]:
-    """Greedy in-order packing; positions restart per example so attention stays inside it."""
-    out: list[Sequence] = []
-    cur = Sequence([], [], [])
-    for ex in examples:
-        if cur.input_ids and len(cur.input_ids) + len(ex.input_ids) > max_len:
-            out.append(cur)
-            cur = Sequence([], [], [])
-        cur.input_ids += ex.input_ids
-        cur.labels += ex.labels
-        cur.position_ids += list(range(len(ex.input_ids)))
-    if cur.input_ids:
-        out.append(cur)
-    return out
-
-
-def unpacked(examples: list[Example]) -> list[Sequence]:
-    return [Sequence(e.input_ids, e.labels, list(range(len(e.input_ids)))) for e in examples]
-
-
-def collate(seqs: list[Sequence], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch. Packed batches pass position_ids and no attention mask,
-    which makes transformers build a block-diagonal causal mask (no cross-row attention)."""
-    width = max(len(s.input_ids) for s in seqs)
-    ids, labels, pos, mask = [], [], [], []
-    for s in seqs:
-        pad = width - len(s.input_ids)
-        ids.append(s.input_ids + [pad_id] * pad)
-        labels.append(s.labels + [IGNORE] * pad)
-        pos.append(s.position_ids + list(range(pad)))
-        mask.append([1] * len(s.input_ids) + [0] * pad)
-    batch = {
-        "input_ids": torch.tensor(ids),
-        "labels": torch.tensor(labels),
-        "position_ids": torch.tensor(pos),
-        "n_real_tokens": sum(len(s.input_ids) for s in seqs),
-    }
-    if not packed:
-        batch["attention_mask"] = torch.tensor(mask)
-    return batch
+def training_batches(cfg, tokenizer, dp_world: int) -> tuple[GlobalBatches, TrainingData]:
+    """The (seed, step) batch order over the opened training sources."""
+    data = open_data(cfg, tokenizer)
+    layout = BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, dp_world)
+    return GlobalBatches(data.train, layout, cfg.seed, tokenizer.pad_token_id, data.packed), data

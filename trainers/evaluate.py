@@ -10,12 +10,13 @@ import math
 
 import torch
 
-from trainers.data import Sequence, collate
+from trainers.batches import Source, collate
 from trainers.distributed import all_reduce_sum
 from trainers.objectives import get_objective
+from trainers.rows import read_rows
 
 
-def _shard(items: list, rank: int, world: int) -> list[tuple[object, float]]:
+def _shard(items, rank: int, world: int) -> list[tuple[object, float]]:
     per = math.ceil(len(items) / world)
     mine = items[rank * per : (rank + 1) * per]
     return [(x, 1.0) for x in mine] + [(items[0], 0.0)] * (per - len(mine))
@@ -31,37 +32,50 @@ def prompt_and_answer(row: dict, tokenizer) -> tuple[list[int], str]:
 
 
 class Evaluator:
-    def __init__(self, cfg, plan, tokenizer, sequences: list[Sequence], rows: list[dict], packed: bool):
+    """Scores one or more held-out sets. With one set the results are `eval_loss` and
+    `eval_exact_match`; with several, each set also reports `eval_loss/<name>` and
+    `eval_exact_match/<name>`, and the unsuffixed keys are the first set's."""
+
+    def __init__(self, cfg, plan, tokenizer, sets: list[Source], packed: bool):
         self.cfg = cfg
         self.plan = plan
         self.tokenizer = tokenizer
-        self.sequences = sequences
-        self.rows = rows[: cfg.data.metric_rows]
+        self.sets = sets
         self.packed = packed
         self.objective = get_objective(cfg.objective.name)
+        self._rows: dict[str, list[dict]] = {}
+
+    def generation_rows(self, source: Source) -> list[dict]:
+        """The first data.metric_rows kept rows, read back from the file by row number."""
+        if source.name not in self._rows:
+            wanted = [int(n) for n in source.store.rows[: self.cfg.data.metric_rows]]
+            found = dict(read_rows(source.store.meta["path"], set(wanted))) if wanted else {}
+            self._rows[source.name] = [found[n] for n in wanted if n in found]
+        return self._rows[source.name]
 
     @torch.no_grad()
-    def loss(self) -> float:
+    def loss(self, source: Source) -> float:
         env, plan = self.plan.env, self.plan
         mb = self.cfg.train.micro_batch_size
-        shard = _shard(self.sequences, plan.dp_rank, plan.dp_world)
+        shard = _shard(range(len(source)), plan.dp_rank, plan.dp_world)
         total = count = 0.0
         for k in range(0, len(shard), mb):
             chunk = shard[k : k + mb]
-            seqs = [s if w else Sequence(s.input_ids, [-100] * len(s.labels), s.position_ids) for s, w in chunk]
-            batch = collate(seqs, self.tokenizer.pad_token_id, self.packed)
+            batch = collate([source.tensors(r) for r, _ in chunk], self.tokenizer.pad_token_id, self.packed,
+                            keep=[bool(w) for _, w in chunk])
             with plan.autocast():
                 total += float(self.objective(plan.eval_model, batch, env.device))
-            count += sum(s.n_targets for s in seqs)
+            count += sum(source.targets(r) for r, w in chunk if w)
         total, count = all_reduce_sum([total, count], env.device)
         return total / max(count, 1.0)
 
     @torch.no_grad()
-    def exact_match(self) -> float:
+    def exact_match(self, source: Source) -> float:
         env, plan, tok = self.plan.env, self.plan, self.tokenizer
-        if not self.rows:
+        rows = self.generation_rows(source)
+        if not rows:
             return float("nan")
-        shard = _shard(self.rows, plan.dp_rank, plan.dp_world)
+        shard = _shard(rows, plan.dp_rank, plan.dp_world)
         hits = n = 0.0
         bs = max(self.cfg.train.micro_batch_size, 16)
         model = plan.eval_model
@@ -95,6 +109,13 @@ class Evaluator:
         was_training = self.plan.eval_model.training
         self.plan.eval_model.eval()
         try:
-            return {"eval_loss": self.loss(), "eval_exact_match": self.exact_match()}
+            out = {}
+            for i, source in enumerate(self.sets):
+                scores = {"eval_loss": self.loss(source), "eval_exact_match": self.exact_match(source)}
+                if i == 0:
+                    out.update(scores)
+                if len(self.sets) > 1:
+                    out.update({f"{k}/{source.name}": v for k, v in scores.items()})
+            return out
         finally:
             self.plan.eval_model.train(was_training)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainers.data import IGNORE
+from trainers.rows import IGNORE
 from trainers.errors import UserError
 
 # `train.loss_chunk_tokens=auto`: one chunk's fp32 logits stay under this many bytes

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 from parallel import build_plan
-from trainers.batches import BatchLayout, GlobalBatches
 from trainers.checkpoint import Checkpointer
-from trainers.data import collate, load_examples, pack, unpacked
+from trainers.data import training_batches
 from trainers.distributed import all_reduce_sum, any_rank, init_distributed, shutdown
 from trainers.errors import TrainingError
 from trainers.evaluate import Evaluator
@@ -50,18 +49,6 @@ class StopRequest:
         self.requested = True
 
 
-def load_training_data(cfg, tokenizer):
-    """Tokenized, validated (and maybe packed) train/eval sequences plus raw eval rows."""
-    packed = bool(cfg.data.packing) and cfg.method.peft in SUPPORTS_PACKING
-    group = (lambda ex: pack(ex, cfg.data.max_seq_len)) if packed else unpacked
-    train_ex, _, train_report = load_examples(cfg.data.train, tokenizer, cfg.data)
-    eval_seqs, eval_rows, eval_report = [], [], None
-    if cfg.data.get("eval"):
-        eval_ex, eval_rows, eval_report = load_examples(cfg.data.eval, tokenizer, cfg.data)
-        eval_seqs = group(eval_ex)
-    return group(train_ex), eval_seqs, eval_rows, packed, [r for r in (train_report, eval_report) if r]
-
-
 def train(cfg, leave_process_group: bool = False) -> dict:
     """Run (or resume) one training job; `leave_process_group` keeps the process group
     for a caller that runs several jobs in the same workers."""
@@ -73,24 +60,20 @@ def train(cfg, leave_process_group: bool = False) -> dict:
     t_start = time.time()
 
     tokenizer = load_tokenizer(cfg.model)
-    train_seqs, eval_seqs, eval_rows, packed, reports = load_training_data(cfg, tokenizer)
-
     plan = build_plan(cfg, env)
-    batches = GlobalBatches(
-        train_seqs, BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, plan.dp_world), cfg.seed
-    )
+    batches, data = training_batches(cfg, tokenizer, plan.dp_world)
     seed_everything(cfg.seed)  # every rank builds identical initial weights
     source = ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed, cfg.train)
     plan.prepare(source)
     objective = get_objective(cfg.objective.name)
     trainable, total = count_parameters(plan.inner)
     if env.is_main:
-        for r in reports:
+        for r in data.reports:
             log.info("data: %s", r.describe())
         log.info(
             "plan: world_size=%d plan=%s method=%s trainable=%s/%s (%.3f%%) packed=%s global_batch=%d rows",
             env.world_size, plan.name, method_summary(cfg.method), f"{trainable:,}", f"{total:,}",
-            100 * trainable / max(total, 1), packed, batches.layout.global_rows,
+            100 * trainable / max(total, 1), data.packed, batches.layout.rows_per_step,
         )
         describe = getattr(plan, "describe", None)
         if describe:
@@ -106,7 +89,7 @@ def train(cfg, leave_process_group: bool = False) -> dict:
     if resumed and env.is_main:
         log.info("resumed from %s (step %d)", resumed["path"], start)
 
-    evaluator = Evaluator(cfg, plan, tokenizer, eval_seqs, eval_rows, packed) if eval_seqs else None
+    evaluator = Evaluator(cfg, plan, tokenizer, data.eval, data.packed) if data.eval else None
     metrics = MetricsLogger(run_dir, env.is_main, start, cfg.train.max_steps)
     status, error, last = "completed", None, {}
     step = start
@@ -116,7 +99,6 @@ def train(cfg, leave_process_group: bool = False) -> dict:
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
             micro, n_targets = batches.micro_batches(step, plan.dp_rank)
-            micro = [collate(rows, tokenizer.pad_token_id, packed) for rows in micro]
             loss_sum, real_tokens = plan.forward_backward(micro, n_targets, objective)
             loss_sum, real_tokens = all_reduce_sum([loss_sum, real_tokens], env.device)
             loss = loss_sum / n_targets
@@ -132,12 +114,12 @@ def train(cfg, leave_process_group: bool = False) -> dict:
             tokens_seen += int(real_tokens)
             dt = time.perf_counter() - t0
             last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                    "tokens": int(real_tokens), "tokens_per_s": real_tokens / dt}
+                    "tokens": int(real_tokens), "tokens_per_s": real_tokens / dt, **batches.stats(step - 1)}
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 metrics.log(dict(last))
             if evaluator and step % cfg.train.eval_every == 0:
                 last.update(evaluator.run())
-                metrics.log({"step": step, **{k: last[k] for k in ("eval_loss", "eval_exact_match")}})
+                metrics.log({"step": step, **{k: v for k, v in last.items() if k.startswith("eval_")}})
             preempt = any_rank(stop.requested, env.device)
             if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or preempt:
                 ckpt.save(step, {"epoch": batches.epoch_of(step), "tokens_seen": tokens_seen})

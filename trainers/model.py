@@ -156,9 +156,11 @@ class ModelSource:
         model = apply_method(model, self.method_cfg)
         model.train()
         if self.train_cfg is not None:
-            from trainers.memory import apply_memory_options
+            from trainers.memory import apply_memory_options, hf_model
+            from trainers.neftune import add_neftune
 
             apply_memory_options(model, self.train_cfg)
+            add_neftune(hf_model(model), self.train_cfg.get("neftune_alpha"))
         return model
 
     def skeleton(self) -> torch.nn.Module:

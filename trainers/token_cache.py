@@ -1,0 +1,302 @@
+"""Tokenize a dataset once per version; every later run, rank and requeue memory-maps it.
+
+A cache entry is a folder of flat arrays: all kept rows' token ids back to back, their
+loss masks, an offsets array, the source row numbers and, once packed, the bins. Its
+name is a hash of everything that changes the tokens: the data file's bytes, the
+tokenizer (vocabulary, merges, special tokens, chat template), the library versions
+that tokenize, and the data settings. Nothing is ever updated in place: a build writes
+a temporary folder and renames it, so a killed build leaves no entry a reader could
+mistake for a complete one.
+
+Memory: a rank holds only the pages of the arrays it touches (the rows of its batches),
+so what a rank holds does not grow with the dataset.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from trainers.errors import UserError
+from trainers.rows import EncodedChunk, encode_chunk, read_raw
+
+log = logging.getLogger("data")
+
+# Bump when the layout or the tokenization rules change: old entries are then ignored.
+CACHE_VERSION = 3
+ARRAYS = {"ids": np.int32, "mask": np.uint8, "offsets": np.int64, "rows": np.int64, "targets": np.int32}
+# Below this many bytes of input a pool of tokenizer processes costs more than it saves.
+PARALLEL_MIN_BYTES = 4 << 20
+
+
+@dataclass
+class DataReport:
+    path: str
+    rows: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+    tokens: int = 0
+    cached: bool = False
+
+    def describe(self) -> str:
+        s = f"{self.path}: {self.kept}/{self.rows} rows kept, {self.tokens:,} tokens"
+        if self.truncated:
+            s += f", {self.truncated} truncated"
+        if self.skipped:
+            s += ", skipped: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.skipped.items()))
+        return s + (" (cached)" if self.cached else "")
+
+
+# ------------------------------------------------------------------------------ keys
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "blake2b").hexdigest()[:32]
+
+
+def content_digest(path: str, cache_root: Path) -> str:
+    """Hash of a data file's bytes (or a datasets folder's files). Remembered per
+    (path, size, mtime, inode) in the cache root, so a relaunch does not re-read a
+    multi-GB file just to learn it has not changed."""
+    p = Path(path).resolve()
+    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+    stats = [(str(f), (s := f.stat()).st_size, s.st_mtime_ns, s.st_ino) for f in files]
+    memo_path = cache_root / "digests.json"
+    memo_key = hashlib.sha1(json.dumps(stats).encode()).hexdigest()
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if memo_key in memo:
+        return memo[memo_key]
+    h = hashlib.blake2b()
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else "").encode())
+        h.update(_file_digest(f).encode())
+    digest = h.hexdigest()[:32]
+    with locked(cache_root / "digests.lock"):
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (OSError, ValueError):
+            memo = {}
+        memo[memo_key] = digest
+        _atomic_write(memo_path, json.dumps(memo))
+    return digest
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    import tokenizers
+    import transformers
+
+    h = hashlib.blake2b()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    for part in (
+        type(tokenizer).__name__, vocab, str(tokenizer.chat_template),
+        str((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)),
+        transformers.__version__, tokenizers.__version__,
+    ):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def entry_key(path: str, tokenizer, data_cfg, cache_root: Path) -> str:
+    settings = {
+        "version": CACHE_VERSION,
+        "data": content_digest(path, cache_root),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "format": data_cfg.format,
+        "max_seq_len": int(data_cfg.max_seq_len),
+        "truncation": bool(data_cfg.truncation),
+        "on_bad_row": data_cfg.on_bad_row,
+    }
+    return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def entry_dir(path: str, key: str, cache_root: Path) -> Path:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).stem)[:40] or "data"
+    return cache_root / f"{stem}-{key}"
+
+
+# --------------------------------------------------------------------------- reading
+class TokenStore:
+    """A cache entry, memory-mapped: example i is ids[offsets[i]:offsets[i+1]]."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        try:
+            self.meta = json.loads((self.folder / "meta.json").read_text())
+            if self.meta.get("version") != CACHE_VERSION:
+                raise ValueError(f"cache version {self.meta.get('version')}, expected {CACHE_VERSION}")
+            n, t = self.meta["kept"], self.meta["tokens"]
+            sizes = {"ids": t, "mask": t, "offsets": n + 1, "rows": n, "targets": n}
+            for name, dtype in ARRAYS.items():
+                arr = np.memmap(self.folder / f"{name}.bin", dtype=dtype, mode="r", shape=(sizes[name],))
+                setattr(self, name, arr)
+            if int(self.offsets[-1]) != t:
+                raise ValueError("offsets do not cover the token array")
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(
+                f"The data cache {str(self.folder)!r} is unreadable ({e}). Delete that folder and "
+                f"launch again: the launcher rebuilds it from the data file."
+            ) from None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets).astype(np.int32)
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.ids[a:b], self.mask[a:b]
+
+    def report(self) -> DataReport:
+        m = self.meta
+        return DataReport(m["path"], m["rows"], m["kept"], Counter(m["skipped"]), m["truncated"], m["tokens"], True)
+
+
+# --------------------------------------------------------------------------- writing
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+@contextmanager
+def locked(path: Path):
+    """An exclusive lock across processes (launchers of a sweep, ranks of a test run),
+    so a dataset version is tokenized by one of them while the others wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker process
+    _worker_tokenizer = tokenizer
+
+
+def _encode_in_worker(chunk, data_cfg) -> EncodedChunk:
+    return encode_chunk(_worker_tokenizer, chunk, data_cfg)
+
+
+def _processes(data_cfg, path: str) -> int:
+    p = Path(path)
+    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    wanted = data_cfg.get("num_proc", "auto")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if wanted == "auto":
+        return cores if size >= PARALLEL_MIN_BYTES else 1
+    return max(1, int(wanted))
+
+
+def _encoded_chunks(path: str, tokenizer, data_cfg, procs: int):
+    """Encoded chunks in file order; with several processes, a bounded number in flight."""
+    if procs == 1:
+        for chunk in read_raw(path):
+            yield encode_chunk(tokenizer, chunk, data_cfg)
+        return
+    import multiprocessing as mp
+
+    pending: list[Future] = []
+    with ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(tokenizer,)) as pool:
+        try:
+            for chunk in read_raw(path):
+                pending.append(pool.submit(_encode_in_worker, chunk, data_cfg))
+                if len(pending) >= 2 * procs:
+                    yield pending.pop(0).result()
+            while pending:
+                yield pending.pop(0).result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def build(path: str, tokenizer, data_cfg, final: Path) -> DataReport:
+    """Tokenize `path` into the cache entry `final` (write, then rename)."""
+    t0 = time.perf_counter()
+    procs = _processes(data_cfg, path)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    report = DataReport(path=path)
+    files = {name: open(tmp / f"{name}.bin", "wb") for name in ARRAYS}
+    try:
+        files["offsets"].write(np.zeros(1, np.int64).tobytes())
+        for enc in _encoded_chunks(path, tokenizer, data_cfg, procs):
+            if enc.error is not None:
+                n, why = enc.error
+                raise UserError(
+                    f"Bad row in {path}, row {n}: {why}. Fix the row, or set data.on_bad_row=skip to "
+                    f"drop bad rows (they are counted and reported)."
+                )
+            report.rows += enc.rows
+            report.skipped.update(enc.skipped)
+            report.truncated += enc.truncated
+            local_starts = np.cumsum(enc.lengths, dtype=np.int64) - enc.lengths
+            ends = report.tokens + local_starts + enc.lengths
+            # label t is token t+1 where t+1 is an answer token: an example's first token
+            # is never a target
+            targets = (np.add.reduceat(enc.mask.astype(np.int64), local_starts) - enc.mask[local_starts]
+                       if len(enc.lengths) else enc.lengths)
+            for name, arr in (("ids", enc.ids), ("mask", enc.mask), ("offsets", ends),
+                              ("rows", enc.row_numbers), ("targets", np.asarray(targets, np.int32))):
+                files[name].write(np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes())
+            report.kept += len(enc.lengths)
+            report.tokens += int(enc.lengths.sum())
+    except BaseException:
+        for f in files.values():
+            f.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for f in files.values():
+        f.close()
+    if report.kept == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"No usable rows in {path} ({report.describe()}).")
+    meta = {"version": CACHE_VERSION, "path": str(path), "rows": report.rows, "kept": report.kept,
+            "skipped": dict(report.skipped), "truncated": report.truncated, "tokens": report.tokens,
+            "processes": procs, "build_s": round(time.perf_counter() - t0, 2), "created": time.time()}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if final.exists():  # an unreadable leftover the user was told to delete, or a race we lost
+        shutil.rmtree(final)
+    tmp.rename(final)
+    log.info("data: tokenized %s in %.1fs with %d process(es): %s", path, meta["build_s"], procs, report.describe())
+    return report
+
+
+def prepare(path: str, tokenizer, data_cfg, cache_root: Path) -> Path:
+    """The cache entry of `path` under the current settings, built if missing."""
+    cache_root = Path(cache_root)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    final = entry_dir(path, entry_key(path, tokenizer, data_cfg, cache_root), cache_root)
+    if (final / "meta.json").exists():
+        return final
+    with locked(final.with_name(final.name + ".lock")):
+        if not (final / "meta.json").exists():
+            build(path, tokenizer, data_cfg, final)
+    return final
