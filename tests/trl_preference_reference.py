@@ -266,6 +266,9 @@ def run(model_dir, data, objective: str, out=None, **kwargs) -> list[dict]:
     from transformers import TrainerCallback
 
     rows = read_jsonl(data) if isinstance(data, (str, Path)) else list(data)
+    if kwargs.get("output_dir") is None:
+        with tempfile.TemporaryDirectory(prefix=f"trl_{objective}_") as tmp:
+            return run(model_dir, rows, objective, out=out, **{**kwargs, "output_dir": tmp})
     trainer = build_trainer(model_dir, rows, objective, **kwargs)
     records: list[dict] = []
 
