@@ -3,9 +3,11 @@
     data -> model -> plan.prepare -> resume -> [step: micro-batches -> backward -> step
     -> log -> eval -> checkpoint] -> final eval -> export -> summary
 
-A step's loss is the sum of token losses over the whole global batch divided by its
-target-token count; each micro-batch contributes its share, so splitting the batch over
-micro-batches, accumulation steps or ranks changes speed and memory but not the numbers.
+A step's loss is the objective's loss summed over the whole global batch divided by the
+batch's count in the objective's unit (target tokens for SFT, pairs or rows for the
+preference objectives); each micro-batch contributes its share, so splitting the batch
+over micro-batches, accumulation steps or ranks changes speed and memory but not the
+numbers. The objective's metrics (TRL's rewards/*, logps/*) are sums divided the same way.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from trainers.export import export
 from trainers.metrics import MetricsLogger, plot_losses, write_summary
 from trainers.model import ModelSource, count_parameters, load_tokenizer
 from trainers.objectives import get_objective
-from trainers.peft_methods import SUPPORTS_PACKING, method_summary
+from trainers.peft_methods import method_summary
+from trainers.reference import precompute_reference
 from trainers.rng import seed_everything
 
 log = logging.getLogger("train")
@@ -61,11 +64,15 @@ def train(cfg, leave_process_group: bool = False) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     plan = build_plan(cfg, env)
+    objective = get_objective(cfg.objective)
     batches, data = training_batches(cfg, tokenizer, plan.dp_world)
     seed_everything(cfg.seed)  # every rank builds identical initial weights
     source = ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed, cfg.train)
     plan.prepare(source)
-    objective = get_objective(cfg.objective.name)
+    if objective.reference and cfg.method.peft is None:
+        # before a resume loads a checkpoint: the reference is the initial model
+        precompute_reference(plan, data.train + data.eval, run_dir, cfg.train.micro_batch_size,
+                             tokenizer.pad_token_id)
     trainable, total = count_parameters(plan.inner)
     if env.is_main:
         for r in data.reports:
@@ -98,10 +105,12 @@ def train(cfg, leave_process_group: bool = False) -> dict:
             metrics.log({"step": 0, **evaluator.run()})
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
-            micro, n_targets = batches.micro_batches(step, plan.dp_rank)
-            loss_sum, real_tokens = plan.forward_backward(micro, n_targets, objective)
-            loss_sum, real_tokens = all_reduce_sum([loss_sum, real_tokens], env.device)
-            loss = loss_sum / n_targets
+            micro, count = batches.micro_batches(step, plan.dp_rank, objective.unit)
+            loss_sum, real_tokens, sums = plan.forward_backward(micro, count, objective)
+            names = sorted(sums)
+            loss_sum, real_tokens, *values = all_reduce_sum([loss_sum, real_tokens, *(sums[k] for k in names)],
+                                                            env.device)
+            loss = loss_sum / count
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"The loss became {loss} at step {step + 1} (lr {plan.lr:.3g}). Training "
@@ -114,7 +123,8 @@ def train(cfg, leave_process_group: bool = False) -> dict:
             tokens_seen += int(real_tokens)
             dt = time.perf_counter() - t0
             last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                    "tokens": int(real_tokens), "tokens_per_s": real_tokens / dt, **batches.stats(step - 1)}
+                    "tokens": int(real_tokens), "tokens_per_s": real_tokens / dt, **batches.stats(step - 1),
+                    **objective.finalize(dict(zip(names, values)), count)}
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 metrics.log(dict(last))
             if evaluator and step % cfg.train.eval_every == 0:
