@@ -167,6 +167,8 @@ def train(cfg, leave_process_group: bool = False) -> dict:
             "trainable_params": trainable, "tokens_seen": tokens_seen,
             "wall_time_s": round(time.time() - t_start, 2), "error": error,
         }
+        if "eval_rewards/accuracies" in last:  # preference objectives: held-out preference accuracy
+            summary["final_eval_preference_accuracy"] = last["eval_rewards/accuracies"]
         if env.is_main:
             plot_losses(run_dir)
             write_summary(run_dir, summary)

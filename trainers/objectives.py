@@ -137,17 +137,22 @@ def pair_objective(name: str, knobs: dict) -> Objective:
             return x[0::2][keep], x[1::2][keep]
 
         (lc, lr), (nc, nr) = pairs(logps), pairs(n.to(logps.dtype))
-        if name == "dpo":
+        if name in ("dpo", "ipo"):
             rc, rr = pairs(ref)
-            return P.dpo_loss(lc, lr, rc, rr, nc, nr, beta=beta, loss_type=knobs.get("loss_type", "sigmoid"),
-                              label_smoothing=float(knobs.get("label_smoothing", 0.0)))
-        if name == "ipo":
-            rc, rr = pairs(ref)
-            return P.ipo_loss(lc, lr, rc, rr, nc, nr, beta=beta)
-        if name == "simpo":
-            return P.simpo_loss(lc, nc, lr, nr, beta=beta, gamma=float(knobs.get("gamma", 0.5)))
-        nll = -per_token[0::2].sum(dim=1)[keep]
-        return P.orpo_loss(lc, nc, lr, nr, nll, nll_tokens_per_pair=batch["nll_tokens_per_pair"], beta=beta)
+            loss, metrics = P.dpo_loss(lc, lr, rc, rr, nc, nr, beta=beta,
+                                       loss_type="ipo" if name == "ipo" else knobs.get("loss_type", "sigmoid"),
+                                       label_smoothing=float(knobs.get("label_smoothing", 0.0)))
+        elif name == "simpo":
+            loss, metrics = P.simpo_loss(lc, nc, lr, nr, beta=beta, gamma=float(knobs.get("gamma", 0.5)))
+        else:
+            nll = -per_token[0::2].sum(dim=1)[keep]
+            loss, metrics = P.orpo_loss(lc, nc, lr, nr, nll, nll_tokens_per_pair=batch["nll_tokens_per_pair"],
+                                        beta=beta)
+        # Not a TRL metric: the fraction of pairs whose chosen answer the model itself finds
+        # more likely (summed log-probs). rewards/accuracies is 0 before the first update for
+        # DPO (every reward is 0); this says how well the starting model already prefers.
+        metrics["logps/accuracies"] = (lc.detach() > lr.detach()).float().sum()
+        return loss, metrics
 
     return Objective(name, "rows", loss, orpo_prepare if name == "orpo" else None, knobs)
 
