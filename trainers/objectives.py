@@ -20,6 +20,8 @@ Definitions are TRL 1.16's (trainers/preference.py), so a recipe moves between t
 """
 from __future__ import annotations
 
+import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -92,12 +94,38 @@ def peft_model(model: torch.nn.Module):
     return None
 
 
+_TUNER_LAYERS: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
 def adapter_disabled(model: torch.nn.Module):
+    """The reference model: `model` with its adapter switched off for the duration.
+
+    For adapters that live in tuner layers (LoRA and its variants, IA3) this flips each
+    layer's `_disable_adapters` flag, the one their forward reads, from a list built once
+    per model: peft's `disable_adapter()` does the same but also walks every module and
+    builds a status report on each call (measured: 0.1 s per call on the bundled tiny
+    model, a tenth of a DPO step). Prompt-learning methods go through peft's context."""
     peft = peft_model(model)
     if peft is None:
         raise RuntimeError("no reference log-probs in the batch and no adapter to disable: with method=full the "
                            "loop precomputes them (trainers/reference.py)")
-    return peft.disable_adapter()
+    if peft.peft_config[peft.active_adapter].is_prompt_learning:
+        return peft.disable_adapter()
+    if peft not in _TUNER_LAYERS:
+        _TUNER_LAYERS[peft] = [m for m in peft.modules() if hasattr(m, "_disable_adapters")]
+    return _flags_set(_TUNER_LAYERS[peft])
+
+
+@contextlib.contextmanager
+def _flags_set(layers: list):
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m._disable_adapters = b
 
 
 def reference_logps(model, batch: dict, device: torch.device) -> torch.Tensor:
