@@ -21,7 +21,7 @@ from trainers.batches import BatchLayout, GlobalBatches, Source
 from trainers.errors import UserError
 from trainers.packing import best_fit_decreasing
 from trainers.peft_methods import SUPPORTS_PACKING
-from trainers.token_cache import DataReport, TokenStore, locked, prepare
+from trainers.token_cache import DataReport, TokenStore, ensure, locked
 
 SPEC_HELP = (
     "Accepted: a path (JSONL, parquet or a datasets folder); a list of paths; or a list of "
@@ -118,10 +118,12 @@ def prepare_data(cfg, tokenizer) -> tuple[dict, list[DataReport]]:
     reports = []
     for split in ("train", "eval"):
         for spec in parse_sources(cfg.data.get(split), f"data.{split}"):
-            folder = prepare(spec.path, tokenizer, cfg.data, root)
+            folder, built = ensure(spec.path, tokenizer, cfg.data, root)
             if is_packed(cfg):
                 _ensure_bins(folder, int(cfg.data.max_seq_len))
-            reports.append(TokenStore(folder).report())
+            report = TokenStore(folder).report()
+            report.cached = not built
+            reports.append(report)
             prepared[split].append({"name": spec.name, "path": spec.path, "weight": spec.weight, "dir": str(folder)})
     return prepared, reports
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from trainers.errors import UserError
-from trainers.rows import EncodedChunk, encode_chunk, read_raw
+from trainers.rows import EncodedChunk, encode_chunk, missing_file_error, read_raw
 
 log = logging.getLogger("data")
 
@@ -285,18 +285,30 @@ def build(path: str, tokenizer, data_cfg, final: Path) -> DataReport:
     if final.exists():  # an unreadable leftover the user was told to delete, or a race we lost
         shutil.rmtree(final)
     tmp.rename(final)
-    log.info("data: tokenized %s in %.1fs with %d process(es): %s", path, meta["build_s"], procs, report.describe())
+    log.info("data: tokenized in %.1fs with %d process(es): %s", meta["build_s"], procs, report.describe())
     return report
 
 
 def prepare(path: str, tokenizer, data_cfg, cache_root: Path) -> Path:
     """The cache entry of `path` under the current settings, built if missing."""
+    return ensure(path, tokenizer, data_cfg, cache_root)[0]
+
+
+def ensure(path: str, tokenizer, data_cfg, cache_root: Path) -> tuple[Path, bool]:
+    """(entry folder, whether this call built it)."""
+    if not Path(path).exists():
+        raise missing_file_error(path)
     cache_root = Path(cache_root)
-    cache_root.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"data.cache_dir={str(cache_root)!r} cannot be created ({e.strerror}); point it at a "
+                        f"writable folder, shared by the nodes of multi-node runs.") from None
     final = entry_dir(path, entry_key(path, tokenizer, data_cfg, cache_root), cache_root)
     if (final / "meta.json").exists():
-        return final
+        return final, False
     with locked(final.with_name(final.name + ".lock")):
-        if not (final / "meta.json").exists():
-            build(path, tokenizer, data_cfg, final)
-    return final
+        if (final / "meta.json").exists():
+            return final, False
+        build(path, tokenizer, data_cfg, final)
+    return final, True
