@@ -89,10 +89,12 @@ def prepare(data: Path, cache: Path) -> dict:
     return {"prep_s": wall, "cores_busy": (cpu_seconds() - c0) / wall, "kept": report.kept, "tokens": report.tokens}
 
 
-def first_step(data: Path, cache: Path, log: Path, repo: Path = REPO) -> dict:
+def first_step(data: Path, cache: Path | None, log: Path, repo: Path = REPO) -> dict:
+    """cache=None: the baseline commit, which has no cache."""
     t0 = time.perf_counter()
-    peaks = peak_until_first_step([*RUN, f"data.train={data}", f"data.cache_dir={cache}",
-                                   f"hydra.run.dir={log.parent / log.stem}"], log, repo=repo)
+    cached = [f"data.cache_dir={cache}"] if cache else []
+    peaks = peak_until_first_step([*RUN, f"data.train={data}", *cached, f"hydra.run.dir={log.parent / log.stem}"],
+                                  log, repo=repo)
     return {"first_step_s": time.perf_counter() - t0, "rank_rss_mib": sorted(peaks.values(), reverse=True)}
 
 
@@ -119,7 +121,7 @@ def main() -> None:
         r = {"rows": n, "mib": data.stat().st_size / 2**20, **prepare(data, cache)}
         r.update(first_step(data, cache, work / f"run-{n}.log"))
         if args.baseline_commit and n <= 100_000:
-            old = first_step(data, cache, work / f"base-{n}.log", repo=baseline_repo(args.baseline_commit, work))
+            old = first_step(data, None, work / f"base-{n}.log", repo=baseline_repo(args.baseline_commit, work))
             r["baseline"] = old
         results.append(r)
         print(json.dumps(r), flush=True)
