@@ -23,7 +23,7 @@ import shutil
 import time
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,6 +239,27 @@ def _encoded_chunks(path: str, tokenizer, data_cfg, procs: int):
                 f.cancel()
 
 
+def _append(files: dict, enc: EncodedChunk, report: DataReport, path: str) -> None:
+    if enc.error is not None:
+        n, why = enc.error
+        raise UserError(
+            f"Bad row in {path}, row {n}: {why}. Fix the row, or set data.on_bad_row=skip to "
+            f"drop bad rows (they are counted and reported)."
+        )
+    report.rows += enc.rows
+    report.skipped.update(enc.skipped)
+    report.truncated += enc.truncated
+    starts = np.cumsum(enc.lengths, dtype=np.int64) - enc.lengths
+    # label t is token t+1 where t+1 is an answer token: an example's first token is
+    # never a target
+    targets = np.add.reduceat(enc.mask.astype(np.int64), starts) - enc.mask[starts] if len(starts) else starts
+    for name, arr in (("ids", enc.ids), ("mask", enc.mask), ("offsets", report.tokens + starts + enc.lengths),
+                      ("rows", enc.row_numbers), ("targets", targets)):
+        files[name].write(np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes())
+    report.kept += len(enc.lengths)
+    report.tokens += int(enc.lengths.sum())
+
+
 def build(path: str, tokenizer, data_cfg, final: Path) -> DataReport:
     """Tokenize `path` into the cache entry `final` (write, then rename)."""
     t0 = time.perf_counter()
@@ -247,44 +268,28 @@ def build(path: str, tokenizer, data_cfg, final: Path) -> DataReport:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     report = DataReport(path=path)
-    files = {name: open(tmp / f"{name}.bin", "wb") for name in ARRAYS}
-    try:
-        files["offsets"].write(np.zeros(1, np.int64).tobytes())
-        for enc in _encoded_chunks(path, tokenizer, data_cfg, procs):
-            if enc.error is not None:
-                n, why = enc.error
-                raise UserError(
-                    f"Bad row in {path}, row {n}: {why}. Fix the row, or set data.on_bad_row=skip to "
-                    f"drop bad rows (they are counted and reported)."
-                )
-            report.rows += enc.rows
-            report.skipped.update(enc.skipped)
-            report.truncated += enc.truncated
-            local_starts = np.cumsum(enc.lengths, dtype=np.int64) - enc.lengths
-            ends = report.tokens + local_starts + enc.lengths
-            # label t is token t+1 where t+1 is an answer token: an example's first token
-            # is never a target
-            targets = (np.add.reduceat(enc.mask.astype(np.int64), local_starts) - enc.mask[local_starts]
-                       if len(enc.lengths) else enc.lengths)
-            for name, arr in (("ids", enc.ids), ("mask", enc.mask), ("offsets", ends),
-                              ("rows", enc.row_numbers), ("targets", np.asarray(targets, np.int32))):
-                files[name].write(np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes())
-            report.kept += len(enc.lengths)
-            report.tokens += int(enc.lengths.sum())
-    except BaseException:
-        for f in files.values():
-            f.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for f in files.values():
-        f.close()
+    with ExitStack() as files_open:
+        files = {name: files_open.enter_context(open(tmp / f"{name}.bin", "wb")) for name in ARRAYS}
+        try:
+            files["offsets"].write(np.zeros(1, np.int64).tobytes())
+            for enc in _encoded_chunks(path, tokenizer, data_cfg, procs):
+                _append(files, enc, report, path)
+            for f in files.values():  # durable before the rename makes the entry visible
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if report.kept == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"No usable rows in {path} ({report.describe()}).")
     meta = {"version": CACHE_VERSION, "path": str(path), "rows": report.rows, "kept": report.kept,
             "skipped": dict(report.skipped), "truncated": report.truncated, "tokens": report.tokens,
             "processes": procs, "build_s": round(time.perf_counter() - t0, 2), "created": time.time()}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    with open(tmp / "meta.json", "w") as f:
+        f.write(json.dumps(meta, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
     if final.exists():  # an unreadable leftover the user was told to delete, or a race we lost
         shutil.rmtree(final)
     tmp.rename(final)
