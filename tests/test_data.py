@@ -15,7 +15,7 @@ from trainers.batches import BatchLayout, GlobalBatches, Mixture, Source, collat
 from trainers.data import parse_sources
 from trainers.errors import UserError
 from trainers.packing import best_fit_decreasing
-from trainers.rows import IGNORE, tokenize_messages
+from trainers.rows import tokenize_messages
 from trainers.token_cache import TokenStore, entry_dir, entry_key, prepare
 
 

@@ -9,7 +9,6 @@ directly (tests, benchmarks) gets the same caches prepared on first use, under a
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ from trainers.batches import BatchLayout, GlobalBatches, Source
 from trainers.errors import UserError
 from trainers.packing import best_fit_decreasing
 from trainers.peft_methods import SUPPORTS_PACKING
-from trainers.token_cache import DataReport, TokenStore, ensure, locked
+from trainers.files import atomic_write, locked
+from trainers.token_cache import DataReport, TokenStore, ensure
 
 SPEC_HELP = (
     "Accepted: a path (JSONL, parquet or a datasets folder); a list of paths; or a list of "
@@ -90,14 +90,12 @@ def _ensure_bins(folder: Path, capacity: int) -> None:
     order_path, offsets_path = _bins_paths(folder, capacity)
     if offsets_path.exists():
         return
-    with locked(folder.with_name(folder.name + ".lock")):
+    with locked(folder):
         if offsets_path.exists():
             return
         order, offsets = best_fit_decreasing(TokenStore(folder).lengths, capacity)
         for path, arr in ((order_path, order), (offsets_path, offsets)):  # offsets last: it marks completion
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            arr.astype(np.int64).tofile(tmp)
-            tmp.replace(path)
+            atomic_write(path, arr.astype(np.int64).tobytes())
 
 
 def _open_bins(folder: Path, capacity: int) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ from trainers.export import export
 from trainers.metrics import MetricsLogger, plot_losses, write_summary
 from trainers.model import ModelSource, count_parameters, load_tokenizer
 from trainers.objectives import get_objective
-from trainers.peft_methods import SUPPORTS_PACKING, method_summary
+from trainers.peft_methods import method_summary
 from trainers.rng import seed_everything
 
 log = logging.getLogger("train")

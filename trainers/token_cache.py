@@ -13,7 +13,6 @@ so what a rank holds does not grow with the dataset.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -23,13 +22,14 @@ import shutil
 import time
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from trainers.errors import UserError
+from trainers.files import atomic_write, locked, read_json, update_json
 from trainers.rows import EncodedChunk, encode_chunk, missing_file_error, read_raw
 
 log = logging.getLogger("data")
@@ -75,24 +75,15 @@ def content_digest(path: str, cache_root: Path) -> str:
     stats = [(str(f), (s := f.stat()).st_size, s.st_mtime_ns, s.st_ino) for f in files]
     memo_path = cache_root / "digests.json"
     memo_key = hashlib.sha1(json.dumps(stats).encode()).hexdigest()
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if memo_key in memo:
-        return memo[memo_key]
+    known = read_json(memo_path).get(memo_key)
+    if known:
+        return known
     h = hashlib.blake2b()
     for f in files:
         h.update(str(f.relative_to(p) if p.is_dir() else "").encode())
         h.update(_file_digest(f).encode())
     digest = h.hexdigest()[:32]
-    with locked(cache_root / "digests.lock"):
-        try:
-            memo = json.loads(memo_path.read_text())
-        except (OSError, ValueError):
-            memo = {}
-        memo[memo_key] = digest
-        _atomic_write(memo_path, json.dumps(memo))
+    update_json(memo_path, lambda memo: memo.__setitem__(memo_key, digest))
     return digest
 
 
@@ -171,25 +162,6 @@ class TokenStore:
 
 
 # --------------------------------------------------------------------------- writing
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-@contextmanager
-def locked(path: Path):
-    """An exclusive lock across processes (launchers of a sweep, ranks of a test run),
-    so a dataset version is tokenized by one of them while the others wait."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 _worker_tokenizer = None
 
 
@@ -286,10 +258,7 @@ def build(path: str, tokenizer, data_cfg, final: Path) -> DataReport:
     meta = {"version": CACHE_VERSION, "path": str(path), "rows": report.rows, "kept": report.kept,
             "skipped": dict(report.skipped), "truncated": report.truncated, "tokens": report.tokens,
             "processes": procs, "build_s": round(time.perf_counter() - t0, 2), "created": time.time()}
-    with open(tmp / "meta.json", "w") as f:
-        f.write(json.dumps(meta, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
     if final.exists():  # an unreadable leftover the user was told to delete, or a race we lost
         shutil.rmtree(final)
     tmp.rename(final)
@@ -315,7 +284,7 @@ def ensure(path: str, tokenizer, data_cfg, cache_root: Path) -> tuple[Path, bool
     final = entry_dir(path, entry_key(path, tokenizer, data_cfg, cache_root), cache_root)
     if (final / "meta.json").exists():
         return final, False
-    with locked(final.with_name(final.name + ".lock")):
+    with locked(final):
         if (final / "meta.json").exists():
             return final, False
         build(path, tokenizer, data_cfg, final)
