@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -69,7 +68,6 @@ def walk(obj, depth=0):
 
 
 def count(plan) -> dict:
-    import torch
 
     c = Counter()
     params = list(plan.inner.parameters())

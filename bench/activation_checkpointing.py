@@ -122,7 +122,6 @@ def build_model_dir(out: Path, hidden: int, layers: int, seq: int) -> Path:
 
 
 def run_ac_mode(model_dir: Path, run_dir: Path, on: bool, args) -> dict:
-    import torch
     from hydra import compose, initialize_config_dir
 
     from launch.config import finalize, register_resolvers
@@ -168,7 +167,7 @@ def run_ac_mode(model_dir: Path, run_dir: Path, on: bool, args) -> dict:
         plan.step()
         rec["losses"].append(loss_sum / n_targets)
     plan.close()
-    del plan, model
+    del plan
     for key, times in (("tokens_per_s", rec["step_s"]), ("tokens_per_cpu_s", rec["cpu_s"])):
         speeds = [t / s for t, s in zip(rec["tokens"], times)]
         rec[key] = statistics.median(speeds) if speeds else float("nan")

@@ -132,7 +132,7 @@ def main() -> None:
                     results.setdefault((plan, mode), []).append(an)
     med = statistics.median
     lines = [
-        f"# Checkpoint stall: async vs sync (N=2, CPU, gloo, fp32, method=full)",
+        "# Checkpoint stall: async vs sync (N=2, CPU, gloo, fp32, method=full)",
         "",
         f"Command: `python bench/checkpoint_stall.py --plans {' '.join(a.plans)} --reps {a.reps} "
         f"--steps {a.steps} --every {a.every} --micro {a.micro}`",

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from trainers.files import atomic_write
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,9 +28,7 @@ def finalize(cfg: DictConfig, run_dir: str) -> DictConfig:
 
 def save(cfg: DictConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    OmegaConf.save(cfg, tmp)
-    tmp.replace(path)
+    atomic_write(path, OmegaConf.to_yaml(cfg))
 
 
 def load(path: str | Path) -> DictConfig:

@@ -61,7 +61,6 @@ say what would. bench/memory_estimate.py holds it to measurement on CPU.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 

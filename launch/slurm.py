@@ -48,7 +48,7 @@ from omegaconf import DictConfig
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from launch.config import REPO_ROOT, load
-from launch.json_files import read_json, update_json
+from trainers.files import read_json, update_json
 from trainers.errors import TrainingError, UserError
 
 log = logging.getLogger("launch")

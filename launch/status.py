@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def run_status(run_dir: Path) -> dict:
-    from launch.json_files import read_json
+    from trainers.files import read_json
     from launch.slurm import TERMINAL, job_state, read_state, sacct
     from trainers.checkpoint import latest_checkpoint
     from trainers.metrics import read_metrics

@@ -24,7 +24,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from launch.json_files import locked, read_json, update_json, write_json
+from trainers.files import locked, read_json, update_json, write_json
 
 MANIFEST = "sweep.json"
 SUMMARY = "sweep_summary"

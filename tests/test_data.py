@@ -11,11 +11,11 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainers.batches import BatchLayout, GlobalBatches, Mixture, Source, collate
+from trainers.batches import BatchLayout, GlobalBatches, Mixture, Shuffle, Source, collate
 from trainers.data import parse_sources
 from trainers.errors import UserError
 from trainers.packing import best_fit_decreasing
-from trainers.rows import IGNORE, tokenize_messages
+from trainers.rows import tokenize_messages
 from trainers.token_cache import TokenStore, entry_dir, entry_key, prepare
 
 
@@ -254,3 +254,13 @@ def test_cache_files_hold_the_only_copy(tok, tmp_path):
     store = load(write_jsonl(tmp_path / "d.jsonl", [chat("q", "a")] * 10), tok, data_cfg(), tmp_path / "c")
     assert isinstance(store.ids, np.memmap) and isinstance(store.offsets, np.memmap)
     assert os.path.getsize(store.folder / "ids.bin") == store.ids.nbytes
+
+
+def test_shuffle_is_a_seeded_permutation_without_a_table():
+    for n in (1, 2, 3, 17, 1000, 4097):
+        for seed in (0, 1):
+            perm = Shuffle(n, seed)[np.arange(n)]
+            assert sorted(perm.tolist()) == list(range(n))
+            assert [Shuffle(n, seed)[i] for i in (0, n - 1)] == [perm[0], perm[-1]]  # scalar == vector
+    a, b = Shuffle(1000, 0)[np.arange(1000)], Shuffle(1000, 1)[np.arange(1000)]
+    assert (a != b).mean() > 0.9 and abs(np.corrcoef(np.arange(1000), a)[0, 1]) < 0.1

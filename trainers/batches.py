@@ -11,7 +11,8 @@ interleaving where source k's j-th row sits at time (j + 1/2) / weight_k (Webste
 divisor method). Every prefix of the stream then holds each source within one row of its
 share, the share of a step never goes negative (no Alabama paradox), and the number of
 rows source k supplied before step s is computed directly, so step s needs no history.
-Within a source, rows come in a fresh seeded permutation per pass over it (its epoch).
+Within a source, rows come in a fresh seeded permutation per pass over it (its epoch),
+evaluated index by index (`Shuffle`), so not even the order costs memory per row.
 
 Preference data: a batch row is a pair (its chosen and rejected examples become two
 sequences of the micro-batch, never packed) or, for KTO, one example plus its
@@ -87,6 +88,48 @@ class Source:
         return ids, labels, pos
 
 
+_GOLDEN, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A 64-bit mixing function (wrapping uint64 arithmetic; callers silence overflow)."""
+    x = x + _GOLDEN
+    x = (x ^ (x >> _S30)) * _M1
+    x = (x ^ (x >> _S27)) * _M2
+    return x ^ (x >> _S31)
+
+
+class Shuffle:
+    """A seeded permutation of range(n), evaluated per index in O(1) memory: a 4-round
+    Feistel network on the smallest even-bit domain >= n (at most 4n), cycle-walking
+    the values that land outside [0, n). A materialised permutation would cost every rank
+    8 bytes per row of the dataset (800 MB at 100M rows)."""
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        self.half = np.uint64((bits + 1) // 2)
+        self.mask = np.uint64((1 << int(self.half)) - 1)
+        with np.errstate(over="ignore"):
+            self.keys = list(_splitmix64(np.arange(self.ROUNDS, dtype=np.uint64) + np.uint64(seed * self.ROUNDS % 2**64)))
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ (_splitmix64(right ^ key) & self.mask)
+        return (left << self.half) | right
+
+    def __getitem__(self, i):
+        with np.errstate(over="ignore"):
+            x = self._feistel(np.atleast_1d(np.asarray(i, dtype=np.uint64)))
+            while (out := x >= self.n).any():
+                x[out] = self._feistel(x[out])
+        return x.astype(np.int64) if np.ndim(i) else int(x[0])
+
+
 class Mixture:
     """Counts of each source in the first P positions of the interleaved stream."""
 
@@ -132,7 +175,6 @@ class GlobalBatches:
                             f"its objective reads.")
         self.kind = kinds.pop()
         self.mixture = Mixture([s.weight for s in sources])
-        self._perms: dict[tuple[int, int], np.ndarray] = {}
         total = sum(len(s) for s in sources)
         if total < layout.rows_per_step:
             raise UserError(
@@ -143,22 +185,21 @@ class GlobalBatches:
             )
 
     # ------------------------------------------------------------------ which rows
-    def _perm(self, k: int, epoch: int) -> np.ndarray:
-        if (k, epoch) not in self._perms:
-            if len(self._perms) >= 2 * len(self.sources):  # a step spans at most two epochs
-                self._perms.pop(next(iter(self._perms)))
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 1_000_003 * k)
-            self._perms[(k, epoch)] = torch.randperm(len(self.sources[k]), generator=g).numpy()
-        return self._perms[(k, epoch)]
+    def _shuffle(self, k: int, epoch: int) -> Shuffle:
+        return Shuffle(len(self.sources[k]), self.seed * 100_003 + epoch + 1_000_003 * k)
 
     def rows(self, step: int) -> list[tuple[int, int]]:
         """(source, row) of every row of the global batch of `step`, in rank order."""
         n = self.layout.rows_per_step
-        out = []
-        for k, j in self.mixture.positions(step * n, (step + 1) * n):
+        positions = np.array(self.mixture.positions(step * n, (step + 1) * n), dtype=np.int64)
+        ks, js = positions[:, 0], positions[:, 1]
+        rows = np.empty(n, dtype=np.int64)
+        for k in np.unique(ks):
             size = len(self.sources[k])
-            out.append((k, int(self._perm(k, j // size)[j % size])))
-        return out
+            for epoch in np.unique(js[ks == k] // size):
+                sel = (ks == k) & (js // size == epoch)
+                rows[sel] = self._shuffle(int(k), int(epoch))[js[sel] % size]
+        return list(zip(ks.tolist(), rows.tolist()))
 
     def epoch_of(self, step: int) -> int:
         """Passes completed over the first source before `step`."""
@@ -170,7 +211,7 @@ class GlobalBatches:
         out = []
         for k, r in self.rows(step):
             src = self.sources[k]
-            out += [f"{src.name}:{int(src.store.rows[e])}" for e in src.examples(r)]
+            out += [f"{src.name}:{int(src.store.rows[e])}" for e in src.examples(r)[:: src.per_row]]
         return out
 
     # ----------------------------------------------------------------- the tensors

@@ -9,7 +9,6 @@ directly (tests, benchmarks) gets the same caches prepared on first use, under a
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ from trainers.batches import BatchLayout, GlobalBatches, Source
 from trainers.errors import UserError
 from trainers.packing import best_fit_decreasing
 from trainers.peft_methods import SUPPORTS_PACKING
-from trainers.token_cache import DataReport, TokenStore, locked, prepare
+from trainers.files import atomic_write, locked
+from trainers.token_cache import DataReport, TokenStore, ensure
 
 SPEC_HELP = (
     "Accepted: a path (JSONL, parquet or a datasets folder); a list of paths; or a list of "
@@ -99,14 +99,12 @@ def _ensure_bins(folder: Path, capacity: int) -> None:
     order_path, offsets_path = _bins_paths(folder, capacity)
     if offsets_path.exists():
         return
-    with locked(folder.with_name(folder.name + ".lock")):
+    with locked(folder):
         if offsets_path.exists():
             return
         order, offsets = best_fit_decreasing(TokenStore(folder).lengths, capacity)
         for path, arr in ((order_path, order), (offsets_path, offsets)):  # offsets last: it marks completion
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            arr.astype(np.int64).tofile(tmp)
-            tmp.replace(path)
+            atomic_write(path, arr.astype(np.int64).tobytes())
 
 
 def _open_bins(folder: Path, capacity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,10 +126,12 @@ def prepare_data(cfg, tokenizer) -> tuple[dict, list[DataReport]]:
     reports = []
     for split in ("train", "eval"):
         for spec in parse_sources(cfg.data.get(split), f"data.{split}"):
-            folder = prepare(spec.path, tokenizer, cfg.data, root, kind)
+            folder, built = ensure(spec.path, tokenizer, cfg.data, root, kind)
             if is_packed(cfg):
                 _ensure_bins(folder, int(cfg.data.max_seq_len))
-            reports.append(TokenStore(folder).report())
+            report = TokenStore(folder).report()
+            report.cached = not built
+            reports.append(report)
             prepared[split].append({"name": spec.name, "path": spec.path, "weight": spec.weight, "dir": str(folder)})
     return prepared, reports
 

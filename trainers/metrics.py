@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from trainers.files import atomic_write
+
 log = logging.getLogger("train")
 
 
@@ -96,6 +98,4 @@ def plot_losses(run_dir: Path) -> Path | None:
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    tmp = Path(run_dir) / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(Path(run_dir) / "summary.json")
+    atomic_write(Path(run_dir) / "summary.json", json.dumps(summary, indent=1))

@@ -16,7 +16,6 @@ so what a rank holds does not grow with the dataset.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -26,14 +25,15 @@ import shutil
 import time
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from trainers.errors import UserError
-from trainers.rows import EncodedChunk, encode_chunk, read_raw
+from trainers.files import atomic_write, locked, read_json, update_json
+from trainers.rows import EncodedChunk, encode_chunk, missing_file_error, read_raw
 
 log = logging.getLogger("data")
 
@@ -81,24 +81,15 @@ def content_digest(path: str, cache_root: Path) -> str:
     stats = [(str(f), (s := f.stat()).st_size, s.st_mtime_ns, s.st_ino) for f in files]
     memo_path = cache_root / "digests.json"
     memo_key = hashlib.sha1(json.dumps(stats).encode()).hexdigest()
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if memo_key in memo:
-        return memo[memo_key]
+    known = read_json(memo_path).get(memo_key)
+    if known:
+        return known
     h = hashlib.blake2b()
     for f in files:
         h.update(str(f.relative_to(p) if p.is_dir() else "").encode())
         h.update(_file_digest(f).encode())
     digest = h.hexdigest()[:32]
-    with locked(cache_root / "digests.lock"):
-        try:
-            memo = json.loads(memo_path.read_text())
-        except (OSError, ValueError):
-            memo = {}
-        memo[memo_key] = digest
-        _atomic_write(memo_path, json.dumps(memo))
+    update_json(memo_path, lambda memo: memo.__setitem__(memo_key, digest))
     return digest
 
 
@@ -188,25 +179,6 @@ class TokenStore:
 
 
 # --------------------------------------------------------------------------- writing
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-@contextmanager
-def locked(path: Path):
-    """An exclusive lock across processes (launchers of a sweep, ranks of a test run),
-    so a dataset version is tokenized by one of them while the others wait."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 _worker_tokenizer = None
 
 
@@ -239,7 +211,10 @@ def _encoded_chunks(path: str, tokenizer, data_cfg, procs: int, kind: str):
     import multiprocessing as mp
 
     pending: list[Future] = []
-    with ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+    # fork: a spawned worker would re-import transformers and unpickle the tokenizer, which
+    # measured 1.7x the CPU time of the tokenization itself on a 100k-row file
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(procs, mp_context=mp.get_context(method), initializer=_init_worker,
                              initargs=(tokenizer,)) as pool:
         try:
             for chunk in read_raw(path):
@@ -253,6 +228,29 @@ def _encoded_chunks(path: str, tokenizer, data_cfg, procs: int, kind: str):
                 f.cancel()
 
 
+def _append(files: dict, enc: EncodedChunk, report: DataReport, path: str) -> None:
+    if enc.error is not None:
+        n, why, bad_kind = enc.error
+        if bad_kind == "wrong_kind":  # the file (or the objective) is wrong, not one row
+            raise UserError(f"{path}, row {n}: {why}.")
+        raise UserError(
+            f"Bad row in {path}, row {n}: {why}. Fix the row, or set data.on_bad_row=skip to "
+            f"drop bad rows (they are counted and reported)."
+        )
+    report.rows += enc.rows
+    report.skipped.update(enc.skipped)
+    report.truncated += enc.truncated
+    starts = np.cumsum(enc.lengths, dtype=np.int64) - enc.lengths
+    # label t is token t+1 where t+1 is an answer token: an example's first token is
+    # never a target
+    targets = np.add.reduceat(enc.mask.astype(np.int64), starts) - enc.mask[starts] if len(starts) else starts
+    for name, arr in (("ids", enc.ids), ("mask", enc.mask), ("offsets", report.tokens + starts + enc.lengths),
+                      ("rows", enc.row_numbers), ("targets", targets), ("desirable", enc.desirable)):
+        files[name].write(np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes())
+    report.kept += len(enc.lengths)
+    report.tokens += int(enc.lengths.sum())
+
+
 def build(path: str, tokenizer, data_cfg, final: Path, kind: str = "sft") -> DataReport:
     """Tokenize `path` into the cache entry `final` (write, then rename)."""
     t0 = time.perf_counter()
@@ -261,62 +259,52 @@ def build(path: str, tokenizer, data_cfg, final: Path, kind: str = "sft") -> Dat
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     report = DataReport(path=path, per_row=2 if kind in ("pairs", "pairs_text") else 1)
-    files = {name: open(tmp / f"{name}.bin", "wb") for name in ARRAYS}
-    try:
-        files["offsets"].write(np.zeros(1, np.int64).tobytes())
-        for enc in _encoded_chunks(path, tokenizer, data_cfg, procs, kind):
-            if enc.error is not None:
-                n, why, bad_kind = enc.error
-                if bad_kind == "wrong_kind":
-                    raise UserError(f"{path}, row {n}: {why}.")
-                raise UserError(
-                    f"Bad row in {path}, row {n}: {why}. Fix the row, or set data.on_bad_row=skip to "
-                    f"drop bad rows (they are counted and reported)."
-                )
-            report.rows += enc.rows
-            report.skipped.update(enc.skipped)
-            report.truncated += enc.truncated
-            local_starts = np.cumsum(enc.lengths, dtype=np.int64) - enc.lengths
-            ends = report.tokens + local_starts + enc.lengths
-            # label t is token t+1 where t+1 is an answer token: an example's first token
-            # is never a target
-            targets = (np.add.reduceat(enc.mask.astype(np.int64), local_starts) - enc.mask[local_starts]
-                       if len(enc.lengths) else enc.lengths)
-            for name, arr in (("ids", enc.ids), ("mask", enc.mask), ("offsets", ends),
-                              ("rows", enc.row_numbers), ("targets", np.asarray(targets, np.int32)),
-                              ("desirable", enc.desirable)):
-                files[name].write(np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes())
-            report.kept += len(enc.lengths)
-            report.tokens += int(enc.lengths.sum())
-    except BaseException:
-        for f in files.values():
-            f.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for f in files.values():
-        f.close()
+    with ExitStack() as files_open:
+        files = {name: files_open.enter_context(open(tmp / f"{name}.bin", "wb")) for name in ARRAYS}
+        try:
+            files["offsets"].write(np.zeros(1, np.int64).tobytes())
+            for enc in _encoded_chunks(path, tokenizer, data_cfg, procs, kind):
+                _append(files, enc, report, path)
+            for f in files.values():  # durable before the rename makes the entry visible
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if report.kept == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"No usable rows in {path} ({report.describe()}).")
     meta = {"version": CACHE_VERSION, "kind": kind, "path": str(path), "rows": report.rows, "kept": report.kept,
             "skipped": dict(report.skipped), "truncated": report.truncated, "tokens": report.tokens,
             "processes": procs, "build_s": round(time.perf_counter() - t0, 2), "created": time.time()}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
     if final.exists():  # an unreadable leftover the user was told to delete, or a race we lost
         shutil.rmtree(final)
     tmp.rename(final)
-    log.info("data: tokenized %s in %.1fs with %d process(es): %s", path, meta["build_s"], procs, report.describe())
+    log.info("data: tokenized in %.1fs with %d process(es): %s", meta["build_s"], procs, report.describe())
     return report
 
 
 def prepare(path: str, tokenizer, data_cfg, cache_root: Path, kind: str = "sft") -> Path:
     """The cache entry of `path` (rows of `kind`) under the current settings, built if missing."""
+    return ensure(path, tokenizer, data_cfg, cache_root, kind)[0]
+
+
+def ensure(path: str, tokenizer, data_cfg, cache_root: Path, kind: str = "sft") -> tuple[Path, bool]:
+    """(entry folder, whether this call built it)."""
+    if not Path(path).exists():
+        raise missing_file_error(path)
     cache_root = Path(cache_root)
-    cache_root.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"data.cache_dir={str(cache_root)!r} cannot be created ({e.strerror}); point it at a "
+                        f"writable folder, shared by the nodes of multi-node runs.") from None
     final = entry_dir(path, entry_key(path, tokenizer, data_cfg, cache_root, kind), cache_root)
     if (final / "meta.json").exists():
-        return final
-    with locked(final.with_name(final.name + ".lock")):
-        if not (final / "meta.json").exists():
-            build(path, tokenizer, data_cfg, final, kind)
-    return final
+        return final, False
+    with locked(final):
+        if (final / "meta.json").exists():
+            return final, False
+        build(path, tokenizer, data_cfg, final, kind)
+    return final, True
