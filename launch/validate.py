@@ -46,6 +46,22 @@ def check_values(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"{key}={value!r} must be a positive integer.")
+    if cfg.launcher.name == "local":
+        restarts = cfg.launcher.get("max_restarts", 0)
+        if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:
+            raise UserError(
+                f"launcher.max_restarts={restarts!r} is not accepted: it is how many times the local "
+                f"launcher restarts the worker group after a worker dies, so a whole number, 0 (end "
+                f"the job, the default) or more (e.g. launcher.max_restarts=3)."
+            )
+    for key in ("step_timeout_s", "startup_timeout_s"):
+        value = cfg.train.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+            raise UserError(
+                f"train.{key}={value!r} is not accepted: the hang watchdog needs a number of "
+                f"seconds greater than 0 (e.g. train.step_timeout_s=600 train.startup_timeout_s=3600), "
+                f"or null to turn the watchdog off."
+            )
     ac = cfg.train.get("activation_checkpointing", False)
     if not isinstance(ac, bool):
         raise UserError(f"train.activation_checkpointing={ac!r} must be true or false.")

@@ -4,20 +4,26 @@ recovery must end exactly like the uninterrupted reference run."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import FAST, assert_resumed_exactly, launch, start, summary, wait_until
+from tests.helpers import FAST, assert_resumed_exactly, kill_tree, launch, start, summary, wait_until, worker
 
 pytestmark = pytest.mark.slow
-STEPS = 12
+STEPS = 24
 
 
 def common(tiny_model) -> list[str]:
     return [f"model.path={tiny_model}", *FAST, f"train.max_steps={STEPS}", "train.micro_batch_size=2",
             "train.grad_accum=2", "parallel=ddp", "launcher.nproc_per_node=2", "train.save_every=3"]
+
+
+def logged_steps(run: Path) -> int:
+    m = run / "metrics.jsonl"
+    return m.read_text().count('"loss"') if m.exists() else 0
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +56,64 @@ def test_damaged_checkpoints_are_skipped_for_the_newest_intact_one(tmp_path, tin
     assert "resumed from" in log and "step_3 (step 3)" in log
     assert_resumed_exactly(run, reference, STEPS)
     # The abandoned newer directories were replaced by the relaunch's own saves.
-    assert {p.name for p in ckpts.glob("step_*")} == {"step_6", "step_9", "step_12"}
+    assert {p.name for p in ckpts.glob("step_*")} == {f"step_{STEPS - 6}", f"step_{STEPS - 3}", f"step_{STEPS}"}
+
+
+def test_dead_rank_ends_the_job_in_seconds_or_restarts_the_group(tmp_path, tiny_model, reference):
+    run = tmp_path / "run"
+    proc = start(run, *common(tiny_model))
+    try:
+        wait_until(lambda: logged_steps(run) >= 4, proc)
+        victim = worker(proc, rank=1).pid
+        t0 = time.time()
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0
+        took = time.time() - t0
+    finally:
+        kill_tree(proc)
+    assert took < 30, took
+    out = Path(proc.log).read_text()
+    assert f"Rank 1 (pid {victim}) was killed by SIGKILL" in out, out[-3000:]
+    assert {"rank": 1, "pid": victim, "exitcode": -9, "signal": "SIGKILL"} in summary(run)["failed_ranks"]
+
+    # Relaunched with a restart allowed: the same kill now costs a restart, not the job.
+    proc = start(run, *common(tiny_model), "launcher.max_restarts=1")
+    try:
+        wait_until(lambda: "checkpoint committed" in Path(proc.log).read_text(), proc)
+        os.kill(worker(proc, rank=1).pid, signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, Path(proc.log).read_text()[-3000:]
+    finally:
+        kill_tree(proc)
+    out = Path(proc.log).read_text()
+    assert "worker group restart 1 of 1" in out and "resumed from" in out.split("worker group restart")[1]
+    assert_resumed_exactly(run, reference, STEPS)
+
+
+def test_hung_rank_is_named_live_stacks_are_written_and_the_relaunch_resumes(tmp_path, tiny_model, reference):
+    timeout = 20
+    run = tmp_path / "run"
+    proc = start(run, *common(tiny_model), f"train.step_timeout_s={timeout}", "train.startup_timeout_s=120")
+    try:
+        wait_until(lambda: logged_steps(run) >= 3, proc)
+        frozen = worker(proc, rank=1)
+        t0 = time.time()
+        frozen.suspend()  # SIGSTOP: alive, holding its sockets, never answering
+        assert proc.wait(timeout=timeout + 120) != 0
+        took = time.time() - t0
+    finally:
+        kill_tree(proc)
+    assert timeout < took < timeout + 60, took
+    s = summary(run)
+    assert s["status"] == "hung" and s["hang"]["stopped_ranks"] == [1], s
+    stacks = Path(s["hang"]["folder"])
+    assert [p.name for p in stacks.glob("rank-*.txt")] == ["rank-0.txt"]  # the frozen rank cannot write
+    text = (stacks / "rank-0.txt").read_text()
+    assert "no progress in step" in text and "in forward_backward" in text and "Current thread" in text
+    assert (stacks / "flight-recorder-rank-0.json").exists()
+    out = Path(proc.log).read_text()
+    assert "The run hung" in out and "rank(s) 1 stopped reporting" in out and str(stacks / "rank-0.txt") in out
+    launch(*common(tiny_model), f"hydra.run.dir={run}")
+    assert_resumed_exactly(run, reference, STEPS)
 
 
 def test_no_intact_checkpoint_is_a_clear_error(tmp_path):

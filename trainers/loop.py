@@ -20,7 +20,7 @@ from parallel import build_plan
 from trainers.batches import BatchLayout, GlobalBatches
 from trainers.checkpoint import Checkpointer
 from trainers.data import collate, load_examples, pack, unpacked
-from trainers.distributed import all_reduce_sum, any_rank, init_distributed, shutdown
+from trainers.distributed import agree, all_reduce_sum, any_rank, init_distributed, shutdown
 from trainers.errors import TrainingError
 from trainers.evaluate import Evaluator
 from trainers.export import export
@@ -29,6 +29,7 @@ from trainers.model import ModelSource, count_parameters, load_tokenizer
 from trainers.objectives import get_objective
 from trainers.peft_methods import SUPPORTS_PACKING, method_summary
 from trainers.rng import seed_everything
+from trainers.watchdog import Watchdog, allowances
 
 log = logging.getLogger("train")
 
@@ -64,10 +65,23 @@ def load_training_data(cfg, tokenizer):
 
 def train(cfg, leave_process_group: bool = False) -> dict:
     """Run (or resume) one training job; `leave_process_group` keeps the process group
-    for a caller that runs several jobs in the same workers."""
-    env = init_distributed()
+    for a caller that runs several jobs in the same workers. A hang watchdog covers the
+    whole job, start-up included (trainers/watchdog.py)."""
     run_dir = Path(cfg.run_dir)
+    step_timeout, long_timeout = allowances(cfg.train)
+    # Collectives time out a little after the watchdog's longest allowance: it fires first.
+    env = init_distributed(long_timeout + 120 if long_timeout else None, run_dir / "hangs")
     run_dir.mkdir(parents=True, exist_ok=True)
+    attempt = agree(time.strftime("%Y-%m-%d_%H-%M-%S"))
+    watchdog = Watchdog(run_dir, env.rank, env.world_size, attempt, step_timeout, long_timeout)
+    try:
+        return run_job(cfg, env, watchdog, leave_process_group)
+    finally:
+        watchdog.close()
+
+
+def run_job(cfg, env, watchdog: Watchdog, leave_process_group: bool) -> dict:
+    run_dir = Path(cfg.run_dir)
     seed_everything(cfg.seed)
     stop = StopRequest()
     t_start = time.time()
@@ -112,7 +126,7 @@ def train(cfg, leave_process_group: bool = False) -> dict:
     step = start
     try:
         if evaluator and start == 0:
-            metrics.log({"step": 0, **evaluator.run()})
+            metrics.log({"step": 0, **evaluator.run()})  # (start-up allowance still running)
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
             micro, n_targets = batches.micro_batches(step, plan.dp_rank)
@@ -129,6 +143,7 @@ def train(cfg, leave_process_group: bool = False) -> dict:
             lr = plan.lr
             grad_norm = plan.step()
             step += 1
+            watchdog.progress(step)
             tokens_seen += int(real_tokens)
             dt = time.perf_counter() - t0
             last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -136,22 +151,26 @@ def train(cfg, leave_process_group: bool = False) -> dict:
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 metrics.log(dict(last))
             if evaluator and step % cfg.train.eval_every == 0:
-                last.update(evaluator.run())
+                with watchdog.long("eval"):
+                    last.update(evaluator.run())
                 metrics.log({"step": step, **{k: last[k] for k in ("eval_loss", "eval_exact_match")}})
             preempt = any_rank(stop.requested, env.device)
             if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or preempt:
-                ckpt.save(step, {"epoch": batches.epoch_of(step), "tokens_seen": tokens_seen})
+                with watchdog.long("checkpoint save"):
+                    ckpt.save(step, {"epoch": batches.epoch_of(step), "tokens_seen": tokens_seen})
             if preempt:
-                ckpt.wait()
+                with watchdog.long("checkpoint save"):
+                    ckpt.wait()
                 status = "preempted"
                 break
         if status == "completed":
-            if evaluator and step % cfg.train.eval_every != 0:
-                final_eval = evaluator.run()
-                last.update(final_eval)
-                metrics.log({"step": step, **final_eval})
-            ckpt.wait()
-            written = export(plan, cfg, tokenizer, run_dir)
+            with watchdog.long("final eval, checkpoint and export"):
+                if evaluator and step % cfg.train.eval_every != 0:
+                    final_eval = evaluator.run()
+                    last.update(final_eval)
+                    metrics.log({"step": step, **final_eval})
+                ckpt.wait()
+                written = export(plan, cfg, tokenizer, run_dir)
             if env.is_main:
                 log.info("export: %s", written)
     except TrainingError as e:
