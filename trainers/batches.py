@@ -47,11 +47,16 @@ class GlobalBatches:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.randperm(len(self.sequences), generator=g)
 
-    def global_rows(self, step: int) -> list[Sequence]:
+    def row_ids(self, step: int) -> list[int]:
+        """Indices into the training sequences of step `step`'s global batch (0-based
+        step), so a bad batch can be traced back to its data."""
         order = self._order(self.epoch_of(step))
         i = step % self.steps_per_epoch
         n = self.layout.global_rows
-        return [self.sequences[j] for j in order[i * n : (i + 1) * n].tolist()]
+        return order[i * n : (i + 1) * n].tolist()
+
+    def global_rows(self, step: int) -> list[Sequence]:
+        return [self.sequences[j] for j in self.row_ids(step)]
 
     def micro_batches(self, step: int, dp_rank: int) -> tuple[list[list[Sequence]], int]:
         """This rank's micro-batches for `step`, and the target-token count of the whole

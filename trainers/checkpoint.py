@@ -336,11 +336,14 @@ class Checkpointer:
             shutil.rmtree(self.root / f"step_{s}", ignore_errors=True)
 
     # ---------------------------------------------------------------------- loading
-    def intact_checkpoint(self) -> Path | None:
+    def intact_checkpoint(self, before_step: int | None = None) -> Path | None:
         """The newest committed checkpoint whose files match its manifest (all ranks agree);
         each damaged newer one is named in a warning. None if there is no checkpoint; an
-        error if there are some and none is intact."""
+        error if there are some and none is intact. `before_step`: only checkpoints of
+        earlier steps (a spike-guard rollback)."""
         candidates = resume_candidates(self.root)
+        if before_step is not None:
+            candidates = [d for d in candidates if int(STEP_DIR.match(d.name).group(1)) < before_step]
         damaged: list[str] = []
         for directory in candidates:
             problems = self._damage(directory)
@@ -361,14 +364,16 @@ class Checkpointer:
             f"{self.root} away to start the run from the beginning."
         )
 
-    def restore(self) -> dict | None:
-        """Load the newest intact committed checkpoint into the plan; returns its trainer state."""
-        directory = self.intact_checkpoint()
+    def restore(self, before_step: int | None = None) -> dict | None:
+        """Load the newest intact committed checkpoint into the plan; returns its trainer
+        state. A rollback (`before_step`) keeps the live schedule, which is already at the
+        step the run continues from, and sets the optimizer's lr from it."""
+        directory = self.intact_checkpoint(before_step)
         if directory is None:
             return None
         state = json.loads((directory / "trainer_state.json").read_text())
         self.plan.load(directory)
-        self.plan.load_scheduler_state(state["scheduler"])
+        self.plan.load_scheduler_state(state["scheduler"] if before_step is None else self.plan.scheduler_state())
         rng_file = directory / "rng" / f"rank{self.env.rank}.pt"
         if state["world_size"] == self.env.world_size and rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=True))

@@ -29,6 +29,7 @@ from trainers.model import ModelSource, count_parameters, load_tokenizer
 from trainers.objectives import get_objective
 from trainers.peft_methods import SUPPORTS_PACKING, method_summary
 from trainers.rng import seed_everything
+from trainers.spike_guard import SpikeGuard, corrupt_targets
 from trainers.watchdog import Watchdog, allowances
 
 log = logging.getLogger("train")
@@ -119,6 +120,9 @@ def run_job(cfg, env, watchdog: Watchdog, leave_process_group: bool) -> dict:
     tokens_seen = resumed["tokens_seen"] if resumed else 0
     if resumed and env.is_main:
         log.info("resumed from %s (step %d)", resumed["path"], start)
+    guard = SpikeGuard(cfg.train.get("spike_guard"))
+    guard.load_state(resumed.get("spike_guard") if resumed else None)
+    planted = set(cfg.train.get("debug_corrupt_steps") or ())
 
     evaluator = Evaluator(cfg, plan, tokenizer, eval_seqs, eval_rows, packed) if eval_seqs else None
     metrics = MetricsLogger(run_dir, env.is_main, start, cfg.train.max_steps)
@@ -131,6 +135,8 @@ def run_job(cfg, env, watchdog: Watchdog, leave_process_group: bool) -> dict:
             t0 = time.perf_counter()
             micro, n_targets = batches.micro_batches(step, plan.dp_rank)
             micro = [collate(rows, tokenizer.pad_token_id, packed) for rows in micro]
+            if step + 1 in planted:
+                micro = corrupt_targets(micro, len(tokenizer), cfg.seed + step)
             loss_sum, real_tokens = plan.forward_backward(micro, n_targets, objective)
             loss_sum, real_tokens = all_reduce_sum([loss_sum, real_tokens], env.device)
             loss = loss_sum / n_targets
@@ -141,15 +147,33 @@ def run_job(cfg, env, watchdog: Watchdog, leave_process_group: bool) -> dict:
                     f"untouched. Lower optim.lr, or check the data and train.precision."
                 )
             lr = plan.lr
-            grad_norm = plan.step()
+            grad_norm = plan.step(skip=guard.judge(step + 1, loss))
             step += 1
             watchdog.progress(step)
             tokens_seen += int(real_tokens)
             dt = time.perf_counter() - t0
             last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens": int(real_tokens), "tokens_per_s": real_tokens / dt}
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            if guard.reason:
+                last.update(skipped=True, skip_reason=guard.reason, rows=batches.row_ids(step - 1))
+                if env.is_main:
+                    log.warning("spike guard: step %d not applied (%s); rows of its batch: %s",
+                                step, guard.reason, last["rows"])
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or guard.reason:
                 metrics.log(dict(last))
+            if guard.needs_rollback:
+                with watchdog.long("spike-guard rollback"):
+                    ckpt.wait()
+                    back = ckpt.restore(before_step=guard.streak[0])
+                if env.is_main:
+                    log.warning(
+                        "spike guard: %d steps in a row skipped (%s): %s, continuing with step %d",
+                        len(guard.streak), ", ".join(map(str, guard.streak)),
+                        f"rolled back to {back['path']} (step {back['step']})" if back else
+                        "no committed checkpoint from before them to roll back to", step + 1)
+                if back:
+                    metrics.log({"step": step, "rolled_back_to": back["step"], "skipped_steps": list(guard.streak)})
+                guard.streak = []
             if evaluator and step % cfg.train.eval_every == 0:
                 with watchdog.long("eval"):
                     last.update(evaluator.run())
@@ -157,7 +181,8 @@ def run_job(cfg, env, watchdog: Watchdog, leave_process_group: bool) -> dict:
             preempt = any_rank(stop.requested, env.device)
             if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or preempt:
                 with watchdog.long("checkpoint save"):
-                    ckpt.save(step, {"epoch": batches.epoch_of(step), "tokens_seen": tokens_seen})
+                    ckpt.save(step, {"epoch": batches.epoch_of(step), "tokens_seen": tokens_seen,
+                                     "spike_guard": guard.state()})
             if preempt:
                 with watchdog.long("checkpoint save"):
                     ckpt.wait()
