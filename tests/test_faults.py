@@ -12,7 +12,6 @@ import pytest
 
 from tests.helpers import FAST, assert_resumed_exactly, kill_tree, launch, start, summary, wait_until, worker
 
-pytestmark = pytest.mark.slow
 STEPS = 24
 
 
@@ -41,6 +40,7 @@ def flip_bytes(path: Path, offset: int = 100, n: int = 4) -> None:
         f.write(bytes(b ^ 0xFF for b in data))
 
 
+@pytest.mark.slow
 def test_damaged_checkpoints_are_skipped_for_the_newest_intact_one(tmp_path, tiny_model, reference):
     run = tmp_path / "run"
     launch(*common(tiny_model), "train.max_steps=7", "train.keep_last=3", f"hydra.run.dir={run}")
@@ -59,6 +59,7 @@ def test_damaged_checkpoints_are_skipped_for_the_newest_intact_one(tmp_path, tin
     assert {p.name for p in ckpts.glob("step_*")} == {f"step_{STEPS - 6}", f"step_{STEPS - 3}", f"step_{STEPS}"}
 
 
+@pytest.mark.slow
 def test_dead_rank_ends_the_job_in_seconds_or_restarts_the_group(tmp_path, tiny_model, reference):
     run = tmp_path / "run"
     proc = start(run, *common(tiny_model))
@@ -89,6 +90,7 @@ def test_dead_rank_ends_the_job_in_seconds_or_restarts_the_group(tmp_path, tiny_
     assert_resumed_exactly(run, reference, STEPS)
 
 
+@pytest.mark.slow
 def test_hung_rank_is_named_live_stacks_are_written_and_the_relaunch_resumes(tmp_path, tiny_model, reference):
     timeout = 20
     run = tmp_path / "run"
@@ -147,3 +149,56 @@ def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
     assert "does not match its checksum" in msg and "has 10 bytes, 1000 when committed" in msg
     (root / "step_2" / MANIFEST).unlink()
     assert ckpt.intact_checkpoint() == root / "step_2"
+
+
+def test_a_hang_on_slurm_is_requeued_like_a_preemption(tmp_path, monkeypatch):
+    """SlurmTask's hang handler (run by the rank that reported the hang), in-process with
+    scontrol replaced: requeued and counted while launcher.max_requeues allows, recorded
+    as not requeued after that."""
+    from omegaconf import OmegaConf
+
+    from launch import slurm
+
+    calls = []
+    monkeypatch.setattr(slurm, "_scontrol_state", lambda job_id: "RUNNING")
+    monkeypatch.setattr(slurm.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    cfg = OmegaConf.create({"run_dir": str(tmp_path), "launcher": {"max_requeues": 1}})
+    slurm.update_state(tmp_path, lambda s: s.update(attempts=[{"restart": 0}], requeues=0))
+    hang = {"final_step": 7, "hang": {"stopped_ranks": [1]}}
+    task = slurm.SlurmTask(str(tmp_path / "config.yaml"))
+    task._requeue_after_hang(cfg, "42", 0, hang)
+    state = slurm.read_state(tmp_path)
+    assert calls == [["scontrol", "requeue", "42"]] and state["requeues"] == 1
+    assert state["attempts"][-1] | {"ended": None} == {"restart": 0, "ended": None, "status": "hung", "step": 7,
+                                                       "requeued": True, "note": "hang watchdog: stopped ranks [1]"}
+    task._requeue_after_hang(cfg, "42", 1, hang)  # the requeued attempt hangs again
+    state = slurm.read_state(tmp_path)
+    assert len(calls) == 1 and state["requeues"] == 1
+    assert state["attempts"][-1]["requeued"] is False and "max_requeues=1 reached" in state["attempts"][-1]["note"]
+
+
+def test_watchdog_in_one_process_dumps_the_stuck_main_thread(tmp_path):
+    """No peers, no heartbeat files: the rank itself times out, writes its stacks and the
+    verdict, and exits with EXIT_HUNG (in a child process: the watchdog ends its process)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    script = (
+        "import time; from trainers.watchdog import Watchdog\n"
+        f"w = Watchdog({str(tmp_path)!r}, 0, 1, 'attempt', 1.0, 3.0, start_step=5)\n"
+        "w.progress(6)\n"
+        "def stuck_in_a_collective():\n    time.sleep(60)\n"
+        "stuck_in_a_collective()\n"
+    )
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and time.time() - t0 < 20, proc.stderr
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["status"] == "hung" and s["final_step"] == 6 and s["hang"]["stopped_ranks"] == []
+    assert "every rank is alive, so one of them is stuck" in s["error"] and "step 7" in s["error"]
+    stacks = (tmp_path / "hangs" / "attempt" / "rank-0.txt").read_text()
+    assert "in stuck_in_a_collective" in stacks and "last completed step 6" in stacks
+    assert not (tmp_path / "hangs" / "heartbeat").exists()

@@ -73,9 +73,12 @@ class Watchdog:
         self._budget = long_timeout_s
         self._stop = threading.Event()
         self._thread = None
-        if self.enabled:
+        # One process has no peer to tell it is alive: no heartbeat files then.
+        self.beating = self.enabled and world_size > 1
+        if self.beating:
             self.beats.mkdir(parents=True, exist_ok=True)
             self._beat()
+        if self.enabled:
             self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
             self._thread.start()
 
@@ -114,7 +117,8 @@ class Watchdog:
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self._beat()
+                if self.beating:
+                    self._beat()
             except OSError:  # a full or vanished disk must not kill training from here
                 pass
             with self._lock:
@@ -148,8 +152,8 @@ class Watchdog:
         self._dump_flight_recorder()
         now = time.time()
         beats = self.heartbeats()
-        stopped = sorted(r for r in range(self.world_size)
-                         if r not in beats or now - beats[r]["time"] > self.stale_after)
+        stopped = sorted(r for r in range(self.world_size) if r != self.rank and
+                         (r not in beats or now - beats[r]["time"] > self.stale_after))
         live = [r for r in range(self.world_size) if r not in stopped] or [self.rank]
         print(f"[rank{self.rank}] hang: no progress in {phase} for {waited:.0f} s; stacks in {stack_file}",
               file=sys.stderr, flush=True)
@@ -179,7 +183,7 @@ class Watchdog:
 
     def _write_summary(self, phase: str, budget: float, stopped: list[int], beats: dict) -> None:
         stacks = sorted(str(p) for p in self.folder.glob("rank-*.txt"))
-        last = {r: beats[r]["step"] for r in sorted(beats)}
+        last = dict(sorted({**{r: beat["step"] for r, beat in beats.items()}, self.rank: self._step}.items()))
         who = (f"rank(s) {', '.join(map(str, stopped))} stopped reporting (no heartbeat for "
                f"{self.stale_after:.0f} s: frozen, swapped out or dead)" if stopped else
                "every rank is alive, so one of them is stuck (see the stacks)")
