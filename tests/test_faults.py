@@ -147,6 +147,9 @@ def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
     msg = str(e.value)
     assert "No committed checkpoint" in msg and "step_4: " in msg and "step_2: " in msg
     assert "does not match its checksum" in msg and "has 10 bytes, 1000 when committed" in msg
+    (root / "step_2" / MANIFEST).write_text('{"files": ')  # cut short
+    with pytest.raises(TrainingError, match="MANIFEST.json is unreadable"):
+        ckpt.intact_checkpoint()
     (root / "step_2" / MANIFEST).unlink()
     assert ckpt.intact_checkpoint() == root / "step_2"
 
