@@ -138,6 +138,13 @@ class DeepSpeedZero(Plan):
         stage = p.get("stage")
         if stage not in (1, 2, 3):
             return f"parallel.stage={stage!r} must be 1, 2 or 3 (use parallel=zero1, zero2, zero3 or zero3_offload)."
+        if (cfg.train.get("spike_guard") or {}).get("enabled"):
+            return (
+                "train.spike_guard is not available under DeepSpeed yet: the engine computes the "
+                "gradient norm inside its own step, so the guard cannot decide before the update "
+                "is applied. Use parallel=fsdp2 (or ddp, pipeline) with the guard, or "
+                "train.spike_guard.enabled=false."
+            )
         if p.get("offload_param") and stage != 3:
             return (
                 f"parallel.offload_param=true needs ZeRO stage 3, but parallel.stage={stage}: only "
@@ -350,12 +357,6 @@ class DeepSpeedZero(Plan):
         )
         if load_path is None:
             raise TrainingError(f"DeepSpeed could not load the checkpoint in {Path(directory) / tag}.")
-
-    def load_scheduler_state(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state)
-        # The optimizer's lr must be what the scheduler says for the next step.
-        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
 
     # ----------------------------------------------------------------------- export
     def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
