@@ -126,13 +126,13 @@ def main(plan_name: str, model_dir: str, out: str, steps: int, data: str | None 
     batches, _ = training_batches(cfg, tokenizer, plan.dp_world)
     seed_everything(cfg.seed)
     plan.prepare(ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed, cfg.train))
-    objective = get_objective(cfg.objective.name)
+    objective = get_objective(cfg.objective)
     expected = plan.expected_state_bytes()
     times, toks, losses, snap = [], [], [], None
     for step in range(steps):
         t0 = time.perf_counter()
         micro, n_targets = batches.micro_batches(step, plan.dp_rank)
-        loss_sum, real = plan.forward_backward(micro, n_targets, objective)
+        loss_sum, real, _ = plan.forward_backward(micro, n_targets, objective)
         loss_sum, real = all_reduce_sum([loss_sum, real], env.device)
         t_fb = time.perf_counter()
         if step == steps - 1:

@@ -148,19 +148,19 @@ def run_ac_mode(model_dir: Path, run_dir: Path, on: bool, args) -> dict:
     batches, _ = training_batches(cfg, tokenizer, 1)
     seed_everything(cfg.seed)
     plan.prepare(ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed, cfg.train))
-    objective = get_objective(cfg.objective.name)
+    objective = get_objective(cfg.objective)
     rec = {"mode": "on" if on else "off", "params": count_parameters(plan.inner)[1], "losses": [], "step_s": [],
            "cpu_s": [], "tokens": []}
     for step in range(args.steps):
         micro, n_targets = batches.micro_batches(step, 0)
         if step == 0:
             with SavedForBackward(plan.inner.parameters()) as saved, RssPeak() as rss:
-                loss_sum, real = plan.forward_backward(micro, n_targets, objective)
+                loss_sum, real, _ = plan.forward_backward(micro, n_targets, objective)
             rec["saved_bytes"], rec["rss_bytes"] = saved.bytes, rss.bytes
             rec["seq_shape"] = list(micro[0]["input_ids"].shape)
         else:
             t0, c0 = time.perf_counter(), time.process_time()
-            loss_sum, real = plan.forward_backward(micro, n_targets, objective)
+            loss_sum, real, _ = plan.forward_backward(micro, n_targets, objective)
             rec["step_s"].append(time.perf_counter() - t0)
             rec["cpu_s"].append(time.process_time() - c0)
             rec["tokens"].append(int(real))

@@ -12,10 +12,11 @@ from trainers.errors import UserError
 from trainers.neftune import check_alpha
 from trainers.lm_loss import chunk_tokens_for
 from trainers.optim import SCHEDULES
+from trainers.rows import FORMATS, KIND_FORMATS
 
 CHOICES = {
     "data.on_bad_row": ("error", "skip"),
-    "data.format": ("auto", "messages", "prompt_completion"),
+    "data.format": FORMATS,
     "optim.schedule": SCHEDULES,
     "train.precision": ("auto", "fp32", "bf16"),
     "train.checkpoint.mode": ("async", "sync"),
@@ -76,6 +77,7 @@ def check_values(cfg: DictConfig) -> None:
     if num_proc != "auto" and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
         raise UserError(f"data.num_proc={num_proc!r} must be auto or a positive integer (tokenizer processes).")
     check_alpha(cfg.train.get("neftune_alpha"))
+    check_objective(cfg)
     lr = cfg.optim.lr
     if not isinstance(lr, (int, float)) or not 0 < lr < 1:
         raise UserError(f"optim.lr={lr!r} must be a number between 0 and 1 (e.g. 2e-4).")
@@ -111,6 +113,30 @@ def check_spike_guard(train: DictConfig) -> None:
     planted = train.get("debug_corrupt_steps") or []
     if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in planted):
         raise UserError(f"train.debug_corrupt_steps={list(planted)!r} must be a list of step numbers (1 or more).")
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """The objective's knobs, and whether the data format and method suit it."""
+    from trainers.objectives import OBJECTIVE_ROWS, check_knobs
+
+    check_knobs(cfg.objective)
+    name, fmt = cfg.objective.name, cfg.data.format
+    kind = OBJECTIVE_ROWS[name]
+    if fmt != "auto" and fmt not in KIND_FORMATS[kind]:
+        takes = [o for o, k in OBJECTIVE_ROWS.items() if fmt in KIND_FORMATS[k]]
+        raise UserError(
+            f"data.format={fmt} is read by objective={'|'.join(takes)}, not objective={name}, which reads "
+            f"data.format={'|'.join(KIND_FORMATS[kind])} (or auto). Pick the objective that matches the data, "
+            f"e.g. `objective=dpo data=reverse_pref`, `objective=kto data=reverse_kto` or `objective=sft data=reverse`."
+        )
+    if name == "kto" and cfg.method.peft is None:
+        raise UserError(
+            f"objective=kto with method={cfg.method.name}: KTO's reference point compares policy and reference on "
+            f"mismatched prompt/completion pairs that change every step, so the reference log-probs cannot be "
+            f"computed once before training, and a second model in memory is what this launcher avoids. Use a "
+            f"PEFT method (method=lora, qlora, dora, ...; the reference is then the base with the adapter "
+            f"disabled), or objective=dpo with method=full."
+        )
 
 
 def check(cfg: DictConfig) -> None:

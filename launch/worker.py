@@ -34,11 +34,19 @@ def return_freed_memory() -> None:
     model, an FSDP2 rank's forward grew RSS by 1.4 GiB for 0.55 GiB of activations (the
     sharded plans held more host memory than the single process), and activation
     checkpointing kept 0.34 GiB it had freed. A fixed threshold keeps what a rank holds
-    equal to what it uses."""
+    equal to what it uses.
+
+    The price is CPU time: every block of 128 KiB or more is a fresh mmap whose pages
+    fault in on first touch. On the bundled tiny model on CPU, a DPO micro-batch of 16
+    pairs (forward, reference forward, backward) took 0.25 CPU-s with a 4 MiB threshold
+    and 0.6-0.8 CPU-s with 128 KiB, TRL's code the same way (measured back to back in one
+    process; bench/results/preference_vs_trl.md).
+    LLM_LAUNCHER_MMAP_THRESHOLD=BYTES sets another fixed threshold."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD
+        threshold = int(os.environ.get("LLM_LAUNCHER_MMAP_THRESHOLD", 1 << 17))
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: its allocator decides
         pass
 

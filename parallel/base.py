@@ -149,19 +149,26 @@ class Plan:
         """Skip gradient communication on all but the last micro-batch of a step."""
         return contextlib.nullcontext()
 
-    def forward_backward(self, micro_batches: list[dict], n_targets: int, objective) -> tuple[float, int]:
+    def forward_backward(self, micro_batches: list[dict], count: int, objective) -> tuple[float, int, dict]:
         """Forward and backward over this rank's micro-batches of one optimizer step.
 
-        Returns this rank's summed token loss and real (non-padding) token count; the loop
-        sums both over ranks. Plans with their own schedule (pipeline) override this."""
-        loss_sum, tokens = 0.0, 0
+        `count` is what the objective's loss sum is divided by over the whole global batch
+        (target tokens, pairs or rows: `objective.unit`). Returns this rank's loss sum, real
+        (non-padding) token count and metric sums; the loop sums them over ranks. Plans with
+        their own schedule (pipeline) override this."""
+        if objective.prepare is not None:  # a global-batch quantity (ORPO, KTO): same forwards on every rank
+            with self.autocast():
+                objective.prepare(self.model, micro_batches, self.env.device)
+        loss_sum, tokens, sums = 0.0, 0, {}
         for i, batch in enumerate(micro_batches):
             with self.no_sync(i < len(micro_batches) - 1), self.autocast():
-                ce = objective(self.model, batch, self.env.device)
-            self.backward(ce / n_targets)
-            loss_sum += float(ce.detach())
+                loss, metrics = objective(self.model, batch, self.env.device)
+            self.backward(loss / count)
+            loss_sum += float(loss.detach())
             tokens += batch["n_real_tokens"]
-        return loss_sum, tokens
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return loss_sum, tokens, sums
 
     def backward(self, loss: torch.Tensor) -> None:
         """`loss` is this micro-batch's share of the global-batch mean. Plans that average

@@ -284,7 +284,11 @@ class Pipeline(Plan):
             return (f"{why}. Use method=lora (or dora, rslora, loraplus, ia3, full) with the pipeline, "
                     f"or parallel=ddp / fsdp2 for method={m.name}.")
         if cfg.objective.name != "sft":
-            return f"objective={cfg.objective.name!r}: the pipeline's last stage computes only the sft loss."
+            return (f"objective={cfg.objective.name} is not trained by the pipeline: its last stage computes "
+                    f"only the token cross-entropy of each pipeline micro-batch, while a preference objective "
+                    f"needs per-sequence log-probs of chosen and rejected together, a reference pass (adapter "
+                    f"disabled) in the same schedule and, for orpo/kto, a pre-pass over the global batch. Use "
+                    f"parallel=ddp, fsdp2 or zero1/zero2/zero3 for objective={cfg.objective.name}.")
         return cls._refuse_model(cfg, stages * VIRTUAL_STAGES[schedule])
 
     @classmethod
@@ -492,7 +496,7 @@ class Pipeline(Plan):
         return out if self.has_last else None
 
     # ------------------------------------------------------------------- train step
-    def forward_backward(self, micro_batches: list[dict], n_targets: int, objective) -> tuple[float, int]:
+    def forward_backward(self, micro_batches: list[dict], n_targets: int, objective) -> tuple[float, int, dict]:
         batch = stack_micro_batches(micro_batches)
         self._n_targets = n_targets
         self._ce_sums = []
@@ -502,8 +506,8 @@ class Pipeline(Plan):
             # The first step of a new shape also calls loss_fn once on placeholder tensors
             # (the schedule's shape inference): keep only the real micro-batches' sums.
             real = self._ce_sums[-self.cfg.parallel.microbatches :]
-            return math.fsum(real), batch["n_real_tokens"]
-        return 0.0, 0
+            return math.fsum(real), batch["n_real_tokens"], {}
+        return 0.0, 0, {}
 
     def _grads(self) -> list[torch.Tensor]:
         for p in self._trainable:

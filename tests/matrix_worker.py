@@ -1,10 +1,15 @@
 """Runs many (plan, method) cells in the same 2 workers, so the full compatibility
-matrix costs one process start instead of one per cell. Started by test_matrix.py with
-`python -m torch.distributed.run --nproc_per_node 2 tests/matrix_worker.py OUT CELLS...`."""
+matrix costs one process start instead of one per cell. Started by test_matrix.py (and
+test_preference_plans.py) with
+`python -m torch.distributed.run --nproc_per_node 2 tests/matrix_worker.py OUT MODEL DATA CELLS...`.
+
+A cell is `plan:method`, optionally followed by `|override|override...` (Hydra overrides
+applied after the cell's defaults, e.g. `ddp:lora|objective=dpo|data.train=PATH`)."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -25,6 +30,17 @@ def cell_overrides(plan: str, method: str, model: str, data: str) -> list[str]:
     ] + (["parallel.microbatches=2", "train.grad_accum=2"] if plan == "pipeline" else [])
 
 
+def parse_cell(cell: str) -> tuple[str, str, list[str]]:
+    head, *extra = cell.split("|")
+    plan, method = head.split(":")
+    return plan, method, extra
+
+
+def cell_dir(cell: str) -> str:
+    """The cell's run directory name under OUT: `plan-method` for plain cells."""
+    return re.sub(r"[^\w.=-]+", "_", cell.replace(":", "-").replace("|", "+"))[:120]
+
+
 def main(out: Path, model: str, data: str, cells: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
@@ -38,10 +54,10 @@ def main(out: Path, model: str, data: str, cells: list[str]) -> None:
     register_resolvers()
     results = {}
     for cell in cells:
-        plan, method = cell.split(":")
-        overrides = cell_overrides(plan, method, model, data)
+        plan, method, extra = parse_cell(cell)
+        overrides = cell_overrides(plan, method, model, data) + extra
         with initialize_config_dir(str(REPO / "conf"), version_base=None):
-            cfg = finalize(compose("config", overrides=overrides), str(out / f"{plan}-{method}"))
+            cfg = finalize(compose("config", overrides=overrides), str(out / cell_dir(cell)))
         try:
             summary = train(cfg, leave_process_group=True)
             results[cell] = {"status": summary["status"]}

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from launch.config import register_resolvers
 from parallel import PLANS, plan_class
 from tests.helpers import REPO, losses
-from tests.matrix_worker import cell_overrides
+from tests.matrix_worker import cell_dir, cell_overrides
 
 pytestmark = pytest.mark.slow
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
@@ -55,5 +55,5 @@ def test_every_accepted_pair_trains_and_every_refusal_explains(tmp_path, tiny_mo
     failed = {c: r for c, r in results.items() if r["status"] != "completed"}
     assert not failed, "\n\n".join(f"{c}: {r['error']}" for c, r in failed.items())
     for cell in cells:
-        curve = losses(out / cell.replace(":", "-"))
+        curve = losses(out / cell_dir(cell))
         assert curve[4] < curve[1], (cell, curve)

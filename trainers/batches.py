@@ -13,6 +13,12 @@ share, the share of a step never goes negative (no Alabama paradox), and the num
 rows source k supplied before step s is computed directly, so step s needs no history.
 Within a source, rows come in a fresh seeded permutation per pass over it (its epoch),
 evaluated index by index (`Shuffle`), so not even the order costs memory per row.
+
+Preference data: a batch row is a pair (its chosen and rejected examples become two
+sequences of the micro-batch, never packed) or, for KTO, one example plus its
+mismatched sequence: the row's prompt with the completion of the row before it in the
+global batch (the first row takes the last row's), TRL's rotation by one applied to the
+global batch, so the KL estimate does not depend on how the batch is split.
 """
 from __future__ import annotations
 
@@ -38,24 +44,36 @@ class BatchLayout:
 
 
 class Source:
-    """One dataset as batch rows: a row is a bin of packed examples, or one example."""
+    """One dataset as batch rows: a row is a bin of packed examples, one example, or a
+    preference pair (two examples: chosen at 2i, rejected at 2i+1).
+
+    `reference` (set by trainers/reference.py for method=full) holds the reference model's
+    summed completion log-prob of every example, computed once before training."""
 
     def __init__(self, name: str, store: TokenStore, weight: float = 1.0,
                  bins: tuple[np.ndarray, np.ndarray] | None = None):
         self.name, self.store, self.weight = name, store, float(weight)
         self.order, self.offsets = bins if bins is not None else (None, None)
+        self.per_row = store.per_row
+        self.reference: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.store) if self.order is None else len(self.offsets) - 1
+        return len(self.store) // self.per_row if self.order is None else len(self.offsets) - 1
 
     def examples(self, row: int) -> np.ndarray:
         if self.order is None:
-            return np.array([row])
+            return np.arange(row * self.per_row, (row + 1) * self.per_row)
         return self.order[int(self.offsets[row]) : int(self.offsets[row + 1])]
 
     def length(self, row: int) -> int:
+        return sum(self.sequence_lengths(row))
+
+    def sequence_lengths(self, row: int) -> list[int]:
+        """Lengths of the sequences the row becomes in a micro-batch: one (an example or a
+        packed bin), or two for a pair."""
         off = self.store.offsets
-        return int(sum(off[e + 1] - off[e] for e in self.examples(row)))
+        lengths = [int(off[e + 1] - off[e]) for e in self.examples(row)]
+        return lengths if self.per_row > 1 else [sum(lengths)]
 
     def targets(self, row: int) -> int:
         return int(sum(int(self.store.targets[e]) for e in self.examples(row)))
@@ -147,9 +165,15 @@ class Mixture:
 
 
 class GlobalBatches:
-    def __init__(self, sources: list[Source], layout: BatchLayout, seed: int, pad_id: int, packed: bool):
+    def __init__(self, sources: list[Source], layout: BatchLayout, seed: int, pad_id: int, packed: bool,
+                 max_len: int | None = None):
         self.sources, self.layout, self.seed = sources, layout, seed
-        self.pad_id, self.packed = pad_id, packed
+        self.pad_id, self.packed, self.max_len = pad_id, packed, max_len
+        kinds = {s.store.kind for s in sources}
+        if len(kinds) > 1:
+            raise UserError(f"data.train mixes row kinds {sorted(kinds)}; every source of a run must hold the rows "
+                            f"its objective reads.")
+        self.kind = kinds.pop()
         self.mixture = Mixture([s.weight for s in sources])
         total = sum(len(s) for s in sources)
         if total < layout.rows_per_step:
@@ -187,35 +211,85 @@ class GlobalBatches:
         out = []
         for k, r in self.rows(step):
             src = self.sources[k]
-            out += [f"{src.name}:{int(src.store.rows[e])}" for e in src.examples(r)]
+            out += [f"{src.name}:{int(src.store.rows[e])}" for e in src.examples(r)[:: src.per_row]]
         return out
 
     # ----------------------------------------------------------------- the tensors
-    def micro_batches(self, step: int, dp_rank: int) -> tuple[list[dict], int]:
-        """This rank's collated micro-batches for `step`, and the target-token count of
-        the whole global batch (every rank computes it locally: no collective needed)."""
+    def micro_batches(self, step: int, dp_rank: int, unit: str = "targets") -> tuple[list[dict], int]:
+        """This rank's collated micro-batches for `step`, and what the step's loss sum is
+        divided by: the target-token count of the whole global batch (unit "targets") or
+        its number of rows (unit "rows": pairs, KTO rows). Every rank computes it locally:
+        no collective needed."""
         rows = self.rows(step)
-        n_targets = sum(self.sources[k].targets(r) for k, r in rows)
+        count = sum(self.sources[k].targets(r) for k, r in rows) if unit == "targets" else len(rows)
         mb, per_rank = self.layout.micro_batch_size, self.layout.micro_batch_size * self.layout.grad_accum
-        mine = rows[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        return [self.collate(mine[i : i + mb]) for i in range(0, per_rank, mb)], n_targets
+        lo = dp_rank * per_rank
+        partners = rows[-1:] + rows[:-1] if self.kind == "unpaired" else None  # KTO's mismatched completions
+        return [self.collate(rows[lo + i : lo + i + mb], partners=partners and partners[lo + i : lo + i + mb])
+                for i in range(0, per_rank, mb)], count
 
     def stats(self, step: int) -> dict:
         """Tokens each source supplied to the step, and the fraction of computed
         positions that were padding (over every rank's micro-batches)."""
         rows = self.rows(step)
         mb = self.layout.micro_batch_size
-        lengths = [self.sources[k].length(r) for k, r in rows]
-        padded = sum(max(lengths[i : i + mb]) * len(lengths[i : i + mb]) for i in range(0, len(lengths), mb))
-        out = {"padding_fraction": 1 - sum(lengths) / padded}
+        seqs = [self.sources[k].sequence_lengths(r) for k, r in rows]
+        padded = 0
+        for i in range(0, len(seqs), mb):
+            group = [n for row in seqs[i : i + mb] for n in row]
+            padded += max(group) * len(group)
+        out = {"padding_fraction": 1 - sum(map(sum, seqs)) / padded}
         for s in self.sources:
             out[f"tokens/{s.name}"] = 0
-        for (k, _), n in zip(rows, lengths):
-            out[f"tokens/{self.sources[k].name}"] += n
+        for (k, _), row in zip(rows, seqs):
+            out[f"tokens/{self.sources[k].name}"] += sum(row)
         return out
 
-    def collate(self, items: list[tuple[int, int]], keep: list[bool] | None = None) -> dict:
-        return collate([self.sources[k].tensors(r) for k, r in items], self.pad_id, self.packed, keep)
+    def collate(self, items: list[tuple[int, int]], keep: list[bool] | None = None,
+                partners: list[tuple[int, int]] | None = None) -> dict:
+        if self.kind == "sft":
+            return collate([self.sources[k].tensors(r) for k, r in items], self.pad_id, self.packed, keep)
+        return collate_preference(self.sources, items, self.pad_id, keep, partners, self.max_len)
+
+
+def completion_start(mask: np.ndarray) -> int:
+    """Where a preference/KTO example's completion begins (its one target span)."""
+    hits = np.flatnonzero(mask)
+    return int(hits[0]) if len(hits) else len(mask)
+
+
+def _sequences(parts: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    return [(ids.astype(np.int64), labels_of(ids, mask), np.arange(len(ids))) for ids, mask in parts]
+
+
+def collate_preference(sources: list[Source], items: list[tuple[int, int]], pad_id: int,
+                       keep: list[bool] | None = None, partners: list[tuple[int, int]] | None = None,
+                       max_len: int | None = None) -> dict:
+    """A micro-batch of pairs (sequences chosen_0, rejected_0, chosen_1, ...) or KTO rows.
+
+    Keys besides collate's: `keep` (one flag per pair / row; evaluation pads short shards
+    with rows that are computed but not counted), `ref_logps` (per sequence, when the
+    reference was precomputed), `desirable` (KTO) and `kl_batch` (KTO: the mismatched
+    sequences, prompt of row i + completion of `partners[i]`, collated the same way)."""
+    examples = [(k, int(e)) for k, r in items for e in sources[k].examples(r)]
+    batch = collate(_sequences([sources[k].store.example(e) for k, e in examples]), pad_id, packed=False)
+    batch["keep"] = torch.tensor(keep if keep is not None else [True] * len(items), dtype=torch.bool)
+    if all(sources[k].reference is not None for k, _ in examples):
+        batch["ref_logps"] = torch.tensor([float(sources[k].reference[e]) for k, e in examples], dtype=torch.float32)
+    if partners is not None:
+        batch["desirable"] = torch.tensor([bool(sources[k].store.desirable[e]) for k, e in examples])
+        mismatched = []
+        for (k, e), (pk, pr) in zip(examples, partners):
+            ids, mask = sources[k].store.example(e)
+            p_ids, p_mask = sources[pk].store.example(int(sources[pk].examples(pr)[0]))
+            start, p_start = completion_start(mask), completion_start(p_mask)
+            seq = (np.concatenate([ids[:start], p_ids[p_start:]]), np.concatenate([mask[:start], p_mask[p_start:]]))
+            if max_len is not None:
+                seq = (seq[0][:max_len], seq[1][:max_len])
+            mismatched.append(seq)
+        batch["kl_batch"] = collate(_sequences(mismatched), pad_id, packed=False)
+        batch["kl_batch"]["keep"] = batch["keep"]
+    return batch
 
 
 def collate(seqs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], pad_id: int, packed: bool,

@@ -74,8 +74,17 @@ def parse_sources(value, key: str) -> list[SourceSpec]:
     return specs
 
 
+def row_kind(cfg) -> str:
+    """The kind of row the objective reads (trainers.rows.ROW_KINDS)."""
+    from trainers.objectives import OBJECTIVE_ROWS, check_objective_name
+
+    check_objective_name(cfg.objective.name)
+    return OBJECTIVE_ROWS[cfg.objective.name]
+
+
 def is_packed(cfg) -> bool:
-    return bool(cfg.data.packing) and cfg.method.peft in SUPPORTS_PACKING
+    """Packing is for SFT rows: preference objectives score each sequence on its own."""
+    return bool(cfg.data.packing) and cfg.method.peft in SUPPORTS_PACKING and row_kind(cfg) == "sft"
 
 
 def cache_root(cfg) -> Path:
@@ -112,11 +121,12 @@ def prepare_data(cfg, tokenizer) -> tuple[dict, list[DataReport]]:
     """Validate, tokenize and pack every source (or find it cached). Returns what the
     workers open (saved in the run's config as data.prepared) and one report per file."""
     root = cache_root(cfg)
+    kind = row_kind(cfg)
     prepared: dict = {"train": [], "eval": []}
     reports = []
     for split in ("train", "eval"):
         for spec in parse_sources(cfg.data.get(split), f"data.{split}"):
-            folder, built = ensure(spec.path, tokenizer, cfg.data, root)
+            folder, built = ensure(spec.path, tokenizer, cfg.data, root, kind)
             if is_packed(cfg):
                 _ensure_bins(folder, int(cfg.data.max_seq_len))
             report = TokenStore(folder).report()
@@ -155,4 +165,5 @@ def training_batches(cfg, tokenizer, dp_world: int) -> tuple[GlobalBatches, Trai
     """The (seed, step) batch order over the opened training sources."""
     data = open_data(cfg, tokenizer)
     layout = BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, dp_world)
-    return GlobalBatches(data.train, layout, cfg.seed, tokenizer.pad_token_id, data.packed), data
+    return GlobalBatches(data.train, layout, cfg.seed, tokenizer.pad_token_id, data.packed,
+                         int(cfg.data.max_seq_len)), data

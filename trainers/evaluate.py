@@ -1,4 +1,11 @@
-"""Held-out evaluation: token-mean loss and the task metric (exact match of generations).
+"""Held-out evaluation: the objective's loss, its metrics and the task metric (exact match
+of generations).
+
+With a preference objective the loss is the mean over held-out pairs (KTO: rows) and the
+metrics are TRL's, prefixed `eval_`: `eval_rewards/accuracies` is the held-out preference
+accuracy (the fraction of pairs whose chosen answer gains more reward than the rejected
+one). Exact match generates from each pair's prompt and compares with the chosen answer
+(KTO: the desirable rows' completions).
 
 Rows are sharded over data-parallel ranks with equal counts (short shards are padded
 with weight-0 rows) because sharded plans (FSDP2, ZeRO-3) need every rank to run the
@@ -10,10 +17,10 @@ import math
 
 import torch
 
-from trainers.batches import Source, collate
+from trainers.batches import Source, collate, collate_preference
 from trainers.distributed import all_reduce_sum
 from trainers.objectives import get_objective
-from trainers.rows import read_rows
+from trainers.rows import answer_text, read_rows
 
 
 def _shard(items, rank: int, world: int) -> list[tuple[object, float]]:
@@ -23,6 +30,12 @@ def _shard(items, rank: int, world: int) -> list[tuple[object, float]]:
 
 
 def prompt_and_answer(row: dict, tokenizer) -> tuple[list[int], str]:
+    if "chosen" in row or "label" in row:  # preference / KTO rows: the prompt and the preferred answer
+        answer = answer_text(row["chosen"] if "chosen" in row else row["completion"])
+        if isinstance(row["prompt"], list):
+            text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+            return tokenizer(text, add_special_tokens=False)["input_ids"], answer
+        return tokenizer(row["prompt"])["input_ids"], answer
     if "messages" in row:
         msgs = row["messages"]
         text = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
@@ -42,32 +55,61 @@ class Evaluator:
         self.tokenizer = tokenizer
         self.sets = sets
         self.packed = packed
-        self.objective = get_objective(cfg.objective.name)
+        self.objective = get_objective(cfg.objective)
         self._rows: dict[str, list[dict]] = {}
 
     def generation_rows(self, source: Source) -> list[dict]:
-        """The first data.metric_rows kept rows, read back from the file by row number."""
+        """The first data.metric_rows kept rows (KTO: desirable rows), read back from the
+        file by row number."""
         if source.name not in self._rows:
-            wanted = [int(n) for n in source.store.rows[: self.cfg.data.metric_rows]]
+            numbers = source.store.rows[:: source.per_row]
+            if source.store.kind == "unpaired":
+                numbers = numbers[source.store.desirable.astype(bool)]
+            wanted = [int(n) for n in numbers[: self.cfg.data.metric_rows]]
             found = dict(read_rows(source.store.meta["path"], set(wanted))) if wanted else {}
             self._rows[source.name] = [found[n] for n in wanted if n in found]
         return self._rows[source.name]
 
-    @torch.no_grad()
-    def loss(self, source: Source) -> float:
-        env, plan = self.plan.env, self.plan
-        mb = self.cfg.train.micro_batch_size
-        shard = _shard(range(len(source)), plan.dp_rank, plan.dp_world)
-        total = count = 0.0
+    def _batches(self, source: Source, shard: list[tuple[int, float]]) -> list[dict]:
+        mb, pad = self.cfg.train.micro_batch_size, self.tokenizer.pad_token_id
+        out = []
         for k in range(0, len(shard), mb):
             chunk = shard[k : k + mb]
-            batch = collate([source.tensors(r) for r, _ in chunk], self.tokenizer.pad_token_id, self.packed,
-                            keep=[bool(w) for _, w in chunk])
+            keep = [bool(w) for _, w in chunk]
+            if source.store.kind == "sft":
+                out.append(collate([source.tensors(r) for r, _ in chunk], pad, self.packed, keep=keep))
+                continue
+            # KTO's mismatched completions: rotation by one over the whole held-out set
+            partners = [(0, (r - 1) % len(source)) for r, _ in chunk] if source.store.kind == "unpaired" else None
+            out.append(collate_preference([source], [(0, r) for r, _ in chunk], pad, keep, partners,
+                                          int(self.cfg.data.max_seq_len)))
+        return out
+
+    @torch.no_grad()
+    def loss(self, source: Source) -> dict:
+        """{"eval_loss": ..., "eval_<metric>": ...} over the whole set (all ranks)."""
+        env, plan = self.plan.env, self.plan
+        shard = _shard(range(len(source)), plan.dp_rank, plan.dp_world)
+        batches = self._batches(source, shard)
+        if self.objective.prepare is not None:
             with plan.autocast():
-                total += float(self.objective(plan.eval_model, batch, env.device))
-            count += sum(source.targets(r) for r, w in chunk if w)
-        total, count = all_reduce_sum([total, count], env.device)
-        return total / max(count, 1.0)
+                self.objective.prepare(plan.eval_model, batches, env.device)
+        total, sums = 0.0, {}
+        for batch in batches:
+            with plan.autocast():
+                loss, metrics = self.objective(plan.eval_model, batch, env.device)
+            total += float(loss)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        if self.objective.unit == "targets":
+            count = sum(source.targets(r) for r, w in shard if w)
+        else:
+            count = sum(1 for _, w in shard if w)
+        names = sorted(sums)
+        total, count, *values = all_reduce_sum([total, count, *(sums[k] for k in names)], env.device)
+        out = {"eval_loss": total / max(count, 1.0)}
+        out.update({f"eval_{k}": v for k, v in self.objective.finalize(dict(zip(names, values)), count).items()})
+        return out
 
     @torch.no_grad()
     def exact_match(self, source: Source) -> float:
@@ -111,7 +153,7 @@ class Evaluator:
         try:
             out = {}
             for i, source in enumerate(self.sets):
-                scores = {"eval_loss": self.loss(source), "eval_exact_match": self.exact_match(source)}
+                scores = {**self.loss(source), "eval_exact_match": self.exact_match(source)}
                 if i == 0:
                     out.update(scores)
                 if len(self.sets) > 1:

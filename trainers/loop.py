@@ -3,9 +3,11 @@
     data -> model -> plan.prepare -> resume -> [step: micro-batches -> backward -> step
     -> log -> eval -> checkpoint] -> final eval -> export -> summary
 
-A step's loss is the sum of token losses over the whole global batch divided by its
-target-token count; each micro-batch contributes its share, so splitting the batch over
-micro-batches, accumulation steps or ranks changes speed and memory but not the numbers.
+A step's loss is the objective's loss summed over the whole global batch divided by the
+batch's count in the objective's unit (target tokens for SFT, pairs or rows for the
+preference objectives); each micro-batch contributes its share, so splitting the batch
+over micro-batches, accumulation steps or ranks changes speed and memory but not the
+numbers. The objective's metrics (TRL's rewards/*, logps/*) are sums divided the same way.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from trainers.metrics import MetricsLogger, plot_losses, write_summary
 from trainers.model import ModelSource, count_parameters, load_tokenizer
 from trainers.objectives import get_objective
 from trainers.peft_methods import method_summary
+from trainers.reference import precompute_reference
 from trainers.rng import seed_everything
 from trainers.spike_guard import SpikeGuard, corrupt_targets
 from trainers.watchdog import Watchdog, allowances
@@ -76,11 +79,15 @@ def run_job(cfg, env, watchdog: Watchdog, leave_process_group: bool) -> dict:
 
     tokenizer = load_tokenizer(cfg.model)
     plan = build_plan(cfg, env)
+    objective = get_objective(cfg.objective)
     batches, data = training_batches(cfg, tokenizer, plan.dp_world)
     seed_everything(cfg.seed)  # every rank builds identical initial weights
     source = ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed, cfg.train)
     plan.prepare(source)
-    objective = get_objective(cfg.objective.name)
+    if objective.reference and cfg.method.peft is None:
+        # before a resume loads a checkpoint: the reference is the initial model
+        precompute_reference(plan, data.train + data.eval, run_dir, cfg.train.micro_batch_size,
+                             tokenizer.pad_token_id)
     trainable, total = count_parameters(plan.inner)
     if env.is_main:
         for r in data.reports:
@@ -116,12 +123,14 @@ def run_job(cfg, env, watchdog: Watchdog, leave_process_group: bool) -> dict:
             metrics.log({"step": 0, **evaluator.run()})  # (start-up allowance still running)
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
-            micro, n_targets = batches.micro_batches(step, plan.dp_rank)
+            micro, count = batches.micro_batches(step, plan.dp_rank, objective.unit)
             if step + 1 in planted:
                 micro = corrupt_targets(micro, len(tokenizer), cfg.seed + step)
-            loss_sum, real_tokens = plan.forward_backward(micro, n_targets, objective)
-            loss_sum, real_tokens = all_reduce_sum([loss_sum, real_tokens], env.device)
-            loss = loss_sum / n_targets
+            loss_sum, real_tokens, sums = plan.forward_backward(micro, count, objective)
+            names = sorted(sums)
+            loss_sum, real_tokens, *values = all_reduce_sum([loss_sum, real_tokens, *(sums[k] for k in names)],
+                                                            env.device)
+            loss = loss_sum / count
             if not math.isfinite(loss):
                 raise TrainingError(
                     f"The loss became {loss} at step {step + 1} (lr {plan.lr:.3g}). Training "
@@ -135,7 +144,8 @@ def run_job(cfg, env, watchdog: Watchdog, leave_process_group: bool) -> dict:
             tokens_seen += int(real_tokens)
             dt = time.perf_counter() - t0
             last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                    "tokens": int(real_tokens), "tokens_per_s": real_tokens / dt, **batches.stats(step - 1)}
+                    "tokens": int(real_tokens), "tokens_per_s": real_tokens / dt, **batches.stats(step - 1),
+                    **objective.finalize(dict(zip(names, values)), count)}
             if guard.reason:
                 last.update(skipped=True, skip_reason=guard.reason, rows=batches.row_ids(step - 1))
                 if env.is_main:
@@ -201,6 +211,8 @@ def run_job(cfg, env, watchdog: Watchdog, leave_process_group: bool) -> dict:
             "trainable_params": trainable, "tokens_seen": tokens_seen,
             "wall_time_s": round(time.time() - t_start, 2), "error": error,
         }
+        if "eval_rewards/accuracies" in last:  # preference objectives: held-out preference accuracy
+            summary["final_eval_preference_accuracy"] = last["eval_rewards/accuracies"]
         if env.is_main:
             plot_losses(run_dir)
             write_summary(run_dir, summary)

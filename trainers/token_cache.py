@@ -1,10 +1,13 @@
 """Tokenize a dataset once per version; every later run, rank and requeue memory-maps it.
 
-A cache entry is a folder of flat arrays: all kept rows' token ids back to back, their
-loss masks, an offsets array, the source row numbers and, once packed, the bins. Its
-name is a hash of everything that changes the tokens: the data file's bytes, the
-tokenizer (vocabulary, merges, special tokens, chat template), the library versions
-that tokenize, and the data settings. Nothing is ever updated in place: a build writes
+A cache entry is a folder of flat arrays: all kept examples' token ids back to back,
+their loss masks, an offsets array, the source row numbers, a desirable flag per example
+(KTO's label) and, once packed, the bins. A preference pair is two consecutive examples
+(chosen, then rejected) with the same row number. Its name is a hash of everything that
+changes the tokens: the data file's bytes, the tokenizer (vocabulary, merges, special
+tokens, chat template), the library versions that tokenize, the data settings, and the
+kind of row the objective reads (trainers.rows.ROW_KINDS: it decides the fields and the
+tokenization conventions). Nothing is ever updated in place: a build writes
 a temporary folder and renames it, so a killed build leaves no entry a reader could
 mistake for a complete one.
 
@@ -35,8 +38,9 @@ from trainers.rows import EncodedChunk, encode_chunk, missing_file_error, read_r
 log = logging.getLogger("data")
 
 # Bump when the layout or the tokenization rules change: old entries are then ignored.
-CACHE_VERSION = 3
-ARRAYS = {"ids": np.int32, "mask": np.uint8, "offsets": np.int64, "rows": np.int64, "targets": np.int32}
+CACHE_VERSION = 4
+ARRAYS = {"ids": np.int32, "mask": np.uint8, "offsets": np.int64, "rows": np.int64, "targets": np.int32,
+          "desirable": np.uint8}
 # Below this many bytes of input a pool of tokenizer processes costs more than it saves.
 PARALLEL_MIN_BYTES = 4 << 20
 
@@ -50,9 +54,11 @@ class DataReport:
     truncated: int = 0
     tokens: int = 0
     cached: bool = False
+    per_row: int = 1  # examples per kept row: 2 for preference pairs
 
     def describe(self) -> str:
-        s = f"{self.path}: {self.kept}/{self.rows} rows kept, {self.tokens:,} tokens"
+        what = "pairs" if self.per_row == 2 else "rows"
+        s = f"{self.path}: {self.kept // self.per_row}/{self.rows} {what} kept, {self.tokens:,} tokens"
         if self.truncated:
             s += f", {self.truncated} truncated"
         if self.skipped:
@@ -104,8 +110,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:32]
 
 
-def entry_key(path: str, tokenizer, data_cfg, cache_root: Path) -> str:
+def entry_key(path: str, tokenizer, data_cfg, cache_root: Path, kind: str = "sft") -> str:
     settings = {
+        "rows": kind,
         "version": CACHE_VERSION,
         "data": content_digest(path, cache_root),
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -133,7 +140,7 @@ class TokenStore:
             if self.meta.get("version") != CACHE_VERSION:
                 raise ValueError(f"cache version {self.meta.get('version')}, expected {CACHE_VERSION}")
             n, t = self.meta["kept"], self.meta["tokens"]
-            sizes = {"ids": t, "mask": t, "offsets": n + 1, "rows": n, "targets": n}
+            sizes = {"ids": t, "mask": t, "offsets": n + 1, "rows": n, "targets": n, "desirable": n}
             for name, dtype in ARRAYS.items():
                 arr = np.memmap(self.folder / f"{name}.bin", dtype=dtype, mode="r", shape=(sizes[name],))
                 setattr(self, name, arr)
@@ -149,6 +156,15 @@ class TokenStore:
         return len(self.targets)
 
     @property
+    def kind(self) -> str:
+        return self.meta.get("kind", "sft")
+
+    @property
+    def per_row(self) -> int:
+        """Examples per data row: 2 for preference pairs (chosen at 2i, rejected at 2i+1)."""
+        return 2 if self.kind in ("pairs", "pairs_text") else 1
+
+    @property
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets).astype(np.int32)
 
@@ -158,7 +174,8 @@ class TokenStore:
 
     def report(self) -> DataReport:
         m = self.meta
-        return DataReport(m["path"], m["rows"], m["kept"], Counter(m["skipped"]), m["truncated"], m["tokens"], True)
+        return DataReport(m["path"], m["rows"], m["kept"], Counter(m["skipped"]), m["truncated"], m["tokens"], True,
+                          self.per_row)
 
 
 # --------------------------------------------------------------------------- writing
@@ -171,8 +188,8 @@ def _init_worker(tokenizer) -> None:
     _worker_tokenizer = tokenizer
 
 
-def _encode_in_worker(chunk, data_cfg) -> EncodedChunk:
-    return encode_chunk(_worker_tokenizer, chunk, data_cfg)
+def _encode_in_worker(chunk, data_cfg, kind) -> EncodedChunk:
+    return encode_chunk(_worker_tokenizer, chunk, data_cfg, kind)
 
 
 def _processes(data_cfg, path: str) -> int:
@@ -185,11 +202,11 @@ def _processes(data_cfg, path: str) -> int:
     return max(1, int(wanted))
 
 
-def _encoded_chunks(path: str, tokenizer, data_cfg, procs: int):
+def _encoded_chunks(path: str, tokenizer, data_cfg, procs: int, kind: str):
     """Encoded chunks in file order; with several processes, a bounded number in flight."""
     if procs == 1:
         for chunk in read_raw(path):
-            yield encode_chunk(tokenizer, chunk, data_cfg)
+            yield encode_chunk(tokenizer, chunk, data_cfg, kind)
         return
     import multiprocessing as mp
 
@@ -201,7 +218,7 @@ def _encoded_chunks(path: str, tokenizer, data_cfg, procs: int):
                              initargs=(tokenizer,)) as pool:
         try:
             for chunk in read_raw(path):
-                pending.append(pool.submit(_encode_in_worker, chunk, data_cfg))
+                pending.append(pool.submit(_encode_in_worker, chunk, data_cfg, kind))
                 if len(pending) >= 2 * procs:
                     yield pending.pop(0).result()
             while pending:
@@ -213,7 +230,9 @@ def _encoded_chunks(path: str, tokenizer, data_cfg, procs: int):
 
 def _append(files: dict, enc: EncodedChunk, report: DataReport, path: str) -> None:
     if enc.error is not None:
-        n, why = enc.error
+        n, why, bad_kind = enc.error
+        if bad_kind == "wrong_kind":  # the file (or the objective) is wrong, not one row
+            raise UserError(f"{path}, row {n}: {why}.")
         raise UserError(
             f"Bad row in {path}, row {n}: {why}. Fix the row, or set data.on_bad_row=skip to "
             f"drop bad rows (they are counted and reported)."
@@ -226,25 +245,25 @@ def _append(files: dict, enc: EncodedChunk, report: DataReport, path: str) -> No
     # never a target
     targets = np.add.reduceat(enc.mask.astype(np.int64), starts) - enc.mask[starts] if len(starts) else starts
     for name, arr in (("ids", enc.ids), ("mask", enc.mask), ("offsets", report.tokens + starts + enc.lengths),
-                      ("rows", enc.row_numbers), ("targets", targets)):
+                      ("rows", enc.row_numbers), ("targets", targets), ("desirable", enc.desirable)):
         files[name].write(np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes())
     report.kept += len(enc.lengths)
     report.tokens += int(enc.lengths.sum())
 
 
-def build(path: str, tokenizer, data_cfg, final: Path) -> DataReport:
+def build(path: str, tokenizer, data_cfg, final: Path, kind: str = "sft") -> DataReport:
     """Tokenize `path` into the cache entry `final` (write, then rename)."""
     t0 = time.perf_counter()
     procs = _processes(data_cfg, path)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    report = DataReport(path=path)
+    report = DataReport(path=path, per_row=2 if kind in ("pairs", "pairs_text") else 1)
     with ExitStack() as files_open:
         files = {name: files_open.enter_context(open(tmp / f"{name}.bin", "wb")) for name in ARRAYS}
         try:
             files["offsets"].write(np.zeros(1, np.int64).tobytes())
-            for enc in _encoded_chunks(path, tokenizer, data_cfg, procs):
+            for enc in _encoded_chunks(path, tokenizer, data_cfg, procs, kind):
                 _append(files, enc, report, path)
             for f in files.values():  # durable before the rename makes the entry visible
                 f.flush()
@@ -255,7 +274,7 @@ def build(path: str, tokenizer, data_cfg, final: Path) -> DataReport:
     if report.kept == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"No usable rows in {path} ({report.describe()}).")
-    meta = {"version": CACHE_VERSION, "path": str(path), "rows": report.rows, "kept": report.kept,
+    meta = {"version": CACHE_VERSION, "kind": kind, "path": str(path), "rows": report.rows, "kept": report.kept,
             "skipped": dict(report.skipped), "truncated": report.truncated, "tokens": report.tokens,
             "processes": procs, "build_s": round(time.perf_counter() - t0, 2), "created": time.time()}
     atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
@@ -266,12 +285,12 @@ def build(path: str, tokenizer, data_cfg, final: Path) -> DataReport:
     return report
 
 
-def prepare(path: str, tokenizer, data_cfg, cache_root: Path) -> Path:
-    """The cache entry of `path` under the current settings, built if missing."""
-    return ensure(path, tokenizer, data_cfg, cache_root)[0]
+def prepare(path: str, tokenizer, data_cfg, cache_root: Path, kind: str = "sft") -> Path:
+    """The cache entry of `path` (rows of `kind`) under the current settings, built if missing."""
+    return ensure(path, tokenizer, data_cfg, cache_root, kind)[0]
 
 
-def ensure(path: str, tokenizer, data_cfg, cache_root: Path) -> tuple[Path, bool]:
+def ensure(path: str, tokenizer, data_cfg, cache_root: Path, kind: str = "sft") -> tuple[Path, bool]:
     """(entry folder, whether this call built it)."""
     if not Path(path).exists():
         raise missing_file_error(path)
@@ -281,11 +300,11 @@ def ensure(path: str, tokenizer, data_cfg, cache_root: Path) -> tuple[Path, bool
     except OSError as e:
         raise UserError(f"data.cache_dir={str(cache_root)!r} cannot be created ({e.strerror}); point it at a "
                         f"writable folder, shared by the nodes of multi-node runs.") from None
-    final = entry_dir(path, entry_key(path, tokenizer, data_cfg, cache_root), cache_root)
+    final = entry_dir(path, entry_key(path, tokenizer, data_cfg, cache_root, kind), cache_root)
     if (final / "meta.json").exists():
         return final, False
     with locked(final):
         if (final / "meta.json").exists():
             return final, False
-        build(path, tokenizer, data_cfg, final)
+        build(path, tokenizer, data_cfg, final, kind)
     return final, True

@@ -1,0 +1,148 @@
+"""Preference and KTO rows in the data layer, in-process: the token cache holds exactly the
+ids TRL's trainers train on (conversational and plain-text rows, each trainer's
+conventions), bad pairs stop with file and row or are skipped and counted, rows of the
+wrong kind for the objective stop before launch, and the objective settings are checked
+before launch."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer
+
+from tests.trl_preference_reference import REPO, build_trainer, expected_tokens, read_jsonl, tokenized_rows
+from trainers.errors import UserError
+from trainers.token_cache import TokenStore, prepare
+
+MODEL = REPO / "assets/tiny-llama"
+PREF = REPO / "data/reverse_pref/train.jsonl"
+KTO = REPO / "data/reverse_kto/train.jsonl"
+
+
+def data_cfg(**kw):
+    base = dict(format="auto", max_seq_len=64, truncation=True, on_bad_row="error", packing=False, num_proc=1)
+    base.update(kw)
+    return OmegaConf.create(base)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(MODEL)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def split(store, i):
+    ids, mask = (list(map(int, a)) for a in store.example(i))
+    start = mask.index(1)
+    assert all(mask[start:]) and not any(mask[:start])
+    return ids[:start], ids[start:]
+
+
+def test_conversational_pairs_and_kto_rows_are_trl_tokens(tok, tmp_path):
+    pref = read_jsonl(PREF)[:16]
+    store = TokenStore(prepare(write_jsonl(tmp_path / "p.jsonl", pref), tok, data_cfg(), tmp_path / "c", "pairs"))
+    assert len(store) == 32 and store.per_row == 2 and list(store.rows[:4]) == [1, 1, 2, 2]
+    for i, row in enumerate(pref):
+        want = expected_tokens(tok, row)
+        assert split(store, 2 * i) == (want["prompt"], want["chosen"])
+        assert split(store, 2 * i + 1) == (want["prompt"], want["rejected"])
+    kto = read_jsonl(KTO)[:16]
+    store = TokenStore(prepare(write_jsonl(tmp_path / "k.jsonl", kto), tok, data_cfg(), tmp_path / "c", "unpaired"))
+    for i, row in enumerate(kto):
+        want = expected_tokens(tok, row)
+        assert split(store, i) == (want["prompt"], want["completion"])
+        assert bool(store.desirable[i]) == row["label"]
+
+
+@pytest.mark.parametrize("objective,kind", [("dpo", "pairs"), ("orpo", "pairs_text"), ("kto", "unpaired")])
+def test_plain_text_rows_are_tokenized_as_each_trl_trainer_does(tok, tmp_path, objective, kind):
+    """Plain text differs between TRL's trainers: DPO/KTO tokenize prompt+answer+EOS text
+    with the tokenizer's special tokens, CPO/ORPO add BOS and EOS ids themselves."""
+    src = read_jsonl(KTO if kind == "unpaired" else PREF)[:4]
+    rows = []
+    for r in src:
+        row = {"prompt": r["prompt"][-1]["content"] + "\n"}
+        if kind == "unpaired":
+            row.update(completion=r["completion"][0]["content"], label=r["label"])
+        else:
+            row.update(chosen=r["chosen"][0]["content"], rejected=r["rejected"][0]["content"])
+        rows.append(row)
+    trl = tokenized_rows(build_trainer(MODEL, rows, objective, batch_size=2, steps=1, output_dir=tmp_path / "trl"),
+                         objective)
+    store = TokenStore(prepare(write_jsonl(tmp_path / "t.jsonl", rows), tok, data_cfg(), tmp_path / "c", kind))
+    for i, t in enumerate(trl):
+        if kind == "unpaired":
+            assert split(store, i) == (t["prompt"], t["completion"])
+        else:
+            assert split(store, 2 * i) == (t["prompt"], t["chosen"])
+            assert split(store, 2 * i + 1) == (t["prompt"], t["rejected"])
+    first = split(store, 0)[0][0]
+    assert (first == tok.bos_token_id) == (kind == "pairs_text")  # only CPO/ORPO add BOS to plain text
+
+
+BAD = {
+    "same_answers": ({"prompt": "p", "chosen": "ab", "rejected": "ab"}, "pairs", "'chosen' equals 'rejected'"),
+    "empty_answer": ({"prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": " "}],
+                      "rejected": [{"role": "assistant", "content": "y"}]}, "pairs", "'chosen' is empty"),
+    "kto_empty": ({"prompt": "p", "completion": "", "label": True}, "unpaired", "'completion' is empty"),
+    "kto_label": ({"prompt": "p", "completion": "a", "label": "yes"}, "unpaired", "'label' must be true"),
+    "mixed": ({"prompt": "p", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}, "pairs",
+              "'chosen' must be a string"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_preference_row_names_file_and_row_or_is_skipped(tok, tmp_path, case):
+    bad, kind, needle = BAD[case]
+    good = read_jsonl(KTO if kind == "unpaired" else PREF)[:3]
+    path = write_jsonl(tmp_path / "d.jsonl", [good[0], good[1], bad, good[2]])
+    with pytest.raises(UserError) as e:
+        prepare(path, tok, data_cfg(), tmp_path / "c", kind)
+    assert f"{path}, row 3" in str(e.value) and needle in str(e.value), str(e.value)
+    store = TokenStore(prepare(path, tok, data_cfg(on_bad_row="skip"), tmp_path / "c", kind))
+    assert len(store) == 3 * store.per_row and sum(store.report().skipped.values()) == 1
+    assert list(store.rows[:: store.per_row]) == [1, 2, 4]
+
+
+@pytest.mark.parametrize("rows,kind,needle", [
+    (REPO / "data/reverse/train.jsonl", "pairs", "objective=dpo, ipo, simpo, orpo"),
+    (PREF, "sft", "reads `messages` or `prompt`/`completion` rows (objective=sft)"),
+    (PREF, "unpaired", "objective=kto"),
+])
+def test_rows_of_another_kind_stop_even_when_skipping(tok, tmp_path, rows, kind, needle):
+    path = write_jsonl(tmp_path / "d.jsonl", read_jsonl(rows)[:3])
+    with pytest.raises(UserError) as e:
+        prepare(path, tok, data_cfg(on_bad_row="skip"), tmp_path / "c", kind)
+    assert f"{path}, row 1" in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def compose(*overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from launch.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["objective=kto", "data=reverse_kto", "method=full"], "objective=kto with method=full"),
+    (["objective=dpo", "data=reverse_pref", "data.format=messages"], "data.format=messages is read by objective=sft"),
+    (["objective=dpo", "data=reverse_pref", "objective.loss_type=aot"], "objective.loss_type='aot' is not accepted"),
+    (["objective=simpo", "data=reverse_pref", "objective.beta=0"], "objective.beta=0 must be a positive number"),
+    (["objective=dpo", "data=reverse_pref", "parallel=pipeline", "launcher.nproc_per_node=2"],
+     "objective=dpo is not trained by the pipeline"),
+])
+def test_objective_settings_are_refused_before_launch(overrides, needle):
+    from launch.validate import check
+
+    with pytest.raises(UserError) as e:
+        check(compose(*overrides))
+    assert needle in str(e.value), str(e.value)

@@ -1,0 +1,112 @@
+"""Preference objectives under every data-parallel plan, with QLoRA, and across a kill.
+
+One 2-process launch (tests/matrix_worker.py) runs every cell: dpo under ddp, zero2, zero3
+and fsdp2 (LoRA), dpo with method=full under zero3 (the reference log-probs computed once,
+sharded over ranks) and fsdp2, dpo with QLoRA under ddp, and kto and orpo under ddp (their
+global-batch quantities, KTO's KL reference point and ORPO's NLL token count, are all-reduced).
+Each cell's per-step loss, grad norm and rewards/margins equal the single process's on
+the same global batch (2 rows x 2 ranks vs 2 rows x 2 accumulation steps), with
+method.dropout=0 (dropout masks are drawn per rank).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import (REPO, assert_resumed_exactly, kill_once_committed, launch, metrics, rel, start,
+                           summary)
+from tests.matrix_worker import cell_dir, cell_overrides
+
+pytestmark = pytest.mark.slow
+PREF = REPO / "data/reverse_pref/train.jsonl"
+KTO = REPO / "data/reverse_kto/train.jsonl"
+
+
+def pref(objective: str, method: str) -> list[str]:
+    data = KTO if objective == "kto" else PREF
+    return [f"objective={objective}", f"data.train={data}", "train.save_every=1000"] + (
+        ["method.dropout=0"] if method != "full" else [])
+
+
+CELLS = {  # cell -> the single-process reference it must equal
+    **{f"{plan}:lora": ("dpo", "lora") for plan in ("ddp", "zero2", "zero3", "fsdp2")},
+    "zero3:full": ("dpo", "full"),
+    "ddp:qlora": ("dpo", "qlora"),
+    "ddp:lora|kto": ("kto", "lora"),
+    "ddp:lora|orpo": ("orpo", "lora"),
+}
+
+
+def cell_string(cell: str) -> str:
+    head = cell.split("|")[0]
+    objective, method = CELLS[cell]
+    return "|".join([head, *pref(objective, method)])
+
+
+def reference_run(tiny_model, objective: str, method: str, run_dir) -> list[dict]:
+    """The same job on one process in this process: 2 rows x 2 accumulation steps."""
+    from hydra import compose, initialize_config_dir
+
+    from launch.config import finalize, register_resolvers
+    from trainers.loop import train
+
+    register_resolvers()
+    overrides = cell_overrides("none", method, tiny_model, PREF) + pref(objective, method)
+    overrides = [o for o in overrides if not o.startswith(("launcher.nproc_per_node", "train.grad_accum"))]
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        cfg = finalize(compose("config", overrides=overrides + ["train.grad_accum=2"]), str(run_dir))
+    train(cfg)
+    return [r for r in metrics(run_dir) if "loss" in r]
+
+
+def test_dpo_kto_orpo_under_every_plan_equal_one_process(tmp_path, tiny_model):
+    out = tmp_path / "runs"
+    out.mkdir()
+    cells = [cell_string(c) for c in CELLS]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "tests" / "matrix_worker.py"), str(out), str(tiny_model), str(PREF), *cells],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    results = json.loads((out / "results.json").read_text())
+    failed = {c: r for c, r in results.items() if r["status"] != "completed"}
+    assert not failed, "\n\n".join(f"{c}: {r['error']}" for c, r in failed.items())
+    refs = {}
+    for cell, string in zip(CELLS, cells):
+        key = CELLS[cell]
+        if key not in refs:
+            refs[key] = reference_run(tiny_model, *key, tmp_path / "ref-{}-{}".format(*key))
+        ref = {r["step"]: r for r in refs[key]}
+        got = {r["step"]: r for r in metrics(out / cell_dir(string)) if "loss" in r}
+        assert sorted(got) == sorted(ref) == [1, 2, 3, 4], cell
+        for s in ref:
+            for k, tol in (("loss", 1e-5), ("grad_norm", 1e-4), ("rewards/margins", 1e-4), ("logps/chosen", 1e-5)):
+                if k in ref[s]:
+                    assert abs(got[s][k] - ref[s][k]) <= tol * max(abs(ref[s][k]), 1e-2), (cell, s, k, got[s], ref[s])
+        assert ref[4]["loss"] < ref[1]["loss"] or key[0] == "orpo" and ref[4]["loss"] < ref[1]["loss"] + 1, (cell, ref)
+
+
+def test_dpo_full_kill_and_relaunch_resumes_exactly(tmp_path, tiny_model):
+    """method=full: the reference log-probs are computed before the checkpoint is loaded
+    (from the initial weights) and kept in the run directory for the relaunch."""
+    args = [f"model.path={tiny_model}", "objective=dpo", "data=reverse_pref", "method=full", "train.max_steps=8",
+            "train.micro_batch_size=4", "train.grad_accum=1", "train.save_every=3", "train.eval_every=1000",
+            "data.metric_rows=4"]
+    ref = tmp_path / "ref"
+    launch(*args, f"hydra.run.dir={ref}")
+    run = tmp_path / "run"
+    proc = start(run, *args)
+    assert kill_once_committed(proc, run) >= 3
+    assert not (run / "summary.json").exists() and list((run / "reference").glob("*.npy"))
+    launch(*args, f"hydra.run.dir={run}")
+    assert_resumed_exactly(run, ref, steps=8)
+    got, want = summary(run), summary(ref)
+    assert got["final_eval_preference_accuracy"] == want["final_eval_preference_accuracy"]
+    assert [r for r in metrics(run) if "eval_rewards/margins" in r][-1]["eval_rewards/margins"] == pytest.approx(
+        [r for r in metrics(ref) if "eval_rewards/margins" in r][-1]["eval_rewards/margins"], rel=1e-6)
