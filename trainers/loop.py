@@ -155,17 +155,7 @@ def run_job(cfg, env, watchdog: Watchdog, leave_process_group: bool) -> dict:
                 metrics.log(dict(last))
             if guard.needs_rollback:
                 with watchdog.long("spike-guard rollback"):
-                    ckpt.wait()
-                    back = ckpt.restore(before_step=guard.streak[0])
-                if env.is_main:
-                    log.warning(
-                        "spike guard: %d steps in a row skipped (%s): %s, continuing with step %d",
-                        len(guard.streak), ", ".join(map(str, guard.streak)),
-                        f"rolled back to {back['path']} (step {back['step']})" if back else
-                        "no committed checkpoint from before them to roll back to", step + 1)
-                if back:
-                    metrics.log({"step": step, "rolled_back_to": back["step"], "skipped_steps": list(guard.streak)})
-                guard.streak = []
+                    roll_back_past_spikes(guard, ckpt, metrics, step, env.is_main)
             if evaluator and step % cfg.train.eval_every == 0:
                 with watchdog.long("eval"):
                     last.update(evaluator.run())
@@ -220,3 +210,20 @@ def run_job(cfg, env, watchdog: Watchdog, leave_process_group: bool) -> dict:
     if not leave_process_group:
         shutdown()
     return summary
+
+
+def roll_back_past_spikes(guard: SpikeGuard, ckpt: Checkpointer, metrics: MetricsLogger, step: int,
+                          is_main: bool) -> None:
+    """After the guard's streak of skipped steps: load the newest committed checkpoint from
+    before the streak and carry on from `step` (the data position), so the batches from
+    that checkpoint to the end of the streak are never applied."""
+    streak = guard.end_streak()
+    ckpt.wait()
+    back = ckpt.restore(before_step=streak[0])
+    if back:
+        metrics.log({"step": step, "rolled_back_to": back["step"], "skipped_steps": streak})
+    if is_main:
+        log.warning("spike guard: %d steps in a row skipped (%s): %s, continuing with step %d",
+                    len(streak), ", ".join(map(str, streak)),
+                    f"rolled back to {back['path']} (step {back['step']})" if back
+                    else "no committed checkpoint from before them to roll back to", step + 1)

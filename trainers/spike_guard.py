@@ -67,6 +67,11 @@ class SpikeGuard:
     def needs_rollback(self) -> bool:
         return self.enabled and len(self.streak) >= self.max_skips
 
+    def end_streak(self) -> list[int]:
+        """The skipped steps of the streak being rolled back; the count starts again."""
+        streak, self.streak = self.streak, []
+        return streak
+
     # ---------------------------------------------------------- checkpoints
     def state(self) -> dict:
         """Saved with each checkpoint: a resumed run judges its next steps against the
@@ -82,12 +87,14 @@ class SpikeGuard:
 def corrupt_targets(micro_batches: list[dict], vocab_size: int, seed: int) -> list[dict]:
     """train.debug_corrupt_steps (testing only): the batch keeps its inputs but every
     target token becomes a random one, a planted bad batch with a loss spike far above
-    any real batch's."""
-    g = torch.Generator().manual_seed(seed)
+    any real batch's. Each row's random targets are drawn from its own content, so the
+    planted batch is the same however the step is split over micro-batches and ranks."""
     out = []
     for batch in micro_batches:
         labels = batch["labels"].clone()
-        keep = labels != IGNORE
-        labels[keep] = torch.randint(0, vocab_size, (int(keep.sum()),), generator=g)
+        for row in labels:
+            keep = row != IGNORE
+            g = torch.Generator().manual_seed(seed * 1_000_003 + hash(tuple(row[keep].tolist())) % 2**31)
+            row[keep] = torch.randint(0, vocab_size, (int(keep.sum()),), generator=g)
         out.append(dict(batch, labels=labels))
     return out
