@@ -265,13 +265,16 @@ def _sequences(parts: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndar
 def collate_preference(sources: list[Source], items: list[tuple[int, int]], pad_id: int,
                        keep: list[bool] | None = None, partners: list[tuple[int, int]] | None = None,
                        max_len: int | None = None) -> dict:
-    """A micro-batch of pairs (sequences chosen_0, rejected_0, chosen_1, ...) or KTO rows.
+    """A micro-batch of pairs (sequences chosen_0 .. chosen_n-1, rejected_0 .. rejected_n-1)
+    or KTO rows.
 
     Keys besides collate's: `keep` (one flag per pair / row; evaluation pads short shards
     with rows that are computed but not counted), `ref_logps` (per sequence, when the
     reference was precomputed), `desirable` (KTO) and `kl_batch` (KTO: the mismatched
     sequences, prompt of row i + completion of `partners[i]`, collated the same way)."""
-    examples = [(k, int(e)) for k, r in items for e in sources[k].examples(r)]
+    # pairs: all chosen sequences, then all rejected ones, in the same order (TRL's layout)
+    per_row = sources[items[0][0]].per_row
+    examples = [(k, int(sources[k].examples(r)[j])) for j in range(per_row) for k, r in items]
     batch = collate(_sequences([sources[k].store.example(e) for k, e in examples]), pad_id, packed=False)
     batch["keep"] = torch.tensor(keep if keep is not None else [True] * len(items), dtype=torch.bool)
     if all(sources[k].reference is not None for k, _ in examples):

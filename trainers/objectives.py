@@ -161,8 +161,10 @@ def pair_objective(name: str, knobs: dict) -> Objective:
         else:
             logps, n = P.sequence_logps(logits, labels)
 
+        half = keep.numel()  # sequences are [chosen...; rejected...] (collate_preference)
+
         def pairs(x):
-            return x[0::2][keep], x[1::2][keep]
+            return x[:half][keep], x[half:][keep]
 
         (lc, lr), (nc, nr) = pairs(logps), pairs(n.to(logps.dtype))
         if name in ("dpo", "ipo"):
@@ -173,7 +175,7 @@ def pair_objective(name: str, knobs: dict) -> Objective:
         elif name == "simpo":
             loss, metrics = P.simpo_loss(lc, nc, lr, nr, beta=beta, gamma=float(knobs.get("gamma", 0.5)))
         else:
-            nll = -per_token[0::2].sum(dim=1)[keep]
+            nll = -per_token[:half].sum(dim=1)[keep]
             loss, metrics = P.orpo_loss(lc, nc, lr, nr, nll, nll_tokens_per_pair=batch["nll_tokens_per_pair"],
                                         beta=beta)
         # Not a TRL metric: the fraction of pairs whose chosen answer the model itself finds
@@ -192,7 +194,7 @@ def orpo_prepare(model, micro_batches: list[dict], device: torch.device) -> None
 
     tokens = pairs = 0.0
     for b in micro_batches:
-        chosen = b["attention_mask"][0::2].sum(dim=1) - 1
+        chosen = b["attention_mask"][: b["keep"].numel()].sum(dim=1) - 1
         tokens += float(chosen[b["keep"]].sum())
         pairs += float(b["keep"].sum())
     tokens, pairs = all_reduce_sum([tokens, pairs], device)
