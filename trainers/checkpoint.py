@@ -30,21 +30,13 @@ import torch.distributed as dist
 
 from trainers.distributed import DistEnv, all_reduce_sum, barrier
 from trainers.errors import TrainingError
+from trainers.files import atomic_write
 from trainers.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 MARKER = "COMMITTED"
 MANIFEST = "MANIFEST.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def _fsync_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -244,15 +236,15 @@ class Checkpointer:
             raise TrainingError(f"Another rank failed to write checkpoint {final}; its error is printed above.")
         described = self._checksum_shares(tmp, group)
         if self.env.is_main:
-            _fsync_write(tmp / "trainer_state.json", json.dumps(state, indent=1))
+            atomic_write(tmp / "trainer_state.json", json.dumps(state, indent=1))
             described.update(describe_files(tmp, ["trainer_state.json"]))
             manifest = {"algorithm": "sha256", "files": dict(sorted(described.items()))}
-            _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
-            _fsync_write(tmp / MARKER, "ok\n")
+            atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
+            atomic_write(tmp / MARKER, "ok\n")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_write(self.root / "latest", final.name)
+            atomic_write(self.root / "latest", final.name)
             self._prune()
             log.info("checkpoint committed: %s", final)
         barrier(group)

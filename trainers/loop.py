@@ -21,7 +21,13 @@ from pathlib import Path
 from parallel import build_plan
 from trainers.checkpoint import Checkpointer
 from trainers.data import training_batches
-from trainers.distributed import agree, all_reduce_sum, any_rank, init_distributed, shutdown
+from trainers.distributed import (
+    agree,
+    all_reduce_sum,
+    any_rank,
+    init_distributed,
+    shutdown,
+)
 from trainers.errors import TrainingError
 from trainers.evaluate import Evaluator
 from trainers.export import export

@@ -37,6 +37,8 @@ import threading
 import time
 from pathlib import Path
 
+from trainers.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 EXIT_HUNG = 3
@@ -109,10 +111,7 @@ class Watchdog:
         with self._lock:
             state = {"rank": self.rank, "pid": os.getpid(), "host": socket.gethostname(),
                      "attempt": self.attempt, "step": self._step, "phase": self._phase, "time": time.time()}
-        path = self.beats / f"rank-{self.rank}.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, path)
+        atomic_write(self.beats / f"rank-{self.rank}.json", json.dumps(state), durable=False)
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
@@ -201,9 +200,7 @@ class Watchdog:
                        hang={"stopped_ranks": stopped, "phase": phase, "timeout_s": budget,
                              "last_step": {str(r): s for r, s in last.items()}, "stack_files": stacks,
                              "folder": str(self.folder)})
-        tmp = summary_path.with_name(summary_path.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, summary_path)
+        atomic_write(summary_path, json.dumps(summary, indent=1))
         print(f"error: {message}", file=sys.stderr, flush=True)
         for handler in HANG_HANDLERS:
             with contextlib.suppress(Exception):
