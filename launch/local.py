@@ -1,7 +1,16 @@
-"""launcher=local: in-process for one worker, torch's elastic launcher for several."""
+"""launcher=local: in-process for one worker, torch's elastic launcher for several.
+
+A worker that dies (SIGKILL, the OOM killer, a segfault) is seen by the elastic agent
+within its monitor interval; the agent stops the others (the survivors' collectives fail
+as soon as the dead peer's sockets close), and the launcher names the dead rank and its
+signal. With launcher.max_restarts=K the agent starts the whole group again up to K
+times instead, and the new workers resume from the last committed checkpoint.
+"""
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import sys
 import uuid
@@ -30,6 +39,10 @@ def run_local(cfg, config_path: Path) -> int:
 
     port = cfg.launcher.master_port or free_port()
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    # Workers get a store of their own (rank 0 hosts it, on a new port each attempt)
+    # instead of sharing the agent's rendezvous store: in the shared one, a restarted
+    # group's gloo rendezvous found the dead attempt's keys and waited forever to connect.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -37,7 +50,7 @@ def run_local(cfg, config_path: Path) -> int:
         run_id=f"run-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
         rdzv_endpoint=f"127.0.0.1:{port}",
-        max_restarts=0,
+        max_restarts=int(cfg.launcher.get("max_restarts") or 0),
         monitor_interval=0.5,
         start_method="spawn",
     )
@@ -50,6 +63,49 @@ def run_local(cfg, config_path: Path) -> int:
               file=sys.stderr)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
-        failures = ", ".join(f"rank {r} exit code {f.exitcode}" for r, f in sorted(e.failures.items()))
-        raise TrainingError(f"A worker failed ({failures}); its error is printed above.") from None
+        raise TrainingError(failure_message(e, Path(cfg.run_dir), cfg.launcher.get("max_restarts") or 0)) from None
     return 0
+
+
+def how_it_ended(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def failure_message(error, run_dir: Path, restarts: int) -> str:
+    """One paragraph on why the worker group ended; also recorded in summary.json, which a
+    worker killed outright could not write. A hang was already reported by the workers'
+    watchdog (stack files, the ranks that stopped): its message is the one to show."""
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        summary = {}
+    if summary.get("status") == "hung" and summary.get("error"):
+        return summary["error"]
+    # The rank that died, not the ones the agent stopped (SIGTERM) or whose collectives
+    # then failed (exit code 1); the earliest failure when nothing was killed.
+    killed = [(r, f) for r, f in sorted(error.failures.items()) if f.exitcode < 0 and f.exitcode != -signal.SIGTERM]
+    first_rank, first = killed[0] if killed else error.get_first_failure()
+    others = [f"rank {r} (pid {f.pid}) {how_it_ended(f.exitcode)}"
+              for r, f in sorted(error.failures.items()) if r != first_rank]
+    message = (
+        f"Rank {first_rank} (pid {first.pid}) {how_it_ended(first.exitcode)}"
+        + (f"; then {', '.join(others)}" if others else "")
+        + (f", after {restarts} restart(s) of the worker group" if restarts else "")
+        + ". Any error it printed is above. Nothing past the last committed checkpoint is lost: "
+        f"relaunch with hydra.run.dir={run_dir} to resume"
+        + ("" if restarts else ", or set launcher.max_restarts=K to restart the workers automatically")
+        + "."
+    )
+    summary.update(status="failed", error=message, failed_ranks=[
+        {"rank": r, "pid": f.pid, "exitcode": f.exitcode,
+         "signal": f.signal_name() if f.exitcode < 0 else None} for r, f in sorted(error.failures.items())])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(path)
+    return message

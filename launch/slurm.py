@@ -25,6 +25,13 @@ Preemption and time limits
   A plain `scontrol requeue`, a node failure (the job is --requeue) or a task killed
   without warning resume the same way, from the last committed checkpoint.
 
+Hangs and dead ranks
+  A hung rank (trainers/watchdog.py): the lowest live rank writes summary.json `hung`,
+  then (SlurmTask._requeue_after_hang) requeues the job like a preemption, counted
+  against launcher.max_requeues, before the ranks exit. A task that dies (killed, OOM,
+  segfault) makes srun end the step (--kill-on-bad-exit=1): the job ends FAILED within
+  seconds and is not requeued; relaunching the same command resumes.
+
 Secrets (HF_TOKEN, ...) reach the job through the environment only (sbatch exports the
 submitting environment): they are never written into the script, the saved config or
 state files, and a script or config that contains one is refused. Every config value
@@ -319,6 +326,9 @@ class SlurmTask(Checkpointable):
                        "secrets_in_env": sorted(secret_env())}  # names only
             update_state(run_dir, lambda s: s.setdefault("attempts", []).append(attempt))
 
+        from trainers.watchdog import HANG_HANDLERS
+
+        HANG_HANDLERS.append(lambda summary: self._requeue_after_hang(cfg, job.job_id, restart, summary))
         try:
             code = run(cfg)
         except BaseException as e:  # not an expected failure (those return a code): record, re-raise
@@ -381,6 +391,29 @@ class SlurmTask(Checkpointable):
             from launch.sweep import write_summary
 
             write_summary(Path(self.sweep_dir))
+
+    def _requeue_after_hang(self, cfg: DictConfig, job_id: str, restart: int, summary: dict) -> None:
+        """Runs on the rank that reported a hang (any rank: rank 0 may be the one that hung),
+        just before every live rank exits: record the attempt and requeue like a preemption."""
+        run_dir = Path(cfg.run_dir)
+        requeue, note = self._should_requeue(cfg, job_id, restart)
+        ended = {"ended": _now(), "status": "hung", "step": summary.get("final_step"), "requeued": requeue,
+                 "note": note or f"hang watchdog: stopped ranks {summary['hang']['stopped_ranks']}"}
+
+        def record(s: dict, count: int) -> None:
+            if s.get("attempts"):
+                s["attempts"][-1].update(ended)
+            s["requeues"] = s.get("requeues", 0) + count
+
+        # First: SLURM signals (then kills) the tasks as soon as the requeue is accepted.
+        update_state(run_dir, lambda s: record(s, 1 if requeue else 0))
+        if not requeue:
+            return
+        try:
+            subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True)
+        except (OSError, subprocess.SubprocessError) as e:
+            ended.update(requeued=False, note=f"scontrol requeue failed: {(getattr(e, 'stderr', None) or str(e)).strip()}")
+            update_state(run_dir, lambda s: record(s, -1))
 
     @staticmethod
     def _should_requeue(cfg: DictConfig, job_id: str, restart: int) -> tuple[bool, str]:

@@ -49,6 +49,23 @@ def check_values(cfg: DictConfig) -> None:
         value = _get(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"{key}={value!r} must be a positive integer.")
+    if cfg.launcher.name == "local":
+        restarts = cfg.launcher.get("max_restarts", 0)
+        if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:
+            raise UserError(
+                f"launcher.max_restarts={restarts!r} is not accepted: it is how many times the local "
+                f"launcher restarts the worker group after a worker dies, so a whole number, 0 (end "
+                f"the job, the default) or more (e.g. launcher.max_restarts=3)."
+            )
+    for key in ("step_timeout_s", "startup_timeout_s"):
+        value = cfg.train.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+            raise UserError(
+                f"train.{key}={value!r} is not accepted: the hang watchdog needs a number of "
+                f"seconds greater than 0 (e.g. train.step_timeout_s=600 train.startup_timeout_s=3600), "
+                f"or null to turn the watchdog off."
+            )
+    check_spike_guard(cfg.train)
     ac = cfg.train.get("activation_checkpointing", False)
     if not isinstance(ac, bool):
         raise UserError(f"train.activation_checkpointing={ac!r} must be true or false.")
@@ -70,6 +87,32 @@ def check_values(cfg: DictConfig) -> None:
             raise UserError(f"method.r={m.r!r} must be a positive integer (LoRA rank, e.g. 8, 16, 64).")
         if not 0 <= m.dropout < 1:
             raise UserError(f"method.dropout={m.dropout!r} must be in [0, 1).")
+
+
+def check_spike_guard(train: DictConfig) -> None:
+    guard = train.get("spike_guard") or {}
+    enabled = guard.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise UserError(f"train.spike_guard.enabled={enabled!r} must be true or false.")
+    factor = guard.get("factor", 3.0)
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 1:
+        raise UserError(
+            f"train.spike_guard.factor={factor!r} is not accepted: a step is skipped when its loss or "
+            f"grad norm exceeds factor x the recent median, so it must be a number above 1 (e.g. 3)."
+        )
+    for key, low in (("window", 1), ("min_history", 1), ("max_skips", 1)):
+        value = guard.get(key, low)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise UserError(f"train.spike_guard.{key}={value!r} must be a positive integer.")
+    if guard.get("min_history", 1) > guard.get("window", 1):
+        raise UserError(
+            f"train.spike_guard.min_history={guard.get('min_history')} is larger than "
+            f"train.spike_guard.window={guard.get('window')}: the median never gets that many "
+            f"steps. Use a min_history of at most the window."
+        )
+    planted = train.get("debug_corrupt_steps") or []
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in planted):
+        raise UserError(f"train.debug_corrupt_steps={list(planted)!r} must be a list of step numbers (1 or more).")
 
 
 def check_objective(cfg: DictConfig) -> None:

@@ -57,6 +57,11 @@ def run(cfg) -> int:
     from trainers.loop import train
 
     return_freed_memory()
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if restart and int(os.environ.get("RANK", 0)) == 0:  # set by torch's elastic agent
+        logging.getLogger("train").info(
+            "worker group restart %d of %s after a worker failed: resuming from the last committed checkpoint",
+            restart, os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"))
     try:
         summary = train(cfg)
     except (UserError, TrainingError) as e:

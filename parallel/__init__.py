@@ -38,14 +38,16 @@ def refusal(cfg, world_size: int) -> str | None:
 def resume_refusal(cfg) -> str | None:
     """Why the run directory's latest committed checkpoint cannot be resumed under `cfg`
     (None if there is none, or it can)."""
-    import json
     from pathlib import Path
 
-    from trainers.checkpoint import latest_checkpoint
+    from trainers.checkpoint import readable_trainer_state, resume_candidates
 
-    checkpoint = latest_checkpoint(Path(cfg.run_dir) / "checkpoints")
-    if checkpoint is None:
+    # The checkpoint the resume will take (damaged ones are skipped there, with a warning).
+    for checkpoint in resume_candidates(Path(cfg.run_dir) / "checkpoints"):
+        written = readable_trainer_state(checkpoint)
+        if written is not None:
+            break
+    else:
         return None
-    written = json.loads((checkpoint / "trainer_state.json").read_text())
     reason = plan_class(cfg.parallel.name).refuse_resume(cfg, written)
     return f"Cannot resume {checkpoint}: {reason}" if reason else None

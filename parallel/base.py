@@ -179,12 +179,19 @@ class Plan:
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
 
-    def step(self) -> float:
+    def step(self, skip=None) -> float:
+        """Clip, then apply the update; returns the pre-clip global gradient norm.
+
+        `skip(norm)` (the spike guard's, trainers/spike_guard.py) decides once the norm is
+        known: a skipped step zeroes the gradients instead of applying them, and the
+        schedule still advances so that the lr stays a function of the step number."""
         norm = self.clip_grad_norm()
-        self.optimizer.step()
+        value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not (skip is not None and skip(value)):
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return value
 
     @property
     def lr(self) -> float:
@@ -232,6 +239,10 @@ class Plan:
 
     def load_scheduler_state(self, state: dict) -> None:
         self.scheduler.load_state_dict(state)
+        # The optimizer's lr must be what the scheduler says for the next step (a
+        # spike-guard rollback loads an older optimizer state under a newer schedule).
+        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
 
     def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
         """The whole (unsharded) model state on rank 0's CPU, {} on other ranks."""

@@ -103,6 +103,25 @@ def partitioned_model(source, ds_config: dict, device: torch.device) -> torch.nn
     return model
 
 
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def _patched(obj, attrs: dict):
+    """Set attributes of one instance for the duration of a call, then restore them."""
+    saved = {k: obj.__dict__.get(k, _MISSING) for k in attrs}
+    for k, v in attrs.items():
+        setattr(obj, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is _MISSING:
+                delattr(obj, k)
+            else:
+                setattr(obj, k, v)
+
+
 class DeepSpeedZero(Plan):
     name = "zero"
     shards = frozenset({"optim"})  # per instance: see __init__
@@ -271,11 +290,47 @@ class DeepSpeedZero(Plan):
         # grad_accum); DeepSpeed averages over dp ranks, so scale up by the dp world.
         self.engine.backward(loss * self.dp_world, scale_wrt_gas=False)
 
-    def step(self) -> float:
+    def step(self, skip=None) -> float:
         self.engine.set_gradient_accumulation_boundary(True)
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        if skip is None:
+            self.engine.step()
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        return self._step_or_skip(skip)
+
+    def _step_or_skip(self, skip) -> float:
+        """The spike guard's step. The engine computes the gradient norm inside its own
+        step(), so it is computed here first, with the ZeRO optimizer's own function, and
+        handed back to that step (computed once). A skipped step goes through DeepSpeed's
+        overflow path, the engine's one clean way not to apply an update: the optimizer
+        zeroes and releases its gradient buffers and resets its micro-step counter, the
+        engine counts a skipped step, and leaves the lr schedule to us."""
+        opt = self.engine.optimizer
+        if hasattr(opt, "_wait_for_offload_copies"):  # what step() waits for before its norm
+            opt._wait_for_offload_copies()
+        if self.stage == 3 and hasattr(opt, "_get_norm_groups"):
+            from deepspeed.runtime.utils import combine_grad_norm_groups
+
+            scaled = combine_grad_norm_groups(opt._get_norm_groups())
+            apply = {"_get_norm_groups": lambda: [scaled]}
+            overflow = {"_get_norm_groups": lambda: [torch.full_like(scaled, float("inf"))]}  # always an overflow at stage 3
+        elif self.stage < 3 and hasattr(opt, "scaled_global_norm"):
+            scaled = opt.scaled_global_norm()
+            apply = {"scaled_global_norm": lambda norm_type=2: scaled}
+            overflow = {"check_grad_overflow": True, "has_overflow": lambda *args, **kwargs: True}
+        else:
+            raise TrainingError(
+                f"train.spike_guard cannot skip steps with DeepSpeed's {type(opt).__name__} (parallel="
+                f"{self.name}, precision {self.compute_dtype}). Use train.precision=fp32, parallel=fsdp2 "
+                f"or ddp, or train.spike_guard.enabled=false."
+            )
+        norm = float(scaled) / float(opt.loss_scale)
+        skipped = skip(norm)
+        with _patched(opt, overflow if skipped else apply):
+            self.engine.step()
+        if skipped:
+            self.scheduler.step()
+        return norm
 
     # ------------------------------------------------------------------ checkpoints
     @property
@@ -350,12 +405,6 @@ class DeepSpeedZero(Plan):
         )
         if load_path is None:
             raise TrainingError(f"DeepSpeed could not load the checkpoint in {Path(directory) / tag}.")
-
-    def load_scheduler_state(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state)
-        # The optimizer's lr must be what the scheduler says for the next step.
-        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
 
     # ----------------------------------------------------------------------- export
     def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:

@@ -31,6 +31,8 @@ import random
 import string
 from pathlib import Path
 
+from make_data import write_jsonl  # scripts/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
 MAX_CHAT_TOKENS = 64  # data.max_seq_len of conf/data/reverse_pref.yaml
 KINDS = ("swap", "drop", "duplicate", "substitute", "unreversed", "half")
@@ -89,13 +91,6 @@ def pair_row(rng, messages):
 
 def read_jsonl(path):
     return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
-
-
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
 
 
 def main():

@@ -172,3 +172,17 @@ def assert_same_export(run_dir: Path, ref_dir: Path) -> None:
     for k, v in ref_w.items():
         assert got_w[k].dtype == v.dtype and got_w[k].shape == v.shape, k
         assert float((got_w[k].float() - v.float()).abs().max()) < 1e-5, k
+
+
+def worker(proc: subprocess.Popen, rank: int):
+    """The psutil.Process of training worker `rank` under the launcher `proc` (found by the
+    RANK its elastic agent gave it), to inject a fault into that one process."""
+    import psutil
+
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if p.environ().get("RANK") == str(rank) and "launch.worker" in p.cmdline():
+                return p
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no worker with RANK={rank} under pid {proc.pid}")

@@ -21,13 +21,17 @@ sys.path.insert(0, str(REPO))
 def cell_overrides(plan: str, method: str, model: str, data: str) -> list[str]:
     """Every optimizer step sees the same 4 rows (the whole data file), so the loss must
     fall: 2 rows per rank x 2 data-parallel ranks, or for the pipeline (one data-parallel
-    rank) 2 x 2 accumulated rows split into 2 pipeline micro-batches."""
+    rank) 2 x 2 accumulated rows split into 2 pipeline micro-batches. No LoRA dropout: which
+    rank draws which mask would depend on the batch order."""
+    from launch.config import group_option
+
     return [
         f"parallel={plan}", f"method={method}", "launcher.nproc_per_node=2", f"model.path={model}",
         f"data.train={data}", "data.eval=null", "data.packing=false", "train.max_steps=4",
         "train.micro_batch_size=2", "train.grad_accum=1", "train.save_every=2",
         "optim.warmup_steps=0", "optim.schedule=constant",
-    ] + (["parallel.microbatches=2", "train.grad_accum=2"] if plan == "pipeline" else [])
+    ] + (["parallel.microbatches=2", "train.grad_accum=2"] if plan == "pipeline" else []) + (
+        ["method.dropout=0"] if "dropout" in group_option("method", method) else [])
 
 
 def parse_cell(cell: str) -> tuple[str, str, list[str]]:

@@ -18,9 +18,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from trainers.batches import BatchLayout, GlobalBatches, Source
 from trainers.errors import UserError
+from trainers.files import atomic_write, locked
 from trainers.packing import best_fit_decreasing
 from trainers.peft_methods import SUPPORTS_PACKING
-from trainers.files import atomic_write, locked
 from trainers.token_cache import DataReport, TokenStore, ensure
 
 SPEC_HELP = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -41,20 +42,56 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_distributed() -> DistEnv:
-    """Join the process group if the environment says there is one."""
+def init_distributed(timeout_s: float | None = None, trace_dir: Path | None = None) -> DistEnv:
+    """Join the process group if the environment says there is one.
+
+    `timeout_s` bounds every collective (30 minutes when None); the loop passes a little
+    more than its hang watchdog's longest allowance, so the watchdog, which leaves stacks
+    behind, fires first. NCCL's own flight recorder dump on a timeout goes to `trace_dir`."""
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(local_rank)
     if world > 1 and not dist.is_initialized():
+        backend = backend_for(device)
+        hang_settings(backend, trace_dir)
         dist.init_process_group(
-            backend=backend_for(device),
+            backend=backend,
             rank=rank,
             world_size=world,
-            timeout=timedelta(minutes=int(os.environ.get("LLM_LAUNCHER_PG_TIMEOUT_MIN", 30))),
+            timeout=timedelta(seconds=timeout_s) if timeout_s else timedelta(minutes=30),
         )
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def hang_settings(backend: str, trace_dir: Path | None) -> None:
+    """Evidence and behaviour for a collective that never completes (values the user
+    exported win). Every backend keeps PyTorch's flight recorder, a ring of the last
+    collectives each rank issued, which the hang watchdog dumps next to its stacks (a
+    few hundred bytes per collective). NCCL also tears the process down on a timeout
+    rather than leave it blocked on the GPU, and dumps the recorder itself."""
+    defaults = {"TORCH_FR_BUFFER_SIZE": "2000"}
+    if backend == "nccl":
+        defaults.update({
+            "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # the name before torch 2.7
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+            "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+        })
+        if trace_dir is not None:
+            Path(trace_dir).mkdir(parents=True, exist_ok=True)
+            defaults["TORCH_FR_DUMP_TEMP_FILE"] = str(Path(trace_dir) / "nccl-flight-recorder-rank-")
+            defaults["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] = defaults["TORCH_FR_DUMP_TEMP_FILE"]
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+def agree(value):
+    """Rank 0's `value` on every rank (e.g. a name all ranks must share)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(group=None) -> None:

@@ -31,16 +31,18 @@ def read_json(path: Path) -> dict:
         return {}
 
 
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Readers see the old content or the new, never a prefix; the new content is on disk
-    before it becomes visible (fsync before the rename). The temporary name carries the
-    pid, so concurrent writers never share one."""
+def atomic_write(path: Path, data: str | bytes, durable: bool = True) -> None:
+    """Readers see the old content or the new, never a prefix; with `durable`, the new
+    content is on disk before it becomes visible (fsync before the rename), which
+    heartbeats rewritten every few seconds can skip. The temporary name carries the pid,
+    so concurrent writers never share one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -21,7 +21,13 @@ from pathlib import Path
 from parallel import build_plan
 from trainers.checkpoint import Checkpointer
 from trainers.data import training_batches
-from trainers.distributed import all_reduce_sum, any_rank, init_distributed, shutdown
+from trainers.distributed import (
+    agree,
+    all_reduce_sum,
+    any_rank,
+    init_distributed,
+    shutdown,
+)
 from trainers.errors import TrainingError
 from trainers.evaluate import Evaluator
 from trainers.export import export
@@ -31,6 +37,8 @@ from trainers.objectives import get_objective
 from trainers.peft_methods import method_summary
 from trainers.reference import precompute_reference
 from trainers.rng import seed_everything
+from trainers.spike_guard import SpikeGuard, corrupt_targets
+from trainers.watchdog import Watchdog, allowances
 
 log = logging.getLogger("train")
 
@@ -54,10 +62,23 @@ class StopRequest:
 
 def train(cfg, leave_process_group: bool = False) -> dict:
     """Run (or resume) one training job; `leave_process_group` keeps the process group
-    for a caller that runs several jobs in the same workers."""
-    env = init_distributed()
+    for a caller that runs several jobs in the same workers. A hang watchdog covers the
+    whole job, start-up included (trainers/watchdog.py)."""
     run_dir = Path(cfg.run_dir)
+    step_timeout, long_timeout = allowances(cfg.train)
+    # Collectives time out a little after the watchdog's longest allowance: it fires first.
+    env = init_distributed(long_timeout + 120 if long_timeout else None, run_dir / "hangs")
     run_dir.mkdir(parents=True, exist_ok=True)
+    attempt = agree(time.strftime("%Y-%m-%d_%H-%M-%S"))
+    watchdog = Watchdog(run_dir, env.rank, env.world_size, attempt, step_timeout, long_timeout)
+    try:
+        return run_job(cfg, env, watchdog, leave_process_group)
+    finally:
+        watchdog.close()
+
+
+def run_job(cfg, env, watchdog: Watchdog, leave_process_group: bool) -> dict:
+    run_dir = Path(cfg.run_dir)
     seed_everything(cfg.seed)
     stop = StopRequest()
     t_start = time.time()
@@ -95,6 +116,9 @@ def train(cfg, leave_process_group: bool = False) -> dict:
     tokens_seen = resumed["tokens_seen"] if resumed else 0
     if resumed and env.is_main:
         log.info("resumed from %s (step %d)", resumed["path"], start)
+    guard = SpikeGuard(cfg.train.get("spike_guard"))
+    guard.load_state(resumed.get("spike_guard") if resumed else None)
+    planted = set(cfg.train.get("debug_corrupt_steps") or ())
 
     evaluator = Evaluator(cfg, plan, tokenizer, data.eval, data.packed) if data.eval else None
     metrics = MetricsLogger(run_dir, env.is_main, start, cfg.train.max_steps)
@@ -102,10 +126,12 @@ def train(cfg, leave_process_group: bool = False) -> dict:
     step = start
     try:
         if evaluator and start == 0:
-            metrics.log({"step": 0, **evaluator.run()})
+            metrics.log({"step": 0, **evaluator.run()})  # (start-up allowance still running)
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
             micro, count = batches.micro_batches(step, plan.dp_rank, objective.unit)
+            if step + 1 in planted:
+                micro = corrupt_targets(micro, len(tokenizer), cfg.seed + step)
             loss_sum, real_tokens, sums = plan.forward_backward(micro, count, objective)
             names = sorted(sums)
             loss_sum, real_tokens, *values = all_reduce_sum([loss_sum, real_tokens, *(sums[k] for k in names)],
@@ -118,32 +144,46 @@ def train(cfg, leave_process_group: bool = False) -> dict:
                     f"untouched. Lower optim.lr, or check the data and train.precision."
                 )
             lr = plan.lr
-            grad_norm = plan.step()
+            grad_norm = plan.step(skip=guard.judge(step + 1, loss))
             step += 1
+            watchdog.progress(step)
             tokens_seen += int(real_tokens)
             dt = time.perf_counter() - t0
             last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens": int(real_tokens), "tokens_per_s": real_tokens / dt, **batches.stats(step - 1),
                     **objective.finalize(dict(zip(names, values)), count)}
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            if guard.reason:
+                last.update(skipped=True, skip_reason=guard.reason, rows=batches.row_ids(step - 1))
+                if env.is_main:
+                    log.warning("spike guard: step %d not applied (%s); rows of its batch: %s",
+                                step, guard.reason, last["rows"])
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps or guard.reason:
                 metrics.log(dict(last))
+            if guard.needs_rollback:
+                with watchdog.long("spike-guard rollback"):
+                    roll_back_past_spikes(guard, ckpt, metrics, step, env.is_main)
             if evaluator and step % cfg.train.eval_every == 0:
-                last.update(evaluator.run())
+                with watchdog.long("eval"):
+                    last.update(evaluator.run())
                 metrics.log({"step": step, **{k: v for k, v in last.items() if k.startswith("eval_")}})
             preempt = any_rank(stop.requested, env.device)
             if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or preempt:
-                ckpt.save(step, {"epoch": batches.epoch_of(step), "tokens_seen": tokens_seen})
+                with watchdog.long("checkpoint save"):
+                    ckpt.save(step, {"epoch": batches.epoch_of(step), "tokens_seen": tokens_seen,
+                                     "spike_guard": guard.state()})
             if preempt:
-                ckpt.wait()
+                with watchdog.long("checkpoint save"):
+                    ckpt.wait()
                 status = "preempted"
                 break
         if status == "completed":
-            if evaluator and step % cfg.train.eval_every != 0:
-                final_eval = evaluator.run()
-                last.update(final_eval)
-                metrics.log({"step": step, **final_eval})
-            ckpt.wait()
-            written = export(plan, cfg, tokenizer, run_dir)
+            with watchdog.long("final eval, checkpoint and export"):
+                if evaluator and step % cfg.train.eval_every != 0:
+                    final_eval = evaluator.run()
+                    last.update(final_eval)
+                    metrics.log({"step": step, **final_eval})
+                ckpt.wait()
+                written = export(plan, cfg, tokenizer, run_dir)
             if env.is_main:
                 log.info("export: %s", written)
     except TrainingError as e:
@@ -176,3 +216,20 @@ def train(cfg, leave_process_group: bool = False) -> dict:
     if not leave_process_group:
         shutdown()
     return summary
+
+
+def roll_back_past_spikes(guard: SpikeGuard, ckpt: Checkpointer, metrics: MetricsLogger, step: int,
+                          is_main: bool) -> None:
+    """After the guard's streak of skipped steps: load the newest committed checkpoint from
+    before the streak and carry on from `step` (the data position), so the batches from
+    that checkpoint to the end of the streak are never applied."""
+    streak = guard.end_streak()
+    ckpt.wait()
+    back = ckpt.restore(before_step=streak[0])
+    if back:
+        metrics.log({"step": step, "rolled_back_to": back["step"], "skipped_steps": streak})
+    if is_main:
+        log.warning("spike guard: %d steps in a row skipped (%s): %s, continuing with step %d",
+                    len(streak), ", ".join(map(str, streak)),
+                    f"rolled back to {back['path']} (step {back['step']})" if back
+                    else "no committed checkpoint from before them to roll back to", step + 1)

@@ -27,9 +27,9 @@ from typing import Callable
 
 import torch
 
+from trainers import preference as P
 from trainers.errors import UserError
 from trainers.lm_loss import lm_ce_sum
-from trainers import preference as P
 
 # objective name -> kind of data row it reads (trainers.rows.ROW_KINDS). simpo and orpo
 # follow TRL's CPO/ORPO tokenization, dpo/ipo/kto TRL's DPO/KTO one.

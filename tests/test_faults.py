@@ -1,0 +1,214 @@
+"""Faults beyond a clean preemption, on 2 ddp processes: a damaged checkpoint, a dead rank,
+a hung rank. Each fault is injected from here (bytes flipped, SIGKILL, SIGSTOP), and each
+recovery must end exactly like the uninterrupted reference run."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (FAST, assert_resumed_exactly, kill_tree, launch, losses, rel, start, summary, wait_until,
+                           worker)
+
+STEPS = 24
+
+
+def common(tiny_model, plan: str = "ddp") -> list[str]:
+    return [f"model.path={tiny_model}", *FAST, f"train.max_steps={STEPS}", "train.micro_batch_size=2",
+            "train.grad_accum=2", f"parallel={plan}", "launcher.nproc_per_node=2", "train.save_every=3"]
+
+
+def logged_steps(run: Path) -> int:
+    m = run / "metrics.jsonl"
+    return m.read_text().count('"loss"') if m.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model) -> Path:
+    run = tmp_path_factory.mktemp("faults") / "ref"
+    launch(*common(tiny_model), f"hydra.run.dir={run}")
+    return run
+
+
+def flip_bytes(path: Path, offset: int = 100, n: int = 4) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = f.read(n)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+@pytest.mark.slow
+def test_damaged_checkpoints_are_skipped_for_the_newest_intact_one(tmp_path, tiny_model, reference):
+    run = tmp_path / "run"
+    launch(*common(tiny_model), "train.max_steps=7", "train.keep_last=3", f"hydra.run.dir={run}")
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_3", "step_6", "step_7"]
+    flipped, truncated = ckpts / "step_7" / "state" / "__1_0.distcp", ckpts / "step_6" / "rng" / "rank0.pt"
+    flip_bytes(flipped)  # same size: only the checksum can tell
+    os.truncate(truncated, 100)
+    out = launch(*common(tiny_model), "train.keep_last=3", f"hydra.run.dir={run}")
+    log = out.stderr
+    assert f"{flipped} does not match its checksum" in log, log[-3000:]
+    assert f"{truncated} has 100 bytes" in log
+    assert "resumed from" in log and "step_3 (step 3)" in log
+    assert_resumed_exactly(run, reference, STEPS)
+    # The abandoned newer directories were replaced by the relaunch's own saves.
+    assert {p.name for p in ckpts.glob("step_*")} == {f"step_{STEPS - 6}", f"step_{STEPS - 3}", f"step_{STEPS}"}
+
+
+@pytest.mark.slow
+def test_dead_rank_ends_the_job_in_seconds_or_restarts_the_group(tmp_path, tiny_model, reference):
+    run = tmp_path / "run"
+    proc = start(run, *common(tiny_model))
+    try:
+        wait_until(lambda: logged_steps(run) >= 4, proc)
+        victim = worker(proc, rank=1).pid
+        t0 = time.time()
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0
+        took = time.time() - t0
+    finally:
+        kill_tree(proc)
+    assert took < 30, took
+    out = Path(proc.log).read_text()
+    assert f"Rank 1 (pid {victim}) was killed by SIGKILL" in out, out[-3000:]
+    assert {"rank": 1, "pid": victim, "exitcode": -9, "signal": "SIGKILL"} in summary(run)["failed_ranks"]
+
+    # Relaunched with a restart allowed: the same kill now costs a restart, not the job.
+    proc = start(run, *common(tiny_model), "launcher.max_restarts=1")
+    try:
+        wait_until(lambda: "checkpoint committed" in Path(proc.log).read_text(), proc)
+        os.kill(worker(proc, rank=1).pid, signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, Path(proc.log).read_text()[-3000:]
+    finally:
+        kill_tree(proc)
+    out = Path(proc.log).read_text()
+    assert "worker group restart 1 of 1" in out and "resumed from" in out.split("worker group restart")[1]
+    assert_resumed_exactly(run, reference, STEPS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plan", ["ddp", "fsdp2"])
+def test_hung_rank_is_named_live_stacks_are_written_and_the_relaunch_resumes(tmp_path, tiny_model, reference, plan):
+    timeout = 20
+    run = tmp_path / "run"
+    proc = start(run, *common(tiny_model, plan), f"train.step_timeout_s={timeout}", "train.startup_timeout_s=120")
+    try:
+        wait_until(lambda: logged_steps(run) >= 3, proc)
+        frozen = worker(proc, rank=1)
+        t0 = time.time()
+        frozen.suspend()  # SIGSTOP: alive, holding its sockets, never answering
+        assert proc.wait(timeout=timeout + 120) != 0
+        took = time.time() - t0
+    finally:
+        kill_tree(proc)
+    assert timeout < took < timeout + 60, took
+    s = summary(run)
+    assert s["status"] == "hung" and s["hang"]["stopped_ranks"] == [1], s
+    stacks = Path(s["hang"]["folder"])
+    assert [p.name for p in stacks.glob("rank-*.txt")] == ["rank-0.txt"]  # the frozen rank cannot write
+    text = (stacks / "rank-0.txt").read_text()
+    assert "no progress in step" in text and "in forward_backward" in text and "Current thread" in text
+    assert (stacks / "flight-recorder-rank-0.json").exists()
+    out = Path(proc.log).read_text()
+    assert "The run hung" in out and "rank(s) 1 stopped reporting" in out and str(stacks / "rank-0.txt") in out
+    launch(*common(tiny_model, plan), f"hydra.run.dir={run}")
+    if plan == "ddp":
+        assert_resumed_exactly(run, reference, STEPS)
+    else:  # the same numbers as ddp's up to summation order
+        got, want = losses(run), losses(reference)
+        assert sorted(got) == list(range(1, STEPS + 1)) and summary(run)["status"] == "completed"
+        assert all(rel(got[s], want[s]) < 1e-5 for s in want), (got, want)
+
+
+def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
+    """The verification itself, in-process: every candidate damaged -> one paragraph naming
+    each checkpoint's damaged file; a directory without a manifest (older runs) is loaded."""
+    import json
+
+    from trainers.checkpoint import MANIFEST, MARKER, Checkpointer, describe_files
+    from trainers.distributed import DistEnv
+    from trainers.errors import TrainingError
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        d = root / f"step_{step}"
+        d.mkdir(parents=True)
+        (d / "model.bin").write_bytes(os.urandom(1000))
+        manifest = {"files": describe_files(d, ["model.bin"])}
+        (d / MANIFEST).write_text(json.dumps(manifest))
+        (d / MARKER).write_text("ok\n")
+    (root / "latest").write_text("step_4")
+    ckpt = Checkpointer.__new__(Checkpointer)
+    ckpt.root, ckpt.env = root, DistEnv(rank=0, world_size=1, local_rank=0, device=None)
+    assert ckpt.intact_checkpoint() == root / "step_4"
+    flip_bytes(root / "step_4" / "model.bin")
+    assert ckpt.intact_checkpoint() == root / "step_2"
+    os.truncate(root / "step_2" / "model.bin", 10)
+    with pytest.raises(TrainingError) as e:
+        ckpt.intact_checkpoint()
+    msg = str(e.value)
+    assert "No committed checkpoint" in msg and "step_4: " in msg and "step_2: " in msg
+    assert "does not match its checksum" in msg and "has 10 bytes, 1000 when committed" in msg
+    (root / "step_2" / MANIFEST).write_text('{"files": ')  # cut short
+    with pytest.raises(TrainingError, match="MANIFEST.json is unreadable"):
+        ckpt.intact_checkpoint()
+    (root / "step_2" / MANIFEST).unlink()
+    assert ckpt.intact_checkpoint() == root / "step_2"
+
+
+def test_a_hang_on_slurm_is_requeued_like_a_preemption(tmp_path, monkeypatch):
+    """SlurmTask's hang handler (run by the rank that reported the hang), in-process with
+    scontrol replaced: requeued and counted while launcher.max_requeues allows, recorded
+    as not requeued after that."""
+    from omegaconf import OmegaConf
+
+    from launch import slurm
+
+    calls = []
+    monkeypatch.setattr(slurm, "_scontrol_state", lambda job_id: "RUNNING")
+    monkeypatch.setattr(slurm.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    cfg = OmegaConf.create({"run_dir": str(tmp_path), "launcher": {"max_requeues": 1}})
+    slurm.update_state(tmp_path, lambda s: s.update(attempts=[{"restart": 0}], requeues=0))
+    hang = {"final_step": 7, "hang": {"stopped_ranks": [1]}}
+    task = slurm.SlurmTask(str(tmp_path / "config.yaml"))
+    task._requeue_after_hang(cfg, "42", 0, hang)
+    state = slurm.read_state(tmp_path)
+    assert calls == [["scontrol", "requeue", "42"]] and state["requeues"] == 1
+    assert state["attempts"][-1] | {"ended": None} == {"restart": 0, "ended": None, "status": "hung", "step": 7,
+                                                       "requeued": True, "note": "hang watchdog: stopped ranks [1]"}
+    task._requeue_after_hang(cfg, "42", 1, hang)  # the requeued attempt hangs again
+    state = slurm.read_state(tmp_path)
+    assert len(calls) == 1 and state["requeues"] == 1
+    assert state["attempts"][-1]["requeued"] is False and "max_requeues=1 reached" in state["attempts"][-1]["note"]
+
+
+def test_watchdog_in_one_process_dumps_the_stuck_main_thread(tmp_path):
+    """No peers, no heartbeat files: the rank itself times out, writes its stacks and the
+    verdict, and exits with EXIT_HUNG (in a child process: the watchdog ends its process)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    script = (
+        "import time; from trainers.watchdog import Watchdog\n"
+        f"w = Watchdog({str(tmp_path)!r}, 0, 1, 'attempt', 1.0, 3.0, start_step=5)\n"
+        "w.progress(6)\n"
+        "def stuck_in_a_collective():\n    time.sleep(60)\n"
+        "stuck_in_a_collective()\n"
+    )
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and time.time() - t0 < 20, proc.stderr
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["status"] == "hung" and s["final_step"] == 6 and s["hang"]["stopped_ranks"] == []
+    assert "every rank is alive, so one of them is stuck" in s["error"] and "step 7" in s["error"]
+    stacks = (tmp_path / "hangs" / "attempt" / "rank-0.txt").read_text()
+    assert "in stuck_in_a_collective" in stacks and "last completed step 6" in stacks
+    assert not (tmp_path / "hangs" / "heartbeat").exists()
