@@ -15,7 +15,6 @@ from collections import defaultdict
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from trainers import preference as P
 

@@ -15,7 +15,6 @@ import math
 import pytest
 import torch
 
-from tests.helpers import rel
 from tests.trl_preference_reference import REPO, read_jsonl
 from tests.trl_preference_reference import run as run_trl
 

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from tests.helpers import (REPO, assert_resumed_exactly, kill_once_committed, launch, metrics, rel, start,
+from tests.helpers import (REPO, assert_resumed_exactly, kill_once_committed, launch, metrics, start,
                            summary)
 from tests.matrix_worker import cell_dir, cell_overrides
 
