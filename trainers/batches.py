@@ -22,6 +22,7 @@ global batch, so the KL estimate does not depend on how the batch is split.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -188,7 +189,8 @@ class GlobalBatches:
     def _shuffle(self, k: int, epoch: int) -> Shuffle:
         return Shuffle(len(self.sources[k]), self.seed * 100_003 + epoch + 1_000_003 * k)
 
-    def rows(self, step: int) -> list[tuple[int, int]]:
+    @functools.lru_cache(maxsize=2)  # a step's rows are asked for its batches, stats and row ids
+    def rows(self, step: int) -> tuple[tuple[int, int], ...]:
         """(source, row) of every row of the global batch of `step`, in rank order."""
         n = self.layout.rows_per_step
         positions = np.array(self.mixture.positions(step * n, (step + 1) * n), dtype=np.int64)
@@ -199,7 +201,7 @@ class GlobalBatches:
             for epoch in np.unique(js[ks == k] // size):
                 sel = (ks == k) & (js // size == epoch)
                 rows[sel] = self._shuffle(int(k), int(epoch))[js[sel] % size]
-        return list(zip(ks.tolist(), rows.tolist()))
+        return tuple(zip(ks.tolist(), rows.tolist()))  # shared by the cache: immutable
 
     def epoch_of(self, step: int) -> int:
         """Passes completed over the first source before `step`."""
