@@ -53,12 +53,15 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--note", default="")
-    ap.add_argument("--mmap-threshold", type=int, help="LLM_LAUNCHER_MMAP_THRESHOLD for our runs (default: "
-                    "the product's 128 KiB; launch/worker.py return_freed_memory)")
+    ap.add_argument("--host-memory", default="fast", choices=("fast", "compact"),
+                    help="train.host_memory of our runs (launch/worker.py set_host_allocator)")
+    ap.add_argument("--padded-pairs", action="store_true",
+                    help="ours with data.packing=false: each sequence its own row, padded to the longest of the "
+                         "micro-batch, as TRL does (default: our default, packed micro-batches)")
     ap.add_argument("--out")
     ap.add_argument("--timeout", type=int, default=3600)
     args = ap.parse_args()
-    args.packing = False
+    args.packing = not args.padded_pairs
     if args.steps <= args.skip + 1:
         ap.error("--steps must exceed --skip + 1")
     return args
@@ -66,12 +69,10 @@ def parse_args() -> argparse.Namespace:
 
 def run_ours(args, model: str, work: Path, tag: str) -> dict:
     run_dir, result = work / f"ours-{tag}", work / f"ours-{tag}.json"
-    overrides = S.ours_overrides(args, model, False, run_dir) + ["objective=dpo", f"objective.beta={args.beta}"]
-    if args.mmap_threshold:
-        os.environ["LLM_LAUNCHER_MMAP_THRESHOLD"] = str(args.mmap_threshold)  # run_env copies os.environ
+    overrides = S.ours_overrides(args, model, args.packing, run_dir) + [
+        "objective=dpo", f"objective.beta={args.beta}", f"train.host_memory={args.host_memory}"]
     S.run_logged([sys.executable, str(BENCH / "_ours_launch.py"), str(args.src), str(result), *overrides],
                  work / f"ours-{tag}.log", args)
-    os.environ.pop("LLM_LAUNCHER_MMAP_THRESHOLD", None)
     rss = json.loads(result.read_text())
     rows = sorted((r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r),
                   key=lambda r: r["step"])
@@ -116,8 +117,8 @@ def report(args, runs: dict, model_desc: str, inputs: str, started: str, seconds
         f"- job (both): DPO sigmoid beta {args.beta:g}, LoRA r={args.lora_r} alpha={args.lora_alpha} dropout 0 "
         f"all-linear, reference = adapter disabled, fp32 CPU, {args.micro_batch} pairs x {args.grad_accum} accum "
         f"= {args.micro_batch * args.grad_accum} pairs/step, max length {args.max_len}, {args.steps} steps",
-        f"- our workers' glibc M_MMAP_THRESHOLD: "
-        f"{args.mmap_threshold or 131072} bytes{'' if args.mmap_threshold else ' (the product default)'}",
+        f"- ours: train.host_memory={args.host_memory}, data.packing={str(args.packing).lower()} "
+        f"({'each micro-batch packed into rows of the max length' if args.packing else 'one sequence per row, padded'})",
         f"- tokens/s = non-padding tokens (chosen + rejected) of steps {args.skip + 1}..{args.steps} / wall time; "
         f"peak RSS = ru_maxrss at exit; medians over {args.repeats} interleaved repeats", "",
         "| system | tokens/s | tokens per CPU-s | peak RSS MiB | RSS before step 1 MiB | tokens/step | final loss |",

@@ -345,10 +345,9 @@ def differences(args) -> list[str]:
     ]
     if args.packing:
         out.append(
-            f"- Packing: ours packs rows greedily in file order into sequences of at most {args.max_len} tokens "
-            f"(then shuffles those) and pads each micro-batch ({args.micro_batch} x <= {args.max_len}); TRL's default packing_strategy=bfd "
-            f"(best-fit decreasing) fills bins better and runs padding-free, flattening the {args.micro_batch} "
-            f"packed rows into one row of up to {args.micro_batch * args.max_len} tokens (sdpa then attends over a "
+            f"- Packing: both pack with best-fit decreasing into bins of {args.max_len} tokens. Ours pads each "
+            f"micro-batch of {args.micro_batch} bins to its longest; TRL runs padding-free, flattening the "
+            f"{args.micro_batch} bins into one row of up to {args.micro_batch * args.max_len} tokens (sdpa then attends over a "
             f"block-diagonal mask of that length). Tokens/step therefore differ; tokens/s normalises for it."
         )
     out.append(

@@ -20,6 +20,7 @@ CHOICES = {
     "optim.schedule": SCHEDULES,
     "train.precision": ("auto", "fp32", "bf16"),
     "train.checkpoint.mode": ("async", "sync"),
+    "train.host_memory": ("fast", "compact"),
 }
 POSITIVE_INTS = (
     "train.max_steps", "train.micro_batch_size", "train.grad_accum", "train.save_every",

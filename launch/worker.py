@@ -24,29 +24,29 @@ def setup_logging() -> None:
     quiet_libraries()
 
 
-def return_freed_memory() -> None:
-    """Make glibc give freed blocks of 128 KiB and more back to the system at once
-    (M_MMAP_THRESHOLD fixed at its default start value).
+def set_host_allocator(mode: str) -> None:
+    """`train.host_memory`: how glibc's malloc treats the host memory a process frees.
 
-    By default glibc raises its mmap threshold to the size of each freed block (up to 32
-    MiB), so the per-layer buffers FSDP2 and ZeRO-3 gather and free, and the activations
-    recomputed between them, end up in heap arenas that never shrink: measured on a 360M
-    model, an FSDP2 rank's forward grew RSS by 1.4 GiB for 0.55 GiB of activations (the
-    sharded plans held more host memory than the single process), and activation
-    checkpointing kept 0.34 GiB it had freed. A fixed threshold keeps what a rank holds
-    equal to what it uses.
+    fast (default): glibc's own policy. Its mmap threshold rises to the size of each
+    freed block (up to 32 MiB), so freed activations and gathered buffers stay in heap
+    arenas and are reused without touching the kernel. RSS can sit above what the live
+    tensors need (measured on a 360M model, an FSDP2 rank's forward grew RSS by 1.4 GiB
+    for 0.55 GiB of activations; activation checkpointing kept memory it had freed).
 
-    The price is CPU time: every block of 128 KiB or more is a fresh mmap whose pages
-    fault in on first touch. On the bundled tiny model on CPU, a DPO micro-batch of 16
-    pairs (forward, reference forward, backward) took 0.25 CPU-s with a 4 MiB threshold
-    and 0.6-0.8 CPU-s with 128 KiB, TRL's code the same way (measured back to back in one
-    process; bench/results/preference_vs_trl.md).
-    LLM_LAUNCHER_MMAP_THRESHOLD=BYTES sets another fixed threshold."""
+    compact: a fixed 128 KiB threshold, so every block of 128 KiB or more is its own mmap,
+    returned to the system when freed: RSS follows the live tensors, which is what
+    launch/estimate.py predicts and bench/memory_estimate.py measures. The price is CPU
+    time, since each such block's pages fault in on first touch: on CPU, 1.5-3x the time
+    of a step (bench/results/host_memory.md).
+
+    On a GPU the activations and gathered parameters live in device memory, so the choice
+    only matters for host-side state (loading, offloaded optimizer state)."""
+    if mode != "compact":
+        return
     try:
         import ctypes
 
-        threshold = int(os.environ.get("LLM_LAUNCHER_MMAP_THRESHOLD", 1 << 17))
-        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):  # not glibc: its allocator decides
         pass
 
@@ -56,7 +56,7 @@ def run(cfg) -> int:
     from trainers.errors import TrainingError, UserError
     from trainers.loop import train
 
-    return_freed_memory()
+    set_host_allocator(cfg.train.get("host_memory", "fast"))
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
     if restart and int(os.environ.get("RANK", 0)) == 0:  # set by torch's elastic agent
         logging.getLogger("train").info(

@@ -146,3 +146,34 @@ def test_objective_settings_are_refused_before_launch(overrides, needle):
     with pytest.raises(UserError) as e:
         check(compose(*overrides))
     assert needle in str(e.value), str(e.value)
+
+
+def test_packed_micro_batch_scores_each_sequence_as_the_padded_one(tmp_path, tok):
+    """data.packing for preference objectives: a micro-batch's sequences packed into fewer
+    rows give the same per-sequence completion log-probs, token counts and ORPO's
+    whole-sequence NLL as one sequence per padded row (the real tiny model, fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainers import preference as P
+    from trainers.batches import collate_sequences
+    from trainers.objectives import all_targets, forward_inputs
+
+    entry = prepare(PREF, tok, data_cfg(), tmp_path, "pairs")
+    store = TokenStore(entry)
+    parts = [store.example(i) for i in range(16)]
+    model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
+    scored = {}
+    for packed in (False, True):
+        batch = collate_sequences(parts, tok.pad_token_id, packed, width=64)
+        with torch.no_grad():
+            logits = model(**forward_inputs(batch, torch.device("cpu")), use_cache=False).logits
+        logps, n = P.sequence_logps(logits, batch["labels"], batch["segments"])
+        nll = P.per_sequence(P.token_logps(logits, all_targets(batch, torch.device("cpu"))), batch["segments"])
+        scored[packed] = (batch["input_ids"].shape, logps, n, nll)
+    (padded_shape, *padded), (packed_shape, *packed) = scored[False], scored[True]
+    assert packed_shape[0] < padded_shape[0] == 16 and packed_shape[0] * packed_shape[1] < padded_shape[0] * padded_shape[1]
+    assert torch.equal(padded[1], packed[1])
+    assert torch.equal(padded[1], torch.tensor([int(m.sum()) for _, m in parts]))
+    for a, b in ((padded[0], packed[0]), (padded[2], packed[2])):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a, b)

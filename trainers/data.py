@@ -83,8 +83,15 @@ def row_kind(cfg) -> str:
 
 
 def is_packed(cfg) -> bool:
-    """Packing is for SFT rows: preference objectives score each sequence on its own."""
-    return bool(cfg.data.packing) and cfg.method.peft in SUPPORTS_PACKING and row_kind(cfg) == "sft"
+    """data.packing, where the method keeps attention inside each packed sequence. SFT rows
+    are packed once per cache entry (best-fit-decreasing bins over the whole file);
+    preference sequences, scored one by one, are packed per micro-batch
+    (batches.collate_sequences)."""
+    return bool(cfg.data.packing) and cfg.method.peft in SUPPORTS_PACKING
+
+
+def packs_bins(cfg) -> bool:
+    return is_packed(cfg) and row_kind(cfg) == "sft"
 
 
 def cache_root(cfg) -> Path:
@@ -127,7 +134,7 @@ def prepare_data(cfg, tokenizer) -> tuple[dict, list[DataReport]]:
     for split in ("train", "eval"):
         for spec in parse_sources(cfg.data.get(split), f"data.{split}"):
             folder, built = ensure(spec.path, tokenizer, cfg.data, root, kind)
-            if is_packed(cfg):
+            if packs_bins(cfg):
                 _ensure_bins(folder, int(cfg.data.max_seq_len))
             report = TokenStore(folder).report()
             report.cached = not built
@@ -149,11 +156,11 @@ def open_data(cfg, tokenizer) -> TrainingData:
     prepared = cfg.data.get("prepared")
     if prepared is None:
         prepared, _ = prepare_data(cfg, tokenizer)
-    packed = is_packed(cfg)
+    packed, binned = is_packed(cfg), packs_bins(cfg)
 
     def source(entry) -> Source:
         folder = Path(entry["dir"])
-        bins = _open_bins(folder, int(cfg.data.max_seq_len)) if packed else None
+        bins = _open_bins(folder, int(cfg.data.max_seq_len)) if binned else None
         return Source(entry["name"], TokenStore(folder), entry["weight"], bins)
 
     train = [source(e) for e in prepared["train"]]

@@ -82,7 +82,7 @@ class Evaluator:
             # KTO's mismatched completions: rotation by one over the whole held-out set
             partners = [(0, (r - 1) % len(source)) for r, _ in chunk] if source.store.kind == "unpaired" else None
             out.append(collate_preference([source], [(0, r) for r, _ in chunk], pad, keep, partners,
-                                          int(self.cfg.data.max_seq_len)))
+                                          int(self.cfg.data.max_seq_len), self.packed))
         return out
 
     @torch.no_grad()

@@ -135,14 +135,16 @@ def reference_logps(model, batch: dict, device: torch.device) -> torch.Tensor:
         return batch["ref_logps"].to(device)
     with torch.no_grad(), adapter_disabled(model):
         logits = model(**forward_inputs(batch, device), use_cache=False).logits
-        return P.sequence_logps(logits, batch["labels"].to(device))[0]
+        return P.sequence_logps(logits, batch["labels"].to(device), batch["segments"])[0]
 
 
 def all_targets(batch: dict, device: torch.device) -> torch.Tensor:
-    """Every next token of each sequence as a target (ORPO's NLL covers the prompt too)."""
-    ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    """Every next token of each sequence as a target (ORPO's NLL covers the prompt too):
+    the next position's token where it belongs to the same sequence."""
+    ids, seg = batch["input_ids"].to(device), batch["segments"].to(device)
     labels = torch.full_like(ids, P.IGNORE)
-    labels[:, :-1] = ids[:, 1:].masked_fill(attn[:, 1:] == 0, P.IGNORE)
+    same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] >= 0)
+    labels[:, :-1] = ids[:, 1:].masked_fill(~same, P.IGNORE)
     return labels
 
 
@@ -151,15 +153,15 @@ def pair_objective(name: str, knobs: dict) -> Objective:
     beta = float(knobs.get("beta", 0.1))
 
     def loss(model, batch: dict, device: torch.device):
-        labels = batch["labels"].to(device)
+        labels, segments = batch["labels"].to(device), batch["segments"]
         keep = batch["keep"].to(device)
         ref = reference_logps(model, batch, device) if name in NEEDS_REFERENCE else None
         logits = model(**forward_inputs(batch, device), use_cache=False).logits
         if name == "orpo":
             per_token = P.token_logps(logits, all_targets(batch, device))
-            logps, n = P.masked_sums(per_token, labels != P.IGNORE)
+            logps, n = P.masked_sums(per_token, labels != P.IGNORE, segments)
         else:
-            logps, n = P.sequence_logps(logits, labels)
+            logps, n = P.sequence_logps(logits, labels, segments)
 
         half = keep.numel()  # sequences are [chosen...; rejected...] (collate_preference)
 
@@ -175,7 +177,7 @@ def pair_objective(name: str, knobs: dict) -> Objective:
         elif name == "simpo":
             loss, metrics = P.simpo_loss(lc, nc, lr, nr, beta=beta, gamma=float(knobs.get("gamma", 0.5)))
         else:
-            nll = -per_token[:half].sum(dim=1)[keep]
+            nll = -P.per_sequence(per_token, segments)[:half][keep]
             loss, metrics = P.orpo_loss(lc, nc, lr, nr, nll, nll_tokens_per_pair=batch["nll_tokens_per_pair"],
                                         beta=beta)
         # Not a TRL metric: the fraction of pairs whose chosen answer the model itself finds
@@ -194,7 +196,7 @@ def orpo_prepare(model, micro_batches: list[dict], device: torch.device) -> None
 
     tokens = pairs = 0.0
     for b in micro_batches:
-        chosen = b["attention_mask"][: b["keep"].numel()].sum(dim=1) - 1
+        chosen = b["seq_lengths"][: b["keep"].numel()] - 1
         tokens += float(chosen[b["keep"]].sum())
         pairs += float(b["keep"].sum())
     tokens, pairs = all_reduce_sum([tokens, pairs], device)
@@ -212,7 +214,7 @@ def kto_objective(knobs: dict) -> Objective:
         keep = batch["keep"].to(device)
         ref = reference_logps(model, batch, device)
         logits = model(**forward_inputs(batch, device), use_cache=False).logits
-        logps = P.sequence_logps(logits, batch["labels"].to(device))[0]
+        logps = P.sequence_logps(logits, batch["labels"].to(device), batch["segments"])[0]
         return P.kto_loss(logps[keep], ref[keep], batch["desirable"].to(device)[keep], batch["kl"], beta=beta,
                           **weights)
 
@@ -231,7 +233,7 @@ def kto_prepare(model, micro_batches: list[dict], device: torch.device) -> None:
             kl = b["kl_batch"]
             labels = kl["labels"].to(device)
             logits = model(**forward_inputs(kl, device), use_cache=False).logits
-            policy = P.sequence_logps(logits, labels)[0]
+            policy = P.sequence_logps(logits, labels, kl["segments"])[0]
             ratio = policy - reference_logps(model, kl, device)
             total += float(ratio[kl["keep"].to(device)].sum())
             rows += float(kl["keep"].sum())

@@ -39,9 +39,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Same value as trainers.data.IGNORE; not imported so that this module does not depend on
-# the data layer.
-IGNORE = -100
+from trainers.rows import IGNORE
 
 # Sizing of one chunk of positions in `token_logps`: its fp32 logits stay under this.
 CHUNK_BYTES = 64 * 2**20
@@ -116,20 +114,34 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_positions: int
     return out.index_put((rows, cols), picked)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, chunk_positions: int | None = None):
-    """(summed log-prob of each row's labelled tokens, number of labelled tokens per row).
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor | None = None,
+                   chunk_positions: int | None = None):
+    """(summed log-prob of each sequence's labelled tokens, number of labelled tokens).
 
-    Rows are independent, so a padded micro-batch and the same rows one by one give the
-    same sums: this is what makes the losses below split-invariant."""
+    A sequence is a row, or with `segments` (batches.collate_sequences: the sequence index
+    of every position, -1 for padding) a segment of a packed row. Sequences are
+    independent, so a padded micro-batch, a packed one and the same sequences one by one
+    give the same sums: this is what makes the losses below split-invariant."""
     per_token = token_logps(logits, labels, chunk_positions)
-    return per_token.sum(dim=1), (labels != IGNORE).sum(dim=1).to(per_token.device)
+    return masked_sums(per_token, labels != IGNORE, segments)
 
 
-def masked_sums(per_token: torch.Tensor, mask: torch.Tensor):
-    """(sum of `per_token` under `mask` per row, count per row): for ORPO's chosen rows,
-    whose targets are the whole sequence (NLL) but whose reward uses the completion only."""
+def masked_sums(per_token: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None = None):
+    """(sum of `per_token` under `mask` per sequence, count per sequence): rows, or the
+    segments of packed rows. ORPO's chosen sequences use it with two masks: their
+    targets are the whole sequence (NLL) but their reward uses the completion only."""
     mask = mask.to(per_token.device).bool()
-    return (per_token * mask).sum(dim=1), mask.sum(dim=1)
+    if segments is None:
+        return (per_token * mask).sum(dim=1), mask.sum(dim=1)
+    return per_sequence(per_token * mask, segments), per_sequence(mask.long(), segments)
+
+
+def per_sequence(values: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Sum of `values` [rows, positions] over each sequence of `segments` (-1: padding)."""
+    segments = segments.to(values.device)
+    real = segments >= 0
+    n = int(segments.max()) + 1
+    return values.new_zeros(n).index_add(0, segments[real], values[real])
 
 
 # --------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainers.batches import Source, _sequences, collate
+from trainers.batches import Source, collate_sequences
 from trainers.distributed import all_reduce_sum
 from trainers.objectives import forward_inputs
 from trainers.preference import sequence_logps
@@ -49,10 +49,10 @@ def compute(plan, source: Source, sequences_per_batch: int, pad_id: int) -> np.n
     try:
         for s in range(0, per, sequences_per_batch):
             idx = padded[s : s + sequences_per_batch]
-            batch = collate(_sequences([source.store.example(e) for e in idx]), pad_id, packed=False)
+            batch = collate_sequences([source.store.example(e) for e in idx], pad_id, packed=False)
             with plan.autocast():
                 logits = model(**forward_inputs(batch, plan.env.device), use_cache=False).logits
-                logps = sequence_logps(logits, batch["labels"].to(plan.env.device))[0]
+                logps = sequence_logps(logits, batch["labels"].to(plan.env.device), batch["segments"])[0]
             real = len([e for e in mine[s : s + sequences_per_batch]])
             values[idx[:real]] = logps[:real].double().cpu()
     finally:
