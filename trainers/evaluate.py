@@ -20,7 +20,8 @@ import torch
 from trainers.batches import Source, collate, collate_preference
 from trainers.distributed import all_reduce_sum
 from trainers.objectives import get_objective
-from trainers.rows import answer_text, read_rows
+from trainers.preference_rows import answer_text
+from trainers.rows import read_rows
 
 
 def _shard(items, rank: int, world: int) -> list[tuple[object, float]]:

@@ -1,15 +1,15 @@
-"""Rows on disk -> validated, tokenized, loss-masked token runs.
+"""Rows on disk: reading them (JSONL, parquet, datasets folders), what kind of row the
+objective reads, validating SFT rows and cutting them into text pieces at the points where
+the loss mask changes.
 
-This is the one pass every row goes through, once per dataset version (the token cache
-in `trainers/token_cache.py` stores its output). It works a chunk of rows at a time so
-the tokenizer encodes every text piece of the chunk in one batched call: rendering the
-chat template and cutting it at turn boundaries is per row, but the encoding is not.
+Every row goes through this once per dataset version (trainers/encoding.py tokenizes a
+chunk of staged rows in one batched call; the token cache in trainers/token_cache.py
+stores the output). Preference rows are validated and staged in trainers/preference_rows.py.
 """
 from __future__ import annotations
 
 import json
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -199,48 +199,6 @@ def check_kind(row: dict, kind: str) -> None:
                                    f"choose the objective that matches the data, or other data")
 
 
-def _is_conversation(value: Any) -> bool:
-    return isinstance(value, list)
-
-
-def _check_turns(messages: Any, key: str, answer: bool) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise BadRow("missing_field", f"'{key}' must be a non-empty list of messages (or all fields plain text)")
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise BadRow("missing_field", f"'{key}' message {j} needs a 'role' ({', '.join(ROLES)}) and a string "
-                                          f"'content'")
-    if answer and any(m["role"] != "assistant" for m in messages):
-        raise BadRow("bad_role", f"'{key}' must hold assistant messages only")
-
-
-def answer_text(value: Any) -> str:
-    return "".join(m["content"] for m in value) if isinstance(value, list) else value
-
-
-def check_preference(row: dict, kind: str) -> None:
-    """TRL's preference (prompt/chosen/rejected) or unpaired preference
-    (prompt/completion/label) row, all plain text or all conversations."""
-    answers = ("chosen", "rejected") if kind in ("pairs", "pairs_text") else ("completion",)
-    for key in ("prompt",) + answers:
-        if key not in row:
-            raise BadRow("missing_field", f"'{key}' is missing (a row needs {', '.join(('prompt',) + answers)})")
-    conversational = _is_conversation(row["prompt"])
-    for key in ("prompt",) + answers:
-        if conversational:
-            _check_turns(row[key], key, answer=key != "prompt")
-        elif not isinstance(row[key], str):
-            raise BadRow("missing_field", f"'{key}' must be a string like 'prompt' (or all fields conversations)")
-    for key in answers:
-        if not answer_text(row[key]).strip():
-            raise BadRow("empty_answer", f"'{key}' is empty")
-    if kind == "unpaired":
-        if not isinstance(row.get("label"), bool):
-            raise BadRow("missing_field", f"'label' must be true (desirable) or false, not {row.get('label')!r}")
-    elif answer_text(row["chosen"]).strip() == answer_text(row["rejected"]).strip():
-        raise BadRow("same_answers", "'chosen' equals 'rejected': the pair prefers nothing")
-
-
 # ------------------------------------------------------------------------- tokenizing
 @dataclass
 class Piece:
@@ -253,7 +211,7 @@ class Piece:
     eos: bool = False  # an answer: append EOS unless the template already ended it
 
 
-def _render(tokenizer, messages: list[dict], **kw) -> str:
+def render(tokenizer, messages: list[dict], **kw) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
 
 
@@ -261,14 +219,14 @@ def message_pieces(tokenizer, messages: list[dict]) -> list[Piece]:
     """The rendered conversation cut at the boundaries the template itself produces for
     `messages[:i]` with a generation prompt, so the prompt part of the last turn is
     tokenized exactly as it will be at generation time."""
-    full = _render(tokenizer, messages)
+    full = render(tokenizer, messages)
     pieces: list[Piece] = []
     pos = 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(_render(tokenizer, messages[:i], add_generation_prompt=True))
-        upto = full if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1])
+        start = len(render(tokenizer, messages[:i], add_generation_prompt=True))
+        upto = full if i == len(messages) - 1 else render(tokenizer, messages[: i + 1])
         if not full.startswith(upto):
             raise UserError(
                 "The tokenizer's chat template is not prefix-stable (rendering the first turns "
@@ -319,15 +277,6 @@ def tokenize_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[
     return assemble(tokenizer, pieces, enc)
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 @dataclass
 class Staged:
     """A validated row waiting for the chunk's batched tokenization: its texts, whether
@@ -338,197 +287,6 @@ class Staged:
     special: bool
     finish: Any  # (list of encoded texts) -> list[(ids, mask)]
     desirable: int = 0
-
-
-def _render_text(tokenizer, messages: list[dict], gen: bool) -> str:
-    if gen and messages[-1]["role"] == "assistant":  # TRL: continue the final message
-        return _render(tokenizer, messages, continue_final_message=True)
-    return _render(tokenizer, messages, add_generation_prompt=gen)
-
-
-def _example(prompt: list[int], completion: list[int]) -> tuple[list[int], list[int]]:
-    return list(prompt) + list(completion), [0] * len(prompt) + [1] * len(completion)
-
-
-def stage_dpo_style(tokenizer, row: dict, answers: tuple[str, ...]) -> Staged:
-    """TRL DPOTrainer / KTOTrainer `_prepare_dataset`: conversations through
-    apply_chat_template (no special tokens added on top), plain text through the tokenizer
-    with its special tokens and the EOS text appended to each answer; the completion
-    starts where the tokenized prompt and prompt+answer diverge (for pairs: the earlier
-    of the two), so chosen and rejected share one prompt."""
-    if _is_conversation(row["prompt"]):
-        texts = [_render_text(tokenizer, row["prompt"], gen=True)]
-        texts += [_render(tokenizer, row["prompt"] + row[a]) for a in answers]
-        special = False
-    else:
-        eos = tokenizer.eos_token or ""
-
-        def with_eos(text: str) -> str:
-            return text if text.endswith(eos) else text + eos
-
-        texts = [row["prompt"]] + [row["prompt"] + with_eos(row[a]) for a in answers]
-        special = True
-
-    def finish(enc: list[list[int]]) -> list[tuple[list[int], list[int]]]:
-        prompt, fulls = enc[0], enc[1:]
-        p = min(common_prefix_length(prompt, f) for f in fulls)
-        return [_example(f[:p], f[p:]) for f in fulls]
-
-    return Staged(texts, special, finish)
-
-
-def stage_cpo_style(tokenizer, row: dict) -> Staged:
-    """TRL CPOTrainer / ORPOTrainer: `maybe_apply_chat_template` renders conversations to
-    text (the prompt is the longest common text prefix of the renderings), then
-    `tokenize_row` tokenizes without special tokens, splits each answer off its own
-    prompt (`build_tokenized_answer`: enc(prompt) + enc(prompt + answer)[len(enc(prompt)):],
-    one token earlier when the last prompt token merged), prepends BOS unless the prompt
-    starts with it and appends EOS unless the answer ends with it."""
-    if _is_conversation(row["prompt"]):
-        prompt = _render_text(tokenizer, row["prompt"], gen=True)
-        full = {a: _render(tokenizer, row["prompt"] + row[a]) for a in ("chosen", "rejected")}
-        for text in full.values():
-            n = 0
-            while n < min(len(prompt), len(text)) and prompt[n] == text[n]:
-                n += 1
-            prompt = prompt[:n]
-        answers = [full[a][len(prompt):] for a in ("chosen", "rejected")]
-    else:
-        prompt, answers = row["prompt"], [row["chosen"], row["rejected"]]
-    texts = [prompt] + [prompt + a for a in answers]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-
-    def finish(enc: list[list[int]]) -> list[tuple[list[int], list[int]]]:
-        p_ids, out = list(enc[0]), []
-        for f in enc[1:]:
-            start = len(p_ids) - (0 if f[: len(p_ids)] == p_ids else 1)
-            prompt_part, answer = list(f[:start]), list(f[start:])
-            if bos is not None and (not prompt_part or prompt_part[0] != bos):
-                prompt_part.insert(0, bos)
-            if eos is not None and (not answer or answer[-1] != eos):
-                answer.append(eos)
-            out.append(_example(prompt_part, answer))
-        return out
-
-    return Staged(texts, False, finish)
-
-
-def stage_row(tokenizer, row: Any, kind: str, fmt_wanted: str) -> Staged:
-    """Validate one decoded row of `kind` and stage it for tokenization (raises BadRow)."""
-    if kind == "sft":
-        pieces = row_pieces(tokenizer, row, fmt_wanted)
-        return Staged([p.text for p in pieces], False, lambda enc: [assemble(tokenizer, pieces, enc)])
-    if isinstance(row, BadRow):
-        raise row
-    if not isinstance(row, dict):
-        raise BadRow("missing_field", "row is not a JSON object")
-    check_kind(row, kind)
-    check_preference(row, kind)
-    if kind == "pairs_text":
-        return stage_cpo_style(tokenizer, row)
-    answers = ("completion",) if kind == "unpaired" else ("chosen", "rejected")
-    staged = stage_dpo_style(tokenizer, row, answers)
-    staged.desirable = int(kind == "unpaired" and row["label"])
-    return staged
-
-
-@dataclass
-class EncodedChunk:
-    """The kept rows of one chunk as flat arrays (what the cache appends), plus what was
-    dropped. A row is one example, or two (chosen then rejected) for pairs. `error` is the
-    first bad row when bad rows stop the run: (row number, why, kind of bad row)."""
-
-    ids: np.ndarray
-    mask: np.ndarray
-    lengths: np.ndarray
-    row_numbers: np.ndarray
-    desirable: np.ndarray
-    skipped: Counter = field(default_factory=Counter)
-    truncated: int = 0
-    rows: int = 0
-    error: tuple[int, str, str] | None = None
-
-
-def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else []
-
-
-def encode_chunk(tokenizer, chunk: list[tuple[int, Any]], data_cfg, kind: str = "sft") -> EncodedChunk:
-    """Validate, render and tokenize a chunk of raw rows (see `read_raw`) of `kind`."""
-    fmt_wanted, max_len = data_cfg.format, int(data_cfg.max_seq_len)
-    skip = data_cfg.on_bad_row == "skip"
-    skipped: Counter = Counter()
-    error: tuple[int, str, str] | None = None
-    staged: list[tuple[int, Staged]] = []
-    rows = 0
-
-    def bad(n: int, b: BadRow) -> bool:
-        """Count a bad row; True when it stops the chunk (a row of the wrong kind always does)."""
-        nonlocal error
-        if skip and b.kind != "wrong_kind":
-            skipped[b.kind] += 1
-            return False
-        error = (n, str(b), b.kind)
-        return True
-
-    for n, raw in chunk:
-        row = decode(raw)
-        if row is None:
-            continue
-        rows += 1
-        try:
-            staged.append((n, stage_row(tokenizer, row, kind, fmt_wanted)))
-        except BadRow as b:
-            if bad(n, b):
-                break
-    # one batched tokenizer call per flavour (with / without the tokenizer's special tokens)
-    encoded: dict[bool, list[list[int]]] = {}
-    for special in (False, True):
-        encoded[special] = _encode(tokenizer, [t for _, st in staged if st.special == special for t in st.texts], special)
-    cursor = {False: 0, True: 0}
-    ids: list[int] = []
-    mask: list[int] = []
-    lengths: list[int] = []
-    numbers: list[int] = []
-    desirable: list[int] = []
-    truncated = 0
-    for n, st in staged:
-        k = cursor[st.special]
-        cursor[st.special] = k + len(st.texts)
-        if error is not None and n > error[0]:
-            break
-        examples = st.finish(encoded[st.special][k : k + len(st.texts)])
-        try:
-            cut = False
-            for j, (ex_ids, ex_mask) in enumerate(examples):
-                if len(ex_ids) > max_len:
-                    if not data_cfg.truncation:
-                        raise BadRow(
-                            "too_long",
-                            f"{len(ex_ids)} tokens, longer than data.max_seq_len={max_len} with data.truncation=false",
-                        )
-                    ex_ids, ex_mask = ex_ids[:max_len], ex_mask[:max_len]
-                    if sum(ex_mask[1:]) == 0:
-                        raise BadRow("too_long", "no answer token left after truncation")
-                    examples[j] = (ex_ids, ex_mask)
-                    cut = True
-            truncated += cut
-        except BadRow as b:
-            if bad(n, b):
-                break
-            continue
-        for ex_ids, ex_mask in examples:
-            ids += ex_ids
-            mask += ex_mask
-            lengths.append(len(ex_ids))
-            numbers.append(n)
-            desirable.append(st.desirable)
-    return EncodedChunk(
-        ids=np.asarray(ids, dtype=np.int32), mask=np.asarray(mask, dtype=np.uint8),
-        lengths=np.asarray(lengths, dtype=np.int32), row_numbers=np.asarray(numbers, dtype=np.int64),
-        desirable=np.asarray(desirable, dtype=np.uint8), skipped=skipped, truncated=truncated, rows=rows,
-        error=error,
-    )
 
 
 def labels_of(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

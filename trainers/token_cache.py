@@ -31,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from trainers.encoding import EncodedChunk, encode_chunk
 from trainers.errors import UserError
 from trainers.files import atomic_write, locked, read_json, update_json
-from trainers.rows import EncodedChunk, encode_chunk, missing_file_error, read_raw
+from trainers.rows import missing_file_error, read_raw
 
 log = logging.getLogger("data")
 
