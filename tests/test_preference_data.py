@@ -133,7 +133,6 @@ def compose(*overrides):
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (["objective=kto", "data=reverse_kto", "method=full"], "objective=kto with method=full"),
     (["objective=dpo", "data=reverse_pref", "data.format=messages"], "data.format=messages is read by objective=sft"),
     (["objective=dpo", "data=reverse_pref", "objective.loss_type=aot"], "objective.loss_type='aot' is not accepted"),
     (["objective=simpo", "data=reverse_pref", "objective.beta=0"], "objective.beta=0 must be a positive number"),

@@ -81,8 +81,9 @@ class Evaluator:
                 continue
             # KTO's mismatched completions: rotation by one over the whole held-out set
             partners = [(0, (r - 1) % len(source)) for r, _ in chunk] if source.store.kind == "unpaired" else None
+            kl_ref = None if source.kl_reference is None else [source.kl_reference[r] for r, _ in chunk]
             out.append(collate_preference([source], [(0, r) for r, _ in chunk], pad, keep, partners,
-                                          int(self.cfg.data.max_seq_len), self.packed))
+                                          int(self.cfg.data.max_seq_len), self.packed, kl_ref))
         return out
 
     @torch.no_grad()
