@@ -58,8 +58,11 @@ class Source:
     prompt with row r-1's completion, the evaluator's fixed rotation)."""
 
     def __init__(self, name: str, store: TokenStore, weight: float = 1.0,
-                 bins: tuple[np.ndarray, np.ndarray] | None = None):
+                 bins: tuple[np.ndarray, np.ndarray] | None = None, path: str | None = None):
         self.name, self.store, self.weight = name, store, float(weight)
+        # This run's data file. The token cache is keyed by content, so the path in the
+        # entry's meta is whichever file first produced it, possibly moved or deleted since.
+        self.path = path if path is not None else store.meta["path"]
         self.order, self.offsets = bins if bins is not None else (None, None)
         self.per_row = store.per_row
         self.reference: np.ndarray | None = None

@@ -66,7 +66,7 @@ class Evaluator:
             if source.store.kind == "unpaired":
                 numbers = numbers[source.store.desirable.astype(bool)]
             wanted = [int(n) for n in numbers[: self.cfg.data.metric_rows]]
-            found = dict(read_rows(source.store.meta["path"], set(wanted))) if wanted else {}
+            found = dict(read_rows(source.path, set(wanted))) if wanted else {}
             self._rows[source.name] = [found[n] for n in wanted if n in found]
         return self._rows[source.name]
 

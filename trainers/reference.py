@@ -142,8 +142,11 @@ def precompute_reference(plan, sources: list[Source], run_dir: Path, micro_batch
 def training_kl_pairs(batches: GlobalBatches, steps: int) -> np.ndarray:
     """(steps * rows_per_step, 4) int64: (source, row, partner source, partner row) of every
     KTO mismatched pair of steps [0, steps), in step and batch order."""
-    pairs = [(k, r, pk, pr) for step in range(steps) for (k, r), (pk, pr) in batches.kl_pairs(step)]
-    return np.asarray(pairs, dtype=np.int64).reshape(-1, 4)
+    n = batches.layout.rows_per_step
+    pairs = np.empty((steps, n, 4), dtype=np.int64)
+    for step in range(steps):  # one step's tuples at a time: a long run lists millions of pairs
+        pairs[step] = np.asarray(batches.kl_pairs(step), dtype=np.int64).reshape(n, 4)
+    return pairs.reshape(-1, 4)
 
 
 def _fingerprint(pairs: np.ndarray, sources: list[Source], max_len) -> str:
@@ -164,13 +167,14 @@ def precompute_kl_reference(plan, batches: GlobalBatches, eval_sources: list[Sou
         values = compute_mismatched(plan, batches.sources, pairs, micro_batch_size, pad_id, batches.max_len)
         _save(plan, path, values)
         if plan.env.is_main:
-            log.info("reference: log-probs of KTO's mismatched pairs of %d steps (%d distinct) computed once",
-                     steps, len(np.unique(pairs, axis=0)))
+            log.info("reference: log-probs of KTO's mismatched pairs of %d steps x %d rows computed once",
+                     steps, batches.layout.rows_per_step)
     batches.kl_reference = values.reshape(steps, batches.layout.rows_per_step)
     for source in eval_sources:
         n = len(source)
         pairs = np.stack([np.zeros(n), np.arange(n), np.zeros(n), (np.arange(n) - 1) % n], axis=1).astype(np.int64)
-        path = _path(run_dir, source).parent / f"{source.store.folder.name}.kl-{_fingerprint(pairs, [source], eval_max_len)}.npy"
+        path = _path(run_dir, source).with_name(
+            f"{source.store.folder.name}.kl-{_fingerprint(pairs, [source], eval_max_len)}.npy")
         values = _stored(plan, path, n)
         if values is None:
             values = compute_mismatched(plan, [source], pairs, micro_batch_size, pad_id, eval_max_len)
