@@ -14,8 +14,9 @@ tests/trl_preference_reference.py); each case runs once per module and both test
 With method=full the training file is the first FULL_ROWS rows of the bundled one (10
 steps of 4 rows use 40 of them): our reference pass covers every row of the file before
 training, and 2000 rows made it most of a full case's time. The LoRA cases keep the whole
-file (on the 48-row cut kto/lora drifts to 1.6e-4 by step 10 from a 1.8e-5 jump at an
-all-undesirable step 5, not understood yet; on the whole file its worst step is 1e-5).
+file: on the 48-row cut (measured unpacked, before data.packing) kto/lora drifted to
+1.6e-4 by step 10 from a 1.8e-5 jump at an all-undesirable step 5, not understood yet; on
+the whole file its worst step is 1.1e-5.
 """
 from __future__ import annotations
 
