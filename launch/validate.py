@@ -117,7 +117,7 @@ def check_spike_guard(train: DictConfig) -> None:
 
 
 def check_objective(cfg: DictConfig) -> None:
-    """The objective's knobs, and whether the data format and method suit it."""
+    """The objective's knobs, and whether the data format suits it."""
     from trainers.objectives import OBJECTIVE_ROWS, check_knobs
 
     check_knobs(cfg.objective)
@@ -129,14 +129,6 @@ def check_objective(cfg: DictConfig) -> None:
             f"data.format={fmt} is read by objective={'|'.join(takes)}, not objective={name}, which reads "
             f"data.format={'|'.join(KIND_FORMATS[kind])} (or auto). Pick the objective that matches the data, "
             f"e.g. `objective=dpo data=reverse_pref`, `objective=kto data=reverse_kto` or `objective=sft data=reverse`."
-        )
-    if name == "kto" and cfg.method.peft is None:
-        raise UserError(
-            f"objective=kto with method={cfg.method.name}: KTO's reference point compares policy and reference on "
-            f"mismatched prompt/completion pairs that change every step, so the reference log-probs cannot be "
-            f"computed once before training, and a second model in memory is what this launcher avoids. Use a "
-            f"PEFT method (method=lora, qlora, dora, ...; the reference is then the base with the adapter "
-            f"disabled), or objective=dpo with method=full."
         )
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -62,11 +63,13 @@ def main(out: Path, model: str, data: str, cells: list[str]) -> None:
         overrides = cell_overrides(plan, method, model, data) + extra
         with initialize_config_dir(str(REPO / "conf"), version_base=None):
             cfg = finalize(compose("config", overrides=overrides), str(out / cell_dir(cell)))
+        began = time.perf_counter()
         try:
             summary = train(cfg, leave_process_group=True)
             results[cell] = {"status": summary["status"]}
         except Exception:  # recorded per cell; the test reports it
             results[cell] = {"status": "error", "error": traceback.format_exc()[-2000:]}
+        results[cell]["seconds"] = round(time.perf_counter() - began, 2)  # what each cell adds to the launch
     if int(os.environ.get("RANK", 0)) == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))
 

@@ -133,7 +133,6 @@ def compose(*overrides):
 
 
 @pytest.mark.parametrize("overrides,needle", [
-    (["objective=kto", "data=reverse_kto", "method=full"], "objective=kto with method=full"),
     (["objective=dpo", "data=reverse_pref", "data.format=messages"], "data.format=messages is read by objective=sft"),
     (["objective=dpo", "data=reverse_pref", "objective.loss_type=aot"], "objective.loss_type='aot' is not accepted"),
     (["objective=simpo", "data=reverse_pref", "objective.beta=0"], "objective.beta=0 must be a positive number"),
@@ -177,3 +176,40 @@ def test_packed_micro_batch_scores_each_sequence_as_the_padded_one(tmp_path, tok
     assert torch.equal(padded[1], torch.tensor([int(m.sum()) for _, m in parts]))
     for a, b in ((padded[0], packed[0]), (padded[2], packed[2])):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a, b)
+
+
+def test_kto_kl_pairs_listed_before_training_are_the_ones_each_micro_batch_holds(tok, tmp_path):
+    """kto + method=full: `training_kl_pairs` lists every step's mismatched pairs before
+    training, and each micro-batch's `kl_batch` receives, row by row, the precomputed value
+    of the very sequence it holds, for any split of the global batch over micro-batches,
+    accumulation and ranks (the values here are a function of the sequence: its id sum)."""
+    import numpy as np
+
+    from trainers.batches import BatchLayout, GlobalBatches, Source, mismatched_sequences
+    from trainers.reference import training_kl_pairs
+
+    store = TokenStore(prepare(write_jsonl(tmp_path / "k.jsonl", read_jsonl(KTO)[:10]), tok, data_cfg(),
+                               tmp_path / "c", "unpaired"))
+    sources, steps = [Source("kto", store)], 6  # 6 steps of 4 rows: 2.4 passes over the 10 rows
+    listed = None
+    for mb, ga, dp in ((4, 1, 1), (1, 2, 2), (2, 1, 2)):
+        batches = GlobalBatches(sources, BatchLayout(mb, ga, dp), seed=5, pad_id=tok.pad_token_id, packed=False,
+                                max_len=64)
+        pairs = training_kl_pairs(batches, steps)
+        assert listed is None or (pairs == listed).all()  # the pairs do not depend on the split
+        listed = pairs
+        values = [float(mismatched_sequences(sources, [(k, r)], [(pk, pr)], 64)[0][0].sum()) for k, r, pk, pr in pairs]
+        batches.kl_reference = np.asarray(values, dtype=np.float32).reshape(steps, 4)
+        for step in range(steps):
+            for rank in range(dp):
+                micro, _ = batches.micro_batches(step, rank, "rows")
+                assert len(micro) == ga
+                for b in micro:
+                    kl = b["kl_batch"]
+                    held = (kl["input_ids"] * kl["attention_mask"]).sum(dim=1).float()
+                    assert kl["ref_logps"].tolist() == held.tolist(), (mb, ga, dp, step, rank)
+    # TRL's rotation by one within the global batch: row i with row i-1's completion
+    rows = listed.reshape(steps, 4, 4)
+    assert (rows[:, :, 2:] == np.roll(rows[:, :, :2], 1, axis=1)).all()
+    with pytest.raises(RuntimeError, match="no precomputed KL reference for step 7"):
+        batches.micro_batches(steps, 0, "rows")

@@ -18,7 +18,10 @@ Preference data: a batch row is a pair (its chosen and rejected examples become 
 sequences of the micro-batch, never packed) or, for KTO, one example plus its
 mismatched sequence: the row's prompt with the completion of the row before it in the
 global batch (the first row takes the last row's), TRL's rotation by one applied to the
-global batch, so the KL estimate does not depend on how the batch is split.
+global batch, so the KL estimate does not depend on how the batch is split. Since the
+rows of step s depend only on (seed, s), so do these mismatched pairs (`kl_pairs`): with
+method=full their reference log-probs are computed before training like every other
+reference log-prob (trainers/reference.py) and kept in `GlobalBatches.kl_reference`.
 """
 from __future__ import annotations
 
@@ -50,14 +53,20 @@ class Source:
     preference pair (two examples: chosen at 2i, rejected at 2i+1).
 
     `reference` (set by trainers/reference.py for method=full) holds the reference model's
-    summed completion log-prob of every example, computed once before training."""
+    summed completion log-prob of every example, computed once before training, and, for
+    a held-out KTO set, `kl_reference` that of each row's mismatched sequence (row r's
+    prompt with row r-1's completion, the evaluator's fixed rotation)."""
 
     def __init__(self, name: str, store: TokenStore, weight: float = 1.0,
-                 bins: tuple[np.ndarray, np.ndarray] | None = None):
+                 bins: tuple[np.ndarray, np.ndarray] | None = None, path: str | None = None):
         self.name, self.store, self.weight = name, store, float(weight)
+        # This run's data file. The token cache is keyed by content, so the path in the
+        # entry's meta is whichever file first produced it, possibly moved or deleted since.
+        self.path = path if path is not None else store.meta["path"]
         self.order, self.offsets = bins if bins is not None else (None, None)
         self.per_row = store.per_row
         self.reference: np.ndarray | None = None
+        self.kl_reference: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.store) // self.per_row if self.order is None else len(self.offsets) - 1
@@ -171,6 +180,9 @@ class GlobalBatches:
                  max_len: int | None = None):
         self.sources, self.layout, self.seed = sources, layout, seed
         self.pad_id, self.packed, self.max_len = pad_id, packed, max_len
+        # KTO with method=full: reference log-prob of the mismatched sequence at each
+        # (step, position of the global batch), set by trainers/reference.py.
+        self.kl_reference: np.ndarray | None = None
         kinds = {s.store.kind for s in sources}
         if len(kinds) > 1:
             raise UserError(f"data.train mixes row kinds {sorted(kinds)}; every source of a run must hold the rows "
@@ -227,9 +239,26 @@ class GlobalBatches:
         count = sum(self.sources[k].targets(r) for k, r in rows) if unit == "targets" else len(rows)
         mb, per_rank = self.layout.micro_batch_size, self.layout.micro_batch_size * self.layout.grad_accum
         lo = dp_rank * per_rank
-        partners = rows[-1:] + rows[:-1] if self.kind == "unpaired" else None  # KTO's mismatched completions
-        return [self.collate(rows[lo + i : lo + i + mb], partners=partners and partners[lo + i : lo + i + mb])
-                for i in range(0, per_rank, mb)], count
+        if self.kind != "unpaired":
+            return [self.collate(rows[lo + i : lo + i + mb]) for i in range(0, per_rank, mb)], count
+        partners = [p for _, p in self.kl_pairs(step)]  # KTO's mismatched completions
+        out = []
+        for i in range(lo, lo + per_rank, mb):
+            kl_ref = None
+            if self.kl_reference is not None:
+                if step >= len(self.kl_reference):
+                    raise RuntimeError(f"no precomputed KL reference for step {step + 1} (computed for "
+                                       f"{len(self.kl_reference)} steps)")
+                kl_ref = self.kl_reference[step, i : i + mb]
+            out.append(collate_preference(self.sources, rows[i : i + mb], self.pad_id, None, partners[i : i + mb],
+                                          self.max_len, packed=self.packed, kl_ref=kl_ref))
+        return out, count
+
+    def kl_pairs(self, step: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """KTO: ((source, row), (source, row) whose completion it is paired with) for every
+        row of the global batch of `step`, in rank order: TRL's rotation by one."""
+        rows = self.rows(step)
+        return list(zip(rows, rows[-1:] + rows[:-1]))
 
     def stats(self, step: int) -> dict:
         """Tokens each source supplied to the step, and the fraction of computed
@@ -265,16 +294,33 @@ def _sequences(parts: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndar
     return [(ids.astype(np.int64), labels_of(ids, mask), np.arange(len(ids))) for ids, mask in parts]
 
 
+def mismatched_sequences(sources: list[Source], items: list[tuple[int, int]], partners: list[tuple[int, int]],
+                         max_len: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """KTO's KL sequences: the prompt of row `items[i]` followed by the completion of row
+    `partners[i]` (ids, completion mask), cut to `max_len`."""
+    out = []
+    for (k, r), (pk, pr) in zip(items, partners):
+        ids, mask = sources[k].store.example(int(sources[k].examples(r)[0]))
+        p_ids, p_mask = sources[pk].store.example(int(sources[pk].examples(pr)[0]))
+        start, p_start = completion_start(mask), completion_start(p_mask)
+        seq = (np.concatenate([ids[:start], p_ids[p_start:]]), np.concatenate([mask[:start], p_mask[p_start:]]))
+        if max_len is not None:
+            seq = (seq[0][:max_len], seq[1][:max_len])
+        out.append(seq)
+    return out
+
+
 def collate_preference(sources: list[Source], items: list[tuple[int, int]], pad_id: int,
                        keep: list[bool] | None = None, partners: list[tuple[int, int]] | None = None,
-                       max_len: int | None = None, packed: bool = False) -> dict:
+                       max_len: int | None = None, packed: bool = False, kl_ref=None) -> dict:
     """A micro-batch of pairs (sequences chosen_0 .. chosen_n-1, rejected_0 .. rejected_n-1)
     or KTO rows, laid out by `collate_sequences` (one per row, or packed).
 
     Keys besides collate_sequences': `keep` (one flag per pair / row; evaluation pads short
     shards with rows that are computed but not counted), `ref_logps` (per sequence, when
     the reference was precomputed), `desirable` (KTO) and `kl_batch` (KTO: the mismatched
-    sequences, prompt of row i + completion of `partners[i]`, collated the same way)."""
+    sequences, prompt of row i + completion of `partners[i]`, collated the same way, with
+    `ref_logps` = `kl_ref` when their reference log-probs were precomputed)."""
     # pairs: all chosen sequences, then all rejected ones, in the same order (TRL's layout)
     per_row = sources[items[0][0]].per_row
     examples = [(k, int(sources[k].examples(r)[j])) for j in range(per_row) for k, r in items]
@@ -284,17 +330,11 @@ def collate_preference(sources: list[Source], items: list[tuple[int, int]], pad_
         batch["ref_logps"] = torch.tensor([float(sources[k].reference[e]) for k, e in examples], dtype=torch.float32)
     if partners is not None:
         batch["desirable"] = torch.tensor([bool(sources[k].store.desirable[e]) for k, e in examples])
-        mismatched = []
-        for (k, e), (pk, pr) in zip(examples, partners):
-            ids, mask = sources[k].store.example(e)
-            p_ids, p_mask = sources[pk].store.example(int(sources[pk].examples(pr)[0]))
-            start, p_start = completion_start(mask), completion_start(p_mask)
-            seq = (np.concatenate([ids[:start], p_ids[p_start:]]), np.concatenate([mask[:start], p_mask[p_start:]]))
-            if max_len is not None:
-                seq = (seq[0][:max_len], seq[1][:max_len])
-            mismatched.append(seq)
-        batch["kl_batch"] = collate_sequences(mismatched, pad_id, packed, max_len)
+        batch["kl_batch"] = collate_sequences(mismatched_sequences(sources, items, partners, max_len), pad_id, packed,
+                                                max_len)
         batch["kl_batch"]["keep"] = batch["keep"]
+        if kl_ref is not None:
+            batch["kl_batch"]["ref_logps"] = torch.tensor(np.asarray(kl_ref, dtype=np.float32))
     return batch
 
 

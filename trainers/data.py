@@ -161,7 +161,7 @@ def open_data(cfg, tokenizer) -> TrainingData:
     def source(entry) -> Source:
         folder = Path(entry["dir"])
         bins = _open_bins(folder, int(cfg.data.max_seq_len)) if binned else None
-        return Source(entry["name"], TokenStore(folder), entry["weight"], bins)
+        return Source(entry["name"], TokenStore(folder), entry["weight"], bins, str(entry["path"]))
 
     train = [source(e) for e in prepared["train"]]
     evals = [source(e) for e in prepared["eval"]]

@@ -67,7 +67,7 @@ class Evaluator:
             if source.store.kind == "unpaired":
                 numbers = numbers[source.store.desirable.astype(bool)]
             wanted = [int(n) for n in numbers[: self.cfg.data.metric_rows]]
-            found = dict(read_rows(source.store.meta["path"], set(wanted))) if wanted else {}
+            found = dict(read_rows(source.path, set(wanted))) if wanted else {}
             self._rows[source.name] = [found[n] for n in wanted if n in found]
         return self._rows[source.name]
 
@@ -82,8 +82,9 @@ class Evaluator:
                 continue
             # KTO's mismatched completions: rotation by one over the whole held-out set
             partners = [(0, (r - 1) % len(source)) for r, _ in chunk] if source.store.kind == "unpaired" else None
+            kl_ref = None if source.kl_reference is None else [source.kl_reference[r] for r, _ in chunk]
             out.append(collate_preference([source], [(0, r) for r, _ in chunk], pad, keep, partners,
-                                          int(self.cfg.data.max_seq_len), self.packed))
+                                          int(self.cfg.data.max_seq_len), self.packed, kl_ref))
         return out
 
     @torch.no_grad()

@@ -35,7 +35,7 @@ from trainers.metrics import MetricsLogger, plot_losses, write_summary
 from trainers.model import ModelSource, count_parameters, load_tokenizer
 from trainers.objectives import get_objective
 from trainers.peft_methods import method_summary
-from trainers.reference import precompute_reference
+from trainers.reference import precompute_kl_reference, precompute_reference
 from trainers.rng import seed_everything
 from trainers.spike_guard import SpikeGuard, corrupt_targets
 from trainers.watchdog import Watchdog, allowances
@@ -94,6 +94,9 @@ def run_job(cfg, env, watchdog: Watchdog, leave_process_group: bool) -> dict:
         # before a resume loads a checkpoint: the reference is the initial model
         precompute_reference(plan, data.train + data.eval, run_dir, cfg.train.micro_batch_size,
                              tokenizer.pad_token_id)
+        if objective.name == "kto":  # and of the mismatched pairs of every step (KL reference point)
+            precompute_kl_reference(plan, batches, data.eval, run_dir, cfg.train.max_steps,
+                                    cfg.train.micro_batch_size, tokenizer.pad_token_id, int(cfg.data.max_seq_len))
     trainable, total = count_parameters(plan.inner)
     if env.is_main:
         for r in data.reports:
