@@ -218,3 +218,39 @@ def test_watchdog_in_one_process_dumps_the_stuck_main_thread(tmp_path):
     stacks = (tmp_path / "hangs" / "attempt" / "rank-0.txt").read_text()
     assert "in stuck_in_a_collective" in stacks and "last completed step 6" in stacks
     assert not (tmp_path / "hangs" / "heartbeat").exists()
+    assert not (tmp_path / "hangs" / "attempt" / "stuck-rank-0.txt").exists()  # the backstop was disarmed
+
+
+def test_backstop_dumps_and_exits_when_c_code_holds_the_interpreter_lock(tmp_path):
+    """The main thread stuck in a C call that keeps the interpreter lock (a ctypes.PyDLL
+    function does not release it; libc's sleep stands for an extension that never
+    returns): the Python watchdog thread cannot run, so only faulthandler's C thread,
+    armed for the allowance plus the margin, can write the stacks and end the process."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    script = (
+        "import ctypes; from trainers.watchdog import Watchdog\n"
+        f"w = Watchdog({str(tmp_path)!r}, 0, 1, 'attempt', 1.0, 3.0, start_step=5, backstop_margin_s=2.0)\n"
+        "w.progress(6)\n"
+        "def stuck_in_c_holding_the_lock():\n    ctypes.PyDLL(None).sleep(60)\n"
+        "stuck_in_c_holding_the_lock()\n"
+    )
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    took = time.time() - t0
+    assert proc.returncode == 1 and took < 20, (proc.returncode, took, proc.stderr)
+    # the Python watchdog (1 s allowance) never ran: no stacks, no verdict of its own
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "hangs" / "attempt" / "rank-0.txt").exists()
+    stacks = (tmp_path / "hangs" / "attempt" / "stuck-rank-0.txt").read_text()
+    assert "C-level backstop" in stacks and "in stuck_in_c_holding_the_lock" in stacks, stacks
+    assert "in _watch" in stacks  # the Python watchdog thread, waiting for the lock
+
+    # A run that ends normally leaves no backstop file (nor an empty attempt folder).
+    done = tmp_path / "done"
+    script = (f"from trainers.watchdog import Watchdog\nw = Watchdog({str(done)!r}, 0, 1, 'attempt', 1.0, 3.0)\n"
+              "w.progress(1)\nw.close()\n")
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=60)
+    assert (done / "hangs").is_dir() and not (done / "hangs" / "attempt").exists()
