@@ -497,6 +497,24 @@ def first_task_failure(batch_log: str) -> dict | None:
     return None
 
 
+def last_logged_step(run_dir: Path) -> int | None:
+    """The last training step in metrics.jsonl (its tail only: the file grows with the run)."""
+    try:
+        with open(Path(run_dir) / "metrics.jsonl", "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if "loss" in record:
+            return record["step"]
+    return None
+
+
 def after_srun(folder: Path, srun_exit: int) -> None:
     """Run by the batch script once srun has ended (every task gone). If a task of this
     attempt was ended by a signal (killed, OOM killer, segfault) and nobody requeued the
@@ -529,9 +547,14 @@ def after_srun(folder: Path, srun_exit: int) -> None:
         # SLURM itself ended the tasks (scancel, scontrol requeue, time limit): its decision
         # stands, and rank 0's record of the attempt with it.
         return
-    what = f"task {failure['tasks']} on {failure['node']}: {failure['how']}"
+    from trainers.checkpoint import latest_checkpoint
+
+    resume = latest_checkpoint(run_dir / "checkpoints")
+    what = (f"task {failure['tasks']} on {failure['node']}: {failure['how']}; the last committed checkpoint is "
+            f"{resume.name if resume else 'none'}")
     requeue, why_not = SlurmTask._should_requeue(cfg, job_id, restart)
-    ended = {"status": "task died", "task_died": {k: failure[k] for k in ("node", "tasks", "how")},
+    ended = {"status": "task died", "step": last_logged_step(run_dir),
+             "task_died": {k: failure[k] for k in ("node", "tasks", "how")},
              "requeued": requeue, "note": what + (f"; not requeued: {why_not}" if why_not else "")}
 
     def record(s: dict, count: int) -> None:

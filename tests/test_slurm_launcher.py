@@ -233,17 +233,20 @@ def test_preemption_requeue_dead_task_and_hang_resume_exactly(ddp_run, slurm_clu
     assert not second.get("requeued"), second  # saved and left it to SLURM, or was killed first
     assert third["status"] == "task died" and third["requeued"], third
     assert third["task_died"] == {"node": "n2", "tasks": "1", "how": "Killed"}, third
+    assert third["step"] >= 45, third  # the step it died at, from metrics.jsonl
     assert fourth["status"] == "hung" and fourth["requeued"] and "stopped ranks [1]" in fourth["note"], fourth
     assert fifth["status"] == "completed" and fifth["step"] == 100
     resumed = resumes(run)
     assert len(resumed) == 4 and resumed[0] == first["step"], resumed
     assert resumed[1] >= 20 and resumed[1] % 10 == 0 or resumed[1] == second.get("step"), (resumed, second)
     assert resumed[2] >= 40 and resumed[2] % 10 == 0, resumed  # the last committed checkpoint before the kill
+    assert f"the last committed checkpoint is step_{resumed[2]}" in third["note"], third
     assert resumed[3] >= 60 and resumed[3] % 10 == 0, resumed
     # rank 0's stacks of the hang (rank 1 may add its own: SLURM sends SIGCONT before it kills a step)
     assert len(list(run.glob("hangs/*/rank-0.txt"))) == 1
     batch_log = Path(state["logs"]["rank0"]["stderr"]).read_text()
-    assert "llm-launcher: task 1 on n2: Killed; requeuing job" in batch_log
+    assert (f"llm-launcher: task 1 on n2: Killed; the last committed checkpoint is step_{resumed[2]}; requeuing job "
+            f"{state['job_id']} like a preemption") in batch_log
     assert summary(run)["status"] == "completed"
     got, want = losses(run), losses(ref)
     assert sorted(got) == sorted(want) == list(range(1, 101))
