@@ -239,12 +239,16 @@ def test_backstop_dumps_and_exits_when_c_code_holds_the_interpreter_lock(tmp_pat
     # the Python watchdog (1 s allowance) never ran: no stacks, no verdict of its own
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "hangs" / "attempt" / "rank-0.txt").exists()
     stacks = (tmp_path / "hangs" / "attempt" / "stuck-rank-0.txt").read_text()
-    assert "C-level backstop" in stacks and "in stuck_in_c_holding_the_lock" in stacks, stacks
+    assert stacks.startswith("Timeout (0:00:03)!") and "in stuck_in_c_holding_the_lock" in stacks, stacks
     assert "in _watch" in stacks  # the Python watchdog thread, waiting for the lock
 
-    # A run that ends normally leaves no backstop file (nor an empty attempt folder).
-    done = tmp_path / "done"
-    script = (f"from trainers.watchdog import Watchdog\nw = Watchdog({str(done)!r}, 0, 1, 'attempt', 1.0, 3.0)\n"
+    # A run that ends normally leaves no backstop file (nor an empty attempt folder); a
+    # killed one's empty file goes at the next start, a fired one's stays.
+    killed = tmp_path / "hangs" / "killed" / "stuck-rank-0.txt"
+    killed.parent.mkdir()
+    killed.touch()
+    script = (f"from trainers.watchdog import Watchdog\nw = Watchdog({str(tmp_path)!r}, 0, 1, 'done', 1.0, 3.0)\n"
               "w.progress(1)\nw.close()\n")
     subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=60)
-    assert (done / "hangs").is_dir() and not (done / "hangs" / "attempt").exists()
+    assert sorted(p.name for p in (tmp_path / "hangs").iterdir()) == ["attempt"]
+    assert (tmp_path / "hangs" / "attempt" / "stuck-rank-0.txt").read_text() == stacks

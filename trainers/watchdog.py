@@ -32,10 +32,11 @@ A C-level backstop covers it: faulthandler.dump_traceback_later, re-armed at eve
 deadline change with the current allowance plus BACKSTOP_MARGIN_S (more than the
 watchdog needs to report: one beat plus the grace for the peers' stack files), runs on a
 C thread of its own. If it ever fires, the Python watchdog could not act: it writes the
-stacks of every thread to RUN_DIR/hangs/<attempt>/stuck-rank-<r>.txt and exits the
-process with code 1 (no summary of its own; a peer's watchdog or the launcher reports
-the run). A run that ends normally, or a hang the Python watchdog handles, cancels it
-and removes the unused file.
+stacks of every thread to RUN_DIR/hangs/<attempt>/stuck-rank-<r>.txt (empty until then)
+and exits the process with code 1 (no summary of its own; a peer's watchdog or the
+launcher reports the run). A run that ends normally, or a hang the Python watchdog
+handles, cancels it and removes the unused file; a killed process's empty one is
+removed by the next attempt.
 """
 from __future__ import annotations
 
@@ -133,16 +134,17 @@ class Watchdog:
     # ------------------------------------------------------- C-level backstop
     def _open_backstop(self) -> None:
         """The file the backstop would write into: faulthandler needs an open file when it
-        is armed (it writes from its C thread, without the interpreter)."""
+        is armed (it writes from its C thread, without the interpreter). It stays empty
+        unless the backstop fires; empty ones that killed attempts of this rank left
+        behind are removed here, with their folder if nothing else is in it."""
+        for old in self.run_dir.glob(f"hangs/*/stuck-rank-{self.rank}.txt"):
+            with contextlib.suppress(OSError):
+                if old.stat().st_size == 0:
+                    old.unlink()
+                    old.parent.rmdir()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._backstop = open(self.backstop_path, "w")
-            self._backstop.write(
-                f"rank {self.rank} pid {os.getpid()} host {socket.gethostname()}: C-level backstop of the hang "
-                f"watchdog. The Python watchdog could not run for its allowance plus {self.backstop_margin:.0f} s "
-                f"(the main thread held the interpreter lock in C code), so faulthandler wrote the stacks of "
-                f"all threads below and exited the process with code 1:\n\n")
-            self._backstop.flush()
         except OSError:  # a full or read-only disk: no backstop rather than no training
             self._backstop = None
 
