@@ -539,10 +539,14 @@ def after_srun(folder: Path, srun_exit: int) -> None:
         return
     run_dir = Path(cfg.run_dir)
     attempts = read_state(run_dir).get("attempts") or []
-    if attempts and attempts[-1].get("restart") == restart and attempts[-1].get("requeued"):
+    mine = attempts[-1] if attempts and attempts[-1].get("restart") == restart else {}  # this attempt's record
+    if mine.get("requeued"):
         return  # preempted or hung: already requeued by rank 0 / the watchdog
-    if failure is None or not failure["signal"]:
-        return  # a task's own error (in the log): requeuing would fail again
+    if failure is None or not failure["signal"]:  # a task's own error: requeuing would fail again
+        if failure is not None and mine.get("status") != "hung":  # (a hang past the limit says so itself)
+            print(f"llm-launcher: task {failure['tasks']} on {failure['node']}: {failure['how']} (its error is "
+                  f"above); not requeued: a relaunch would fail the same way", file=sys.stderr, flush=True)
+        return
     if _scontrol_state(job_id) != "RUNNING":
         # SLURM itself ended the tasks (scancel, scontrol requeue, time limit): its decision
         # stands, and rank 0's record of the attempt with it.

@@ -187,6 +187,37 @@ def test_a_hang_past_launcher_max_requeues_is_recorded_and_not_requeued(tmp_path
     assert attempt["note"] == "launcher.max_requeues=1 reached", attempt
 
 
+def test_after_srun_does_not_requeue_a_task_that_exited_with_an_error(tmp_path, monkeypatch, capsys):
+    """The batch script's teardown (launch.slurm.after_srun) when srun's first verdict of the
+    attempt is an error exit, not a signal: the run's record is left as rank 0 wrote it, no
+    requeue, and the log says why. (The requeue after a death by signal is proved on the
+    real cluster in tests/test_slurm_launcher.py.)"""
+    from submitit.core.utils import DelayedSubmission, JobPaths
+
+    from launch import slurm
+
+    for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"run_dir: {tmp_path}\nlauncher: {{max_requeues: 3}}\n")
+    folder = tmp_path / "slurm" / "submission-1"
+    folder.mkdir(parents=True)
+    paths = JobPaths(folder, job_id="7", task_id=0)
+    DelayedSubmission(slurm.SlurmTask(str(config))).dump(paths.submitted_pickle)
+    paths.stderr.write_text("\n".join([
+        f"{slurm.ATTEMPT_MARK} 0 of job 7", "srun: error: n2: task 1: Killed",  # the previous attempt's
+        f"{slurm.ATTEMPT_MARK} 1 of job 7", "error: The loss became nan at step 12 ...",
+        "srun: error: n1: task 0: Exited with exit code 1", "srun: error: n2: task 1: Terminated", ""]))
+    record = {"restart": 1, "ended": "t", "status": "failed", "requeued": False}
+    slurm.update_state(tmp_path, lambda s: s.update(attempts=[{"restart": 0, "requeued": True}, dict(record)],
+                                                    requeues=1))
+    slurm.after_srun(folder, 143)
+    state = slurm.read_state(tmp_path)
+    assert state["attempts"][-1] == record and state["requeues"] == 1, state
+    assert "task 0 on n1: Exited with exit code 1 (its error is above); not requeued" in capsys.readouterr().err
+
+
 def test_watchdog_in_one_process_dumps_the_stuck_main_thread(tmp_path):
     """No peers, no heartbeat files: the rank itself times out, writes its stacks and the
     verdict, and exits with EXIT_HUNG (in a child process: the watchdog ends its process)."""
