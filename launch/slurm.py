@@ -28,9 +28,15 @@ Preemption and time limits
 Hangs and dead ranks
   A hung rank (trainers/watchdog.py): the lowest live rank writes summary.json `hung`,
   then (SlurmTask._requeue_after_hang) requeues the job like a preemption, counted
-  against launcher.max_requeues, before the ranks exit. A task that dies (killed, OOM,
-  segfault) makes srun end the step (--kill-on-bad-exit=1): the job ends FAILED within
-  seconds and is not requeued; relaunching the same command resumes.
+  against launcher.max_requeues, before the ranks exit. A task that dies (SIGKILL, the
+  OOM killer, a segfault) cannot record anything itself, and its peers may be killed
+  before they notice, so the decision is taken after srun: --kill-on-bad-exit=1 makes
+  srun end the step within seconds (TERM, then KILL after KillWait) and print its verdict
+  on each task ("srun: error: n2: task 1: Killed") into the batch log; the script's
+  teardown (after_srun) reads the first verdict of this attempt and, if a task was
+  ended by a signal, records it and requeues like a preemption (same limit). A task that
+  exited with an error code (a bad config, a NaN loss, a bug) is not requeued: it would
+  fail again.
 
 Secrets (HF_TOKEN, ...) reach the job through the environment only (sbatch exports the
 submitting environment): they are never written into the script, the saved config or
@@ -158,6 +164,23 @@ def setup_lines(cfg: DictConfig) -> list[str]:
     return ours + user
 
 
+ATTEMPT_MARK = "llm-launcher: srun starts, attempt"
+
+
+def job_script_lines(folder: Path) -> dict[str, list[str]]:
+    """What the batch script runs around srun (submitit's setup and teardown): a mark in
+    the batch log where this attempt's srun output begins (requeued attempts append to the
+    same log), and after srun, after_srun's decision about a task that died. The script
+    then exits with srun's code, so a job that is not requeued still ends FAILED."""
+    python = shlex.quote(sys.executable)
+    return {
+        "setup": [f'echo "{ATTEMPT_MARK} ${{SLURM_RESTART_COUNT:-0}} of job ${{SLURM_JOB_ID}}" >&2'],
+        "teardown": ["srun_exit=$?",
+                     f"{python} -m launch.slurm after-srun {shlex.quote(str(folder))} $srun_exit",
+                     "exit $srun_exit"],
+    }
+
+
 def make_executor(cfg: DictConfig, folder: Path, job_name: str | None = None):
     from submitit import SlurmExecutor
 
@@ -165,8 +188,11 @@ def make_executor(cfg: DictConfig, folder: Path, job_name: str | None = None):
         executor = SlurmExecutor(folder=folder, max_num_timeout=int(cfg.launcher.max_requeues))
     except RuntimeError as e:  # no srun on this machine
         raise UserError(f"launcher=slurm needs the SLURM client tools here ({e}).") from None
+    params = sbatch_parameters(cfg, job_name)
+    around = job_script_lines(folder)
+    params.update(setup=params["setup"] + around["setup"], teardown=around["teardown"])
     try:
-        executor.update_parameters(**sbatch_parameters(cfg, job_name))
+        executor.update_parameters(**params)
     except ValueError as e:
         raise UserError(f"SLURM parameters refused by submitit: {e}") from None
     return executor
@@ -177,6 +203,8 @@ def render_script(cfg: DictConfig, folder: Path, job_name: str | None = None, ar
     from submitit.slurm.slurm import _make_sbatch_string
 
     params = sbatch_parameters(cfg, job_name)
+    around = job_script_lines(folder)
+    params.update(setup=params["setup"] + around["setup"], teardown=around["teardown"])
     if array:
         params["map_count"] = array
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
@@ -333,10 +361,11 @@ class SlurmTask(Checkpointable):
             code = run(cfg)
         except BaseException as e:  # not an expected failure (those return a code): record, re-raise
             if rank0:
+                note = f"{type(e).__name__}: {e}"  # (`e` is unbound once the except block ends)
+
                 def failed(s: dict) -> None:
                     if "ended" not in s["attempts"][-1]:  # (checkpoint() may have recorded a requeue)
-                        s["attempts"][-1].update(ended=_now(), status="failed", requeued=False,
-                                                 note=f"{type(e).__name__}: {e}")
+                        s["attempts"][-1].update(ended=_now(), status="failed", requeued=False, note=note)
 
                 update_state(run_dir, failed)
                 self._update_sweep()
@@ -446,6 +475,126 @@ class SlurmTask(Checkpointable):
         return DelayedSubmission(self, *args, **kwargs)
 
 
+# ------------------------------------------------------- after srun (batch script)
+# srun's verdict on a task that ended badly (src/srun: "<node>: task[s] <ids>: <how>"),
+# e.g. "srun: error: n2: task 1: Killed", "...: task 0: Exited with exit code 1",
+# "...: task 1: Segmentation fault (core dumped)".
+SRUN_VERDICT = re.compile(r"^srun: error: (?P<node>\S+): tasks? (?P<tasks>[0-9,\-]+): (?P<how>.+?)\s*$")
+
+
+def first_task_failure(batch_log: str) -> dict | None:
+    """The first task srun reported as ended badly in the latest attempt of `batch_log`
+    (after the last ATTEMPT_MARK): the task that failed first; the ones srun then ended
+    itself come after it. None when srun reported none. `signal` is False for a task that
+    exited with an error code (its own error, printed above it in the log)."""
+    text = batch_log.rsplit(ATTEMPT_MARK, 1)[-1]
+    for line in text.splitlines():
+        m = SRUN_VERDICT.match(line.strip())
+        if m:
+            how = m["how"]
+            return {"node": m["node"], "tasks": m["tasks"], "how": how,
+                    "signal": not how.startswith("Exited with exit code")}
+    return None
+
+
+def last_logged_step(run_dir: Path) -> int | None:
+    """The last training step in metrics.jsonl (its tail only: the file grows with the run)."""
+    try:
+        with open(Path(run_dir) / "metrics.jsonl", "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if "loss" in record:
+            return record["step"]
+    return None
+
+
+def after_srun(folder: Path, srun_exit: int) -> None:
+    """Run by the batch script once srun has ended (every task gone). If a task of this
+    attempt was ended by a signal (killed, OOM killer, segfault) and nobody requeued the
+    job already (a preemption or a hang), record the attempt as `task died` and requeue
+    it like a preemption, counted against launcher.max_requeues: the next attempt resumes
+    from the last committed checkpoint. Errors are printed, never raised: the script
+    still exits with srun's code."""
+    from submitit import JobEnvironment
+    from submitit.core.utils import DelayedSubmission as Delayed, JobPaths
+
+    if srun_exit == 0:
+        return
+    job_id = JobEnvironment().job_id  # "<array>_<index>" for an array element
+    restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    paths = JobPaths(Path(folder), job_id=job_id, task_id=0)
+    try:
+        task = Delayed.load(paths.submitted_pickle).function
+        cfg = load(task.config_path)
+        failure = first_task_failure(paths.stderr.read_text(errors="replace"))
+    except (OSError, ValueError, EOFError, AttributeError) as e:
+        print(f"llm-launcher: cannot tell why srun ended with {srun_exit} ({e}); not requeued", file=sys.stderr)
+        return
+    run_dir = Path(cfg.run_dir)
+    attempts = read_state(run_dir).get("attempts") or []
+    mine = attempts[-1] if attempts and attempts[-1].get("restart") == restart else {}  # this attempt's record
+    if mine.get("requeued"):
+        return  # preempted or hung: already requeued by rank 0 / the watchdog
+    if failure is None or not failure["signal"]:  # a task's own error: requeuing would fail again
+        if failure is not None and mine.get("status") != "hung":  # (a hang past the limit says so itself)
+            print(f"llm-launcher: task {failure['tasks']} on {failure['node']}: {failure['how']} (its error is "
+                  f"above); not requeued: a relaunch would fail the same way", file=sys.stderr, flush=True)
+        return
+    if _scontrol_state(job_id) != "RUNNING":
+        # SLURM itself ended the tasks (scancel, scontrol requeue, time limit): its decision
+        # stands, and rank 0's record of the attempt with it.
+        return
+    from trainers.checkpoint import latest_checkpoint
+
+    resume = latest_checkpoint(run_dir / "checkpoints")
+    what = (f"task {failure['tasks']} on {failure['node']}: {failure['how']}; the last committed checkpoint is "
+            f"{resume.name if resume else 'none'}")
+    requeue, why_not = SlurmTask._should_requeue(cfg, job_id, restart)
+    ended = {"status": "task died", "step": last_logged_step(run_dir),
+             "task_died": {k: failure[k] for k in ("node", "tasks", "how")},
+             "requeued": requeue, "note": what + (f"; not requeued: {why_not}" if why_not else "")}
+
+    def record(s: dict, count: int) -> None:
+        tries = s.setdefault("attempts", [])
+        if not tries or tries[-1].get("restart") != restart:  # died before rank 0 recorded it
+            tries.append({"job_id": job_id, "restart": restart})
+        mine = tries[-1]
+        if mine.get("note") and "task_died" not in mine:  # rank 0's own error (a lost peer, usually)
+            mine["error"] = mine["note"]
+        mine.update(ended, ended=mine.get("ended") or _now())
+        s["requeues"] = s.get("requeues", 0) + count
+
+    update_state(run_dir, lambda s: record(s, 1 if requeue else 0))  # first: the requeue ends this script
+    if requeue:
+        print(f"llm-launcher: {what}; requeuing job {job_id} like a preemption (restart {restart + 1} "
+              f"of at most {cfg.launcher.max_requeues}); it resumes from the last committed checkpoint",
+              file=sys.stderr, flush=True)
+        try:
+            subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True)
+        except (OSError, subprocess.SubprocessError) as e:
+            ended.update(requeued=False, note=f"{what}; scontrol requeue failed: "
+                                              f"{(getattr(e, 'stderr', None) or str(e)).strip()}")
+            update_state(run_dir, lambda s: record(s, -1))
+    else:
+        print(f"llm-launcher: {what}; not requeued: {why_not}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[0] == "after-srun":
+        after_srun(Path(argv[1]), int(argv[2]))
+        return 0
+    print("usage: python -m launch.slurm after-srun SUBMITIT_FOLDER SRUN_EXIT_CODE "
+          "(run by the sbatch script after srun)", file=sys.stderr)
+    return 2
+
+
 # --------------------------------------------------------------- submission side
 def _tasks(cfg: DictConfig) -> int:
     return int(cfg.launcher.nodes) * int(cfg.launcher.gpus_per_node)
@@ -510,3 +659,7 @@ def submit_array(points: list, sweep_dir: Path) -> list[str]:
             record_submission(Path(p.run_dir), job.job_id, folder, _tasks(p.cfg), int(p.cfg.launcher.max_requeues))
             ids[p.num] = job.job_id
     return [ids[p.num] for p in points]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

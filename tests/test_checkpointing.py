@@ -58,8 +58,9 @@ def test_sigkill_during_async_write_resumes_from_previous_commit(tmp_path, tiny_
     ref = tmp_path / "ref"
     launch(*args, f"hydra.run.dir={ref}")
     run = tmp_path / "run"
-    # Fault injection: background writes pause before committing, so the kill lands mid-write.
-    proc = start(run, *args, env={"LLM_LAUNCHER_CKPT_COMMIT_DELAY_S": "30"})
+    # Fault injection (documented debug option): each write waits 30 s before its commit,
+    # so the kill lands mid-write.
+    proc = start(run, *args, "train.debug_commit_delay_s=30")
     ckpts = run / "checkpoints"
     try:
         wait_until(lambda: (ckpts / "step_3" / "COMMITTED").exists() and (ckpts / "step_6.tmp").exists(), proc)

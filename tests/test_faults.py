@@ -167,30 +167,55 @@ def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
     assert ckpt.intact_checkpoint() == root / "step_2"
 
 
-def test_a_hang_on_slurm_is_requeued_like_a_preemption(tmp_path, monkeypatch):
-    """SlurmTask's hang handler (run by the rank that reported the hang), in-process with
-    scontrol replaced: requeued and counted while launcher.max_requeues allows, recorded
-    as not requeued after that."""
+def test_a_hang_past_launcher_max_requeues_is_recorded_and_not_requeued(tmp_path):
+    """SlurmTask's hang handler once the job has used its requeues (the requeue itself, and
+    the dead task's, are proved on the real cluster in tests/test_slurm_launcher.py): the
+    attempt is recorded as hung and not requeued, and nothing is asked of SLURM (there is
+    no cluster here: a `scontrol requeue` would fail with another note)."""
     from omegaconf import OmegaConf
 
     from launch import slurm
 
-    calls = []
-    monkeypatch.setattr(slurm, "_scontrol_state", lambda job_id: "RUNNING")
-    monkeypatch.setattr(slurm.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
     cfg = OmegaConf.create({"run_dir": str(tmp_path), "launcher": {"max_requeues": 1}})
-    slurm.update_state(tmp_path, lambda s: s.update(attempts=[{"restart": 0}], requeues=0))
-    hang = {"final_step": 7, "hang": {"stopped_ranks": [1]}}
+    slurm.update_state(tmp_path, lambda s: s.update(attempts=[{"restart": 1}], requeues=1))
     task = slurm.SlurmTask(str(tmp_path / "config.yaml"))
-    task._requeue_after_hang(cfg, "42", 0, hang)
+    task._requeue_after_hang(cfg, "42", 1, {"final_step": 7, "hang": {"stopped_ranks": [1]}})
     state = slurm.read_state(tmp_path)
-    assert calls == [["scontrol", "requeue", "42"]] and state["requeues"] == 1
-    assert state["attempts"][-1] | {"ended": None} == {"restart": 0, "ended": None, "status": "hung", "step": 7,
-                                                       "requeued": True, "note": "hang watchdog: stopped ranks [1]"}
-    task._requeue_after_hang(cfg, "42", 1, hang)  # the requeued attempt hangs again
+    assert state["requeues"] == 1
+    attempt = state["attempts"][-1]
+    assert attempt["status"] == "hung" and attempt["step"] == 7 and attempt["requeued"] is False, attempt
+    assert attempt["note"] == "launcher.max_requeues=1 reached", attempt
+
+
+def test_after_srun_does_not_requeue_a_task_that_exited_with_an_error(tmp_path, monkeypatch, capsys):
+    """The batch script's teardown (launch.slurm.after_srun) when srun's first verdict of the
+    attempt is an error exit, not a signal: the run's record is left as rank 0 wrote it, no
+    requeue, and the log says why. (The requeue after a death by signal is proved on the
+    real cluster in tests/test_slurm_launcher.py.)"""
+    from submitit.core.utils import DelayedSubmission, JobPaths
+
+    from launch import slurm
+
+    for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"run_dir: {tmp_path}\nlauncher: {{max_requeues: 3}}\n")
+    folder = tmp_path / "slurm" / "submission-1"
+    folder.mkdir(parents=True)
+    paths = JobPaths(folder, job_id="7", task_id=0)
+    DelayedSubmission(slurm.SlurmTask(str(config))).dump(paths.submitted_pickle)
+    paths.stderr.write_text("\n".join([
+        f"{slurm.ATTEMPT_MARK} 0 of job 7", "srun: error: n2: task 1: Killed",  # the previous attempt's
+        f"{slurm.ATTEMPT_MARK} 1 of job 7", "error: The loss became nan at step 12 ...",
+        "srun: error: n1: task 0: Exited with exit code 1", "srun: error: n2: task 1: Terminated", ""]))
+    record = {"restart": 1, "ended": "t", "status": "failed", "requeued": False}
+    slurm.update_state(tmp_path, lambda s: s.update(attempts=[{"restart": 0, "requeued": True}, dict(record)],
+                                                    requeues=1))
+    slurm.after_srun(folder, 143)
     state = slurm.read_state(tmp_path)
-    assert len(calls) == 1 and state["requeues"] == 1
-    assert state["attempts"][-1]["requeued"] is False and "max_requeues=1 reached" in state["attempts"][-1]["note"]
+    assert state["attempts"][-1] == record and state["requeues"] == 1, state
+    assert "task 0 on n1: Exited with exit code 1 (its error is above); not requeued" in capsys.readouterr().err
 
 
 def test_watchdog_in_one_process_dumps_the_stuck_main_thread(tmp_path):
@@ -218,3 +243,43 @@ def test_watchdog_in_one_process_dumps_the_stuck_main_thread(tmp_path):
     stacks = (tmp_path / "hangs" / "attempt" / "rank-0.txt").read_text()
     assert "in stuck_in_a_collective" in stacks and "last completed step 6" in stacks
     assert not (tmp_path / "hangs" / "heartbeat").exists()
+    assert not (tmp_path / "hangs" / "attempt" / "stuck-rank-0.txt").exists()  # the backstop was disarmed
+
+
+def test_backstop_dumps_and_exits_when_c_code_holds_the_interpreter_lock(tmp_path):
+    """The main thread stuck in a C call that keeps the interpreter lock (a ctypes.PyDLL
+    function does not release it; libc's sleep stands for an extension that never
+    returns): the Python watchdog thread cannot run, so only faulthandler's C thread,
+    armed for the allowance plus the margin, can write the stacks and end the process."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    script = (
+        "import ctypes; from trainers.watchdog import Watchdog\n"
+        f"w = Watchdog({str(tmp_path)!r}, 0, 1, 'attempt', 1.0, 3.0, start_step=5, backstop_margin_s=2.0)\n"
+        "w.progress(6)\n"
+        "def stuck_in_c_holding_the_lock():\n    ctypes.PyDLL(None).sleep(60)\n"
+        "stuck_in_c_holding_the_lock()\n"
+    )
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    took = time.time() - t0
+    assert proc.returncode == 1 and took < 20, (proc.returncode, took, proc.stderr)
+    # the Python watchdog (1 s allowance) never ran: no stacks, no verdict of its own
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "hangs" / "attempt" / "rank-0.txt").exists()
+    stacks = (tmp_path / "hangs" / "attempt" / "stuck-rank-0.txt").read_text()
+    assert stacks.startswith("Timeout (0:00:03)!") and "in stuck_in_c_holding_the_lock" in stacks, stacks
+    assert "in _watch" in stacks  # the Python watchdog thread, waiting for the lock
+
+    # A run that ends normally leaves no backstop file (nor an empty attempt folder); a
+    # killed one's empty file goes at the next start, a fired one's stays.
+    killed = tmp_path / "hangs" / "killed" / "stuck-rank-0.txt"
+    killed.parent.mkdir()
+    killed.touch()
+    script = (f"from trainers.watchdog import Watchdog\nw = Watchdog({str(tmp_path)!r}, 0, 1, 'done', 1.0, 3.0)\n"
+              "w.progress(1)\nw.close()\n")
+    subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=60)
+    assert sorted(p.name for p in (tmp_path / "hangs").iterdir()) == ["attempt"]
+    assert (tmp_path / "hangs" / "attempt" / "stuck-rank-0.txt").read_text() == stacks

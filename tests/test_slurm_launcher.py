@@ -146,46 +146,130 @@ def wait_until(predicate, proc: subprocess.Popen, what: str) -> None:
         time.sleep(0.1)
 
 
-def test_preemption_and_plain_requeue_resume_exactly(ddp_run, slurm_cluster, tiny_model, tmp_path):
-    """1) job._interrupt() (TERM + USR2, counted as a preemption since time_min > 10): the
-    ranks agree, save, and rank 0 requeues; 2) a plain `scontrol requeue` of the resumed
-    attempt: SLURM kills it (after KillWait) and runs it again. Both attempts resume from
-    the last committed checkpoint and the losses equal the uninterrupted run's."""
+def task_process(run: Path, rank: int, restart: int):
+    """The psutil.Process of SLURM task `rank` of attempt `restart` of the run's job (the
+    slurmd's of both nodes run on this machine): the training process to inject a fault into."""
+    import psutil
+
+    folder = read_state(run)["folder"]
+    for p in psutil.process_iter():
+        try:
+            env = p.environ()
+            if ("submitit.core._submit" in p.cmdline() and folder in p.cmdline() and env.get("SLURM_PROCID") == str(rank)
+                    and env.get("SLURM_RESTART_COUNT", "0") == str(restart)):
+                return p
+        except psutil.Error:
+            continue
+    return None
+
+
+def resumes(run: Path) -> list[int]:
+    """The step each attempt resumed from, from rank 0's log (one log across requeues)."""
+    log = Path(read_state(run)["logs"]["rank0"]["stderr"])
+    text = log.read_text() if log.exists() else ""
+    return [int(line.rsplit("step ", 1)[1].rstrip(")")) for line in text.splitlines() if "] resumed from " in line]
+
+
+def attempts(run: Path) -> list[dict]:
+    return read_state(run).get("attempts", [])
+
+
+def test_preemption_requeue_dead_task_and_hang_resume_exactly(ddp_run, slurm_cluster, tiny_model, tmp_path):
+    """One job, four faults, each followed by a requeue and a resume from the last
+    committed checkpoint, and the losses still equal the uninterrupted run's:
+    1) job._interrupt() (TERM + USR2, counted as a preemption since time_min > 10): the
+       ranks agree, save, and rank 0 requeues;
+    2) a plain `scontrol requeue`: SLURM kills the attempt (after KillWait) and runs it again;
+    3) SIGKILL of task 1: srun ends the step, the batch script's teardown reads srun's
+       verdict and requeues like a preemption;
+    4) SIGSTOP of task 1: rank 0's watchdog reports the hang and requeues like a preemption.
+    launcher.max_requeues=4 leaves room for the three requeues the launcher makes plus SLURM's."""
     import submitit
 
     ref, _ = ddp_run
     run = tmp_path / "run"
-    proc = start(f"model.path={tiny_model}", *BASE, "parallel=ddp", *LONG, f"hydra.run.dir={run}")
+    timeout = 20
+    proc = start(f"model.path={tiny_model}", *BASE, "parallel=ddp", *LONG, "launcher.max_requeues=4",
+                 f"train.step_timeout_s={timeout}", "train.startup_timeout_s=120", f"hydra.run.dir={run}")
+    times = {}
     try:
         wait_until(lambda: last_step(run) >= 3, proc, "training to start")
         state = read_state(run)
         job = submitit.SlurmJob(folder=state["folder"], job_id=state["job_id"], tasks=(0, 1))
-        job._interrupt()  # what a preemption does: TERM, then USR2
-        wait_until(lambda: len(read_state(run).get("attempts", [])) == 2 and last_step(run) >= 22, proc,
+        job._interrupt()  # 1) what a preemption does: TERM, then USR2
+        wait_until(lambda: len(attempts(run)) == 2 and last_step(run) >= 22, proc,
                    "the requeued attempt to pass step 22")
-        subprocess.run(["scontrol", "requeue", state["job_id"]], check=True, timeout=60)
+        subprocess.run(["scontrol", "requeue", state["job_id"]], check=True, timeout=60)  # 2)
+        wait_until(lambda: len(attempts(run)) == 3 and last_step(run) >= 45, proc, "attempt 3 to pass step 45")
+        victim = task_process(run, rank=1, restart=2)
+        assert victim is not None
+        t0 = time.monotonic()
+        victim.kill()  # 3) SIGKILL, as the OOM killer does
+        wait_until(lambda: attempts(run)[2].get("requeued"), proc, "the dead task's requeue")
+        times["kill -> requeued"] = time.monotonic() - t0
+        wait_until(lambda: len(resumes(run)) == 3, proc, "attempt 4 to resume")
+        times["kill -> resumed"] = time.monotonic() - t0
+        wait_until(lambda: len(attempts(run)) == 4 and last_step(run) >= 65, proc, "attempt 4 to pass step 65")
+        frozen = task_process(run, rank=1, restart=3)
+        assert frozen is not None
+        t0 = time.monotonic()
+        frozen.suspend()  # 4) SIGSTOP: alive, holding its sockets, never answering
+        wait_until(lambda: attempts(run)[3].get("requeued"), proc, "the hang's requeue")
+        times["stop -> requeued"] = time.monotonic() - t0
+        wait_until(lambda: len(resumes(run)) == 4, proc, "attempt 5 to resume")
+        times["stop -> resumed"] = time.monotonic() - t0
         out, err = proc.communicate(timeout=JOB_TIMEOUT_S)
     except BaseException:
         proc.kill()
         cancel_jobs(run)
         raise
+    print({k: round(v, 1) for k, v in times.items()})
     assert proc.returncode == 0, out[-3000:] + err[-6000:]
     state = read_state(run)
-    first, second, third = state["attempts"]
-    assert [a["restart"] for a in state["attempts"]] == [0, 1, 2]
-    assert state["requeues"] == 1  # requeued by the launcher; the second requeue was SLURM's
+    first, second, third, fourth, fifth = state["attempts"]
+    assert [a["restart"] for a in state["attempts"]] == [0, 1, 2, 3, 4]
+    assert state["requeues"] == 3  # requeued by the launcher; the second requeue was SLURM's
     assert first["status"] == "preempted" and first["requeued"] and 3 <= first["step"] < 22, first
     assert not second.get("requeued"), second  # saved and left it to SLURM, or was killed first
-    assert third["status"] == "completed" and third["step"] == 100
-    log = Path(state["logs"]["rank0"]["stderr"]).read_text()
-    resumed = [int(line.rsplit("step ", 1)[1].rstrip(")")) for line in log.splitlines() if "] resumed from " in line]
-    assert resumed[0] == first["step"] and len(resumed) == 2, resumed
+    assert third["status"] == "task died" and third["requeued"], third
+    assert third["task_died"] == {"node": "n2", "tasks": "1", "how": "Killed"}, third
+    assert third["step"] >= 45, third  # the step it died at, from metrics.jsonl
+    assert fourth["status"] == "hung" and fourth["requeued"] and "stopped ranks [1]" in fourth["note"], fourth
+    assert fifth["status"] == "completed" and fifth["step"] == 100
+    resumed = resumes(run)
+    assert len(resumed) == 4 and resumed[0] == first["step"], resumed
     assert resumed[1] >= 20 and resumed[1] % 10 == 0 or resumed[1] == second.get("step"), (resumed, second)
+    assert resumed[2] >= 40 and resumed[2] % 10 == 0, resumed  # the last committed checkpoint before the kill
+    assert f"the last committed checkpoint is step_{resumed[2]}" in third["note"], third
+    assert resumed[3] >= 60 and resumed[3] % 10 == 0, resumed
+    # rank 0's stacks of the hang (rank 1 may add its own: SLURM sends SIGCONT before it kills a step)
+    assert len(list(run.glob("hangs/*/rank-0.txt"))) == 1
+    batch_log = Path(state["logs"]["rank0"]["stderr"]).read_text()
+    assert (f"llm-launcher: task 1 on n2: Killed; the last committed checkpoint is step_{resumed[2]}; requeuing job "
+            f"{state['job_id']} like a preemption") in batch_log
     assert summary(run)["status"] == "completed"
     got, want = losses(run), losses(ref)
     assert sorted(got) == sorted(want) == list(range(1, 101))
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+
+
+def test_first_task_failure_reads_srun_verdicts_of_the_latest_attempt():
+    """after_srun's evidence, from srun's own lines: the first verdict after the latest
+    attempt's mark is the cause (srun ends the others itself after it); a task's own error
+    exit is not a death by signal."""
+    from launch.slurm import ATTEMPT_MARK, first_task_failure
+
+    log = "\n".join([
+        f"{ATTEMPT_MARK} 0 of job 7", "srun: error: n2: task 1: Exited with exit code 1",
+        f"{ATTEMPT_MARK} 1 of job 7", "[rank0] step 5", "srun: error: n2: task 1: Killed",
+        "srun: launch/slurm: _step_signal: Terminating StepId=7.0", "srun: error: n1: task 0: Terminated",
+    ])
+    assert first_task_failure(log) == {"node": "n2", "tasks": "1", "how": "Killed", "signal": True}
+    assert first_task_failure(log.rsplit(ATTEMPT_MARK, 1)[0])["signal"] is False
+    assert first_task_failure(f"{ATTEMPT_MARK} 2 of job 7\nsrun: error: n1: tasks 0-1: Segmentation fault")[
+        "tasks"] == "0-1"
+    assert first_task_failure(f"{ATTEMPT_MARK} 3 of job 7\nall fine") is None
 
 
 def test_sweep_runs_as_one_job_array_and_writes_a_summary(slurm_cluster, tiny_model, tmp_path):

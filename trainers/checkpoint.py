@@ -162,8 +162,12 @@ class Checkpointer:
     wait for it. mode="sync" writes in the foreground.
     """
 
-    def __init__(self, run_dir: Path, plan, env: DistEnv, keep_last: int, mode: str = "async"):
+    def __init__(self, run_dir: Path, plan, env: DistEnv, keep_last: int, mode: str = "async",
+                 commit_delay_s: float = 0.0):
         self.root = Path(run_dir) / "checkpoints"
+        # train.debug_commit_delay_s (testing only): every rank holds its finished write
+        # this long before the ranks agree to commit, so a test's kill lands mid-write.
+        self.commit_delay_s = float(commit_delay_s or 0)
         self.plan = plan
         self.env = env
         self.keep_last = max(1, int(keep_last))
@@ -199,13 +203,8 @@ class Checkpointer:
                 return
             write = self.plan.save_async(tmp, self._group)
 
-        def finish_write():
-            write.result()
-            # Fault injection for tests: hold the write open so a kill lands mid-write.
-            time.sleep(float(os.environ.get("LLM_LAUNCHER_CKPT_COMMIT_DELAY_S", 0)))
-
         self._inflight = threading.Thread(
-            target=self._finish_in_background, args=(finish_write, tmp, final, state, rng), daemon=True,
+            target=self._finish_in_background, args=(write.result, tmp, final, state, rng), daemon=True,
             name=f"checkpoint-step-{step}",
         )
         self._inflight.start()
@@ -224,6 +223,8 @@ class Checkpointer:
         error = None
         try:
             write()
+            if self.commit_delay_s:
+                time.sleep(self.commit_delay_s)
             torch.save(rng, tmp / "rng" / f"rank{self.env.rank}.pt")
         except BaseException as e:
             error = e

@@ -23,6 +23,20 @@ which peer or where. Here a thread per rank does two things every few seconds:
 The process group timeout is set above the watchdog's longest allowance (trainers/
 distributed.py), so the watchdog, which leaves stacks, fires first; NCCL's own watchdog
 and flight recorder (dumped into the same folder) stay as the backstop.
+
+The watchdog thread is Python: it cannot run while the main thread sits in C code that
+holds the interpreter lock (an extension call that never releases it, a runaway regex, a
+deadlock inside a C library called with the lock held). Neither can its heartbeat, so
+the peers still name this rank, but the rank itself would leave no stacks and never exit.
+A C-level backstop covers it: faulthandler.dump_traceback_later, re-armed at every
+deadline change with the current allowance plus BACKSTOP_MARGIN_S (more than the
+watchdog needs to report: one beat plus the grace for the peers' stack files), runs on a
+C thread of its own. If it ever fires, the Python watchdog could not act: it writes the
+stacks of every thread to RUN_DIR/hangs/<attempt>/stuck-rank-<r>.txt (empty until then)
+and exits the process with code 1 (no summary of its own; a peer's watchdog or the
+launcher reports the run). A run that ends normally, or a hang the Python watchdog
+handles, cancels it and removes the unused file; a killed process's empty one is
+removed by the next attempt.
 """
 from __future__ import annotations
 
@@ -42,6 +56,8 @@ from trainers.files import atomic_write
 log = logging.getLogger(__name__)
 
 EXIT_HUNG = 3
+# How long past a deadline the C-level backstop waits for the Python watchdog to act.
+BACKSTOP_MARGIN_S = 60.0
 # Called (in the watchdog thread, on the rank that writes summary.json) with the summary
 # just before the process exits: lets a launcher requeue a job that hung (launch/slurm.py).
 HANG_HANDLERS: list = []
@@ -58,7 +74,8 @@ def allowances(train_cfg) -> tuple[float | None, float | None]:
 
 class Watchdog:
     def __init__(self, run_dir: Path, rank: int, world_size: int, attempt: str,
-                 step_timeout_s: float | None, long_timeout_s: float | None, start_step: int = 0):
+                 step_timeout_s: float | None, long_timeout_s: float | None, start_step: int = 0,
+                 backstop_margin_s: float = BACKSTOP_MARGIN_S):
         self.run_dir = Path(run_dir)
         self.rank, self.world_size, self.attempt = rank, world_size, attempt
         self.step_timeout, self.long_timeout = step_timeout_s, long_timeout_s
@@ -75,12 +92,17 @@ class Watchdog:
         self._budget = long_timeout_s
         self._stop = threading.Event()
         self._thread = None
+        self.backstop_margin = backstop_margin_s
+        self.backstop_path = self.folder / f"stuck-rank-{rank}.txt"
+        self._backstop = None
         # One process has no peer to tell it is alive: no heartbeat files then.
         self.beating = self.enabled and world_size > 1
         if self.beating:
             self.beats.mkdir(parents=True, exist_ok=True)
             self._beat()
         if self.enabled:
+            self._open_backstop()
+            self._arm_backstop(self._budget)
             self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
             self._thread.start()
 
@@ -90,12 +112,14 @@ class Watchdog:
         with self._lock:
             self._step, self._phase = step, f"step {step + 1}"
             self._since, self._budget = time.monotonic(), self.step_timeout
+            self._arm_backstop(self._budget)
 
     @contextlib.contextmanager
     def long(self, what: str):
         """A phase that may take much longer than a step (eval, checkpoint, export)."""
         with self._lock:
             self._phase, self._since, self._budget = what, time.monotonic(), self.long_timeout
+            self._arm_backstop(self._budget)
         try:
             yield
         finally:
@@ -105,6 +129,40 @@ class Watchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._close_backstop()
+
+    # ------------------------------------------------------- C-level backstop
+    def _open_backstop(self) -> None:
+        """The file the backstop would write into: faulthandler needs an open file when it
+        is armed (it writes from its C thread, without the interpreter). It stays empty
+        unless the backstop fires; empty ones that killed attempts of this rank left
+        behind are removed here, with their folder if nothing else is in it."""
+        for old in self.run_dir.glob(f"hangs/*/stuck-rank-{self.rank}.txt"):
+            with contextlib.suppress(OSError):
+                if old.stat().st_size == 0:
+                    old.unlink()
+                    old.parent.rmdir()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._backstop = open(self.backstop_path, "w")
+        except OSError:  # a full or read-only disk: no backstop rather than no training
+            self._backstop = None
+
+    def _arm_backstop(self, budget: float | None) -> None:
+        if self._backstop is not None and budget is not None:
+            faulthandler.dump_traceback_later(budget + self.backstop_margin, exit=True, file=self._backstop)
+
+    def _close_backstop(self) -> None:
+        """Disarm, and remove the unused file (and the attempt's folder if nothing else is in it)."""
+        with self._lock:  # (the main thread may be re-arming it)
+            if self._backstop is None:
+                return
+            faulthandler.cancel_dump_traceback_later()
+            self._backstop.close()
+            self._backstop = None
+        with contextlib.suppress(OSError):
+            self.backstop_path.unlink()
+            self.folder.rmdir()  # only if empty
 
     # ---------------------------------------------------------- watchdog thread
     def _beat(self) -> None:
@@ -140,6 +198,7 @@ class Watchdog:
 
     def _hung(self, phase: str, waited: float, budget: float) -> None:
         """Dump this rank's evidence, let the lowest live rank write the verdict, exit."""
+        self._close_backstop()  # this thread is running: it reports, the backstop must not
         self.folder.mkdir(parents=True, exist_ok=True)
         stack_file = self.folder / f"rank-{self.rank}.txt"
         with open(stack_file, "w") as f:
