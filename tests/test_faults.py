@@ -218,25 +218,30 @@ def test_after_srun_does_not_requeue_a_task_that_exited_with_an_error(tmp_path, 
     assert "task 0 on n1: Exited with exit code 1 (its error is above); not requeued" in capsys.readouterr().err
 
 
-def test_watchdog_in_one_process_dumps_the_stuck_main_thread(tmp_path):
-    """No peers, no heartbeat files: the rank itself times out, writes its stacks and the
-    verdict, and exits with EXIT_HUNG (in a child process: the watchdog ends its process)."""
-    import json
+def run_stuck_process(tmp_path, watchdog_args: str, stuck: str):
+    """A child process whose watchdog (1 s step allowance, 3 s long one, step 6 reported)
+    watches a main thread that then runs `stuck`: (completed process, seconds taken)."""
     import subprocess
     import sys
 
     from tests.helpers import REPO
 
-    script = (
-        "import time; from trainers.watchdog import Watchdog\n"
-        f"w = Watchdog({str(tmp_path)!r}, 0, 1, 'attempt', 1.0, 3.0, start_step=5)\n"
-        "w.progress(6)\n"
-        "def stuck_in_a_collective():\n    time.sleep(60)\n"
-        "stuck_in_a_collective()\n"
-    )
+    script = (f"from trainers.watchdog import Watchdog\n"
+              f"w = Watchdog({str(tmp_path)!r}, 0, 1, 'attempt', 1.0, 3.0, start_step=5{watchdog_args})\n"
+              "w.progress(6)\n" + stuck)
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 3 and time.time() - t0 < 20, proc.stderr
+    return proc, time.time() - t0
+
+
+def test_watchdog_in_one_process_dumps_the_stuck_main_thread(tmp_path):
+    """No peers, no heartbeat files: the rank itself times out, writes its stacks and the
+    verdict, and exits with EXIT_HUNG (in a child process: the watchdog ends its process)."""
+    import json
+
+    proc, took = run_stuck_process(tmp_path, "", "def stuck_in_a_collective():\n    import time; time.sleep(60)\n"
+                                   "stuck_in_a_collective()\n")
+    assert proc.returncode == 3 and took < 20, proc.stderr
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["status"] == "hung" and s["final_step"] == 6 and s["hang"]["stopped_ranks"] == []
     assert "every rank is alive, so one of them is stuck" in s["error"] and "step 7" in s["error"]
@@ -256,16 +261,9 @@ def test_backstop_dumps_and_exits_when_c_code_holds_the_interpreter_lock(tmp_pat
 
     from tests.helpers import REPO
 
-    script = (
-        "import ctypes; from trainers.watchdog import Watchdog\n"
-        f"w = Watchdog({str(tmp_path)!r}, 0, 1, 'attempt', 1.0, 3.0, start_step=5, backstop_margin_s=2.0)\n"
-        "w.progress(6)\n"
-        "def stuck_in_c_holding_the_lock():\n    ctypes.PyDLL(None).sleep(60)\n"
-        "stuck_in_c_holding_the_lock()\n"
-    )
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
-    took = time.time() - t0
+    proc, took = run_stuck_process(tmp_path, ", backstop_margin_s=2.0",
+                                   "def stuck_in_c_holding_the_lock():\n    import ctypes; ctypes.PyDLL(None).sleep(60)\n"
+                                   "stuck_in_c_holding_the_lock()\n")
     assert proc.returncode == 1 and took < 20, (proc.returncode, took, proc.stderr)
     # the Python watchdog (1 s allowance) never ran: no stacks, no verdict of its own
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "hangs" / "attempt" / "rank-0.txt").exists()
