@@ -5,7 +5,7 @@ directory, from its config.json. What a plan does with the state comes from the 
 itself (`layout(cfg, world)`, parallel/layout.py); nothing here names a plan. The estimate
 is what one rank holds at its peak, the larger of training and loading:
 
-    train = params + grads + optimizer + activations + buffers + overhead
+    train = params + optimizer + grads & activations + buffers + overhead
     load  = what the rank keeps + what loading holds on top of it + overhead
 
   P          parameter count: per decoder layer q,o = h*h; k,v = h*kv (kv = kv_heads *
@@ -21,7 +21,9 @@ is what one rank holds at its peak, the larger of training and loading:
              linear weights in NF4 = 0.5 B/param + double-quantized absmax constants
              (~0.127 bit/param), everything else in bf16 (2 B); adapters fp32 (4 B).
   grads      4 B per trainable parameter (fp32), twice where the plan also keeps them in
-             communication buckets (DDP).
+             communication buckets (DDP). With one forward per step they peak after the
+             activations are freed (grads & activations = kept buffers + the larger of
+             the rest); with accumulation or a pipeline, on top of them.
   optimizer  8 B per trainable parameter (AdamW's two fp32 moments), + 4 B of fp32
              master copy where the plan keeps one beside the model (DeepSpeed; the model's
              own trained weights are then in the compute dtype).
@@ -128,6 +130,7 @@ class Setup:
     activation_checkpointing: bool = False
     loss_chunk_tokens: int | None = None
     device: str = "gpu"  # "gpu": overhead and offload apply; "cpu": one memory for all
+    forwards_per_step: int = 1  # micro-batches (pipeline: pipeline micro-batches) per rank per step
 
 
 @dataclass
@@ -142,10 +145,11 @@ class Estimate:
     buffers: float
     overhead: float
     load: float = 0.0    # load-time peak, overhead included
+    grads_and_activations: float = 0.0  # what the two hold together at their peak (see `estimate`)
 
     @property
     def train(self) -> float:
-        return self.params + self.grads + self.optim + self.activations + self.buffers + self.overhead
+        return self.params + self.optim + self.grads_and_activations + self.buffers + self.overhead
 
     @property
     def total(self) -> float:
@@ -247,6 +251,7 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
         tokens=rows * int(cfg.data.max_seq_len), act_bytes=2 if bf16 else 4,
         activation_checkpointing=bool(cfg.train.get("activation_checkpointing", False)),
         loss_chunk_tokens=int(chunk) if chunk else None, device=device,
+        forwards_per_step=max(1, int(cfg.train.micro_batch_size) * int(cfg.train.grad_accum) // rows),
     )
 
 
@@ -312,7 +317,20 @@ def estimate(a: Arch, s: Setup) -> Estimate:
         buffers += layer_trainable * 4
     if s.quantized:
         buffers += a.hidden * a.intermediate * 2
-    subtotal = params + grads + optim + activations + buffers
+    # With one forward per step, backward frees each layer's activations as it creates that
+    # layer's gradients, and the gradients are freed again after the optimizer step
+    # (zero_grad(set_to_none=True)): the two peak one after the other, not together
+    # (measured: full fine-tuning at one micro-batch per step peaks at params + grads +
+    # AdamW state, its activations nowhere). Only buffers the plan keeps across steps
+    # (DDP's communication buckets; DeepSpeed's gradient partitions) add to the activations,
+    # and with accumulation the earlier micro-batches' gradients are alive during the next
+    # one's forward.
+    kept = grads / 2 if L.grad_buckets else grads if L.master_copy else 0.0
+    if s.forwards_per_step > 1:
+        grads_and_activations = grads + activations
+    else:
+        grads_and_activations = kept + max(activations, grads - kept)
+    subtotal = params + optim + grads_and_activations + buffers
     overhead = CUDA_OVERHEAD + FRAGMENTATION * subtotal if s.device == "gpu" else 0.0
 
     # Loading: what the rank keeps + what is in flight while the checkpoint is read.
@@ -323,7 +341,8 @@ def estimate(a: Arch, s: Setup) -> Estimate:
         in_flight = largest_tensor
     load_state = params + in_flight
     load = load_state + (CUDA_OVERHEAD + FRAGMENTATION * load_state if s.device == "gpu" else 0.0)
-    return Estimate(s, total, trainable, params, grads, optim, activations, buffers, overhead, load)
+    return Estimate(s, total, trainable, params, grads, optim, activations, buffers, overhead, load,
+                    grads_and_activations)
 
 
 # ------------------------------------------------------------------- the check
