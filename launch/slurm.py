@@ -417,9 +417,9 @@ class SlurmTask(Checkpointable):
 
     def _update_sweep(self) -> None:
         if self.sweep_dir:
-            from launch.sweep import write_summary
+            from launch.sweep import refresh_sweep_summary
 
-            write_summary(Path(self.sweep_dir))
+            refresh_sweep_summary(Path(self.sweep_dir))
 
     def _requeue_after_hang(self, cfg: DictConfig, job_id: str, restart: int, summary: dict) -> None:
         """Runs on the rank that reported a hang (any rank: rank 0 may be the one that hung),

@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {path} is not a directory", file=sys.stderr)
         return 2
     if (path / "sweep.json").exists():
-        from launch.sweep import markdown, write_summary
+        from launch.sweep import markdown, refresh_sweep_summary
 
-        data = write_summary(path)
+        data = refresh_sweep_summary(path)
         print(json.dumps(data, indent=1) if args.json else markdown(data))
         if data["complete"]:
             return 0 if all(r["status"] == "completed" for r in data["points"]) else 1

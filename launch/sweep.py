@@ -111,7 +111,7 @@ def point_status(summary: dict, state: dict) -> str:
     return "not started"
 
 
-def write_summary(sweep_dir: Path) -> dict:
+def refresh_sweep_summary(sweep_dir: Path) -> dict:
     """Build and write SWEEP_DIR/sweep_summary.{json,md}; returns the JSON data."""
     from launch.slurm import read_state
 
@@ -187,7 +187,7 @@ class SweepCallback(Callback):
         if _PENDING:
             self._submit(sweep_dir)
         elif (sweep_dir / MANIFEST).exists():
-            data = write_summary(sweep_dir)
+            data = refresh_sweep_summary(sweep_dir)
             print(f"\nsweep summary: {sweep_dir / (SUMMARY + '.md')}\n\n{markdown(data)}", flush=True)
             if _FAILED:
                 sys.exit(1)
@@ -209,13 +209,13 @@ class SweepCallback(Callback):
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         _update_manifest(sweep_dir, lambda m: m.update(job_ids=sorted(set(i.split("_")[0] for i in ids))))
-        write_summary(sweep_dir)
+        refresh_sweep_summary(sweep_dir)
         print(f"submitted {len(points)} point(s) as job(s) {', '.join(ids)}\n"
               f"  sweep dir  {sweep_dir}\n  status     python -m launch.status {sweep_dir}", flush=True)
         if not any(p.cfg.launcher.get("wait") for p in points):
             return
         wait_for(ids)
-        data = write_summary(sweep_dir)
+        data = refresh_sweep_summary(sweep_dir)
         print(f"\nsweep summary: {sweep_dir / (SUMMARY + '.md')}\n\n{markdown(data)}", flush=True)
         if any(r["status"] != "completed" for r in data["points"]):
             sys.exit(1)
