@@ -36,8 +36,9 @@ def set_host_allocator(mode: str) -> None:
     compact: a fixed 128 KiB threshold, so every block of 128 KiB or more is its own mmap,
     returned to the system when freed: RSS follows the live tensors, which is what
     launch/estimate.py predicts and bench/memory_estimate.py measures. The price is CPU
-    time, since each such block's pages fault in on first touch: on CPU, 1.5-3x the time
-    of a step (bench/results/host_memory.md).
+    time, since each such block's pages fault in on first touch: on CPU, 1.9-2.2x the CPU
+    time of an SFT step on the tiny model, same losses (bench/sft_vs_trl.py; README,
+    "Memory at scale").
 
     On a GPU the activations and gathered parameters live in device memory, so the choice
     only matters for host-side state (loading, offloaded optimizer state)."""

@@ -277,11 +277,11 @@ class GlobalBatches:
             out[f"tokens/{self.sources[k].name}"] += sum(row)
         return out
 
-    def collate(self, items: list[tuple[int, int]], keep: list[bool] | None = None,
-                partners: list[tuple[int, int]] | None = None) -> dict:
+    def collate(self, items: list[tuple[int, int]]) -> dict:
+        """One training micro-batch of SFT rows or pairs (KTO rows: `micro_batches`)."""
         if self.kind == "sft":
-            return collate([self.sources[k].tensors(r) for k, r in items], self.pad_id, self.packed, keep)
-        return collate_preference(self.sources, items, self.pad_id, keep, partners, self.max_len, self.packed)
+            return collate([self.sources[k].tensors(r) for k, r in items], self.pad_id, self.packed)
+        return collate_preference(self.sources, items, self.pad_id, max_len=self.max_len, packed=self.packed)
 
 
 def completion_start(mask: np.ndarray) -> int:

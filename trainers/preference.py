@@ -138,9 +138,9 @@ def masked_sums(per_token: torch.Tensor, mask: torch.Tensor, segments: torch.Ten
 
 def per_sequence(values: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
     """Sum of `values` [rows, positions] over each sequence of `segments` (-1: padding)."""
+    n = int(segments.max()) + 1  # read before the move: no device sync
     segments = segments.to(values.device)
     real = segments >= 0
-    n = int(segments.max()) + 1
     return values.new_zeros(n).index_add(0, segments[real], values[real])
 
 
