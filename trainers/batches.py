@@ -294,6 +294,13 @@ def _sequences(parts: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndar
     return [(ids.astype(np.int64), labels_of(ids, mask), np.arange(len(ids))) for ids, mask in parts]
 
 
+def heldout_partners(rows, n: int):
+    """KTO on a held-out set of n rows: row r's prompt takes the completion of row r-1
+    (the first row the last one's), a fixed rotation over the whole set. Works on ints
+    and numpy arrays alike (the evaluator and the precomputed reference share it)."""
+    return (rows - 1) % n
+
+
 def mismatched_sequences(sources: list[Source], items: list[tuple[int, int]], partners: list[tuple[int, int]],
                          max_len: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """KTO's KL sequences: the prompt of row `items[i]` followed by the completion of row

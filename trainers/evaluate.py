@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from trainers.batches import Source, collate, collate_preference
+from trainers.batches import Source, collate, collate_preference, heldout_partners
 from trainers.distributed import all_reduce_sum
 from trainers.objectives import get_objective
 from trainers.preference_rows import answer_text
@@ -81,7 +81,8 @@ class Evaluator:
                 out.append(collate([source.tensors(r) for r, _ in chunk], pad, self.packed, keep=keep))
                 continue
             # KTO's mismatched completions: rotation by one over the whole held-out set
-            partners = [(0, (r - 1) % len(source)) for r, _ in chunk] if source.store.kind == "unpaired" else None
+            partners = ([(0, heldout_partners(r, len(source))) for r, _ in chunk]
+                        if source.store.kind == "unpaired" else None)
             kl_ref = None if source.kl_reference is None else [source.kl_reference[r] for r, _ in chunk]
             out.append(collate_preference([source], [(0, r) for r, _ in chunk], pad, keep, partners,
                                           int(self.cfg.data.max_seq_len), self.packed, kl_ref))

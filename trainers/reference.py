@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainers.batches import GlobalBatches, Source, collate_sequences, mismatched_sequences
+from trainers.batches import GlobalBatches, Source, collate_sequences, heldout_partners, mismatched_sequences
 from trainers.distributed import all_reduce_sum
 from trainers.objectives import forward_inputs
 from trainers.preference import sequence_logps
@@ -172,7 +172,8 @@ def precompute_kl_reference(plan, batches: GlobalBatches, eval_sources: list[Sou
     batches.kl_reference = values.reshape(steps, batches.layout.rows_per_step)
     for source in eval_sources:
         n = len(source)
-        pairs = np.stack([np.zeros(n), np.arange(n), np.zeros(n), (np.arange(n) - 1) % n], axis=1).astype(np.int64)
+        rows = np.arange(n)
+        pairs = np.stack([np.zeros(n), rows, np.zeros(n), heldout_partners(rows, n)], axis=1).astype(np.int64)
         path = _path(run_dir, source).with_name(
             f"{source.store.folder.name}.kl-{_fingerprint(pairs, [source], eval_max_len)}.npy")
         values = _stored(plan, path, n)
