@@ -9,12 +9,12 @@ from __future__ import annotations
 import contextlib
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
@@ -244,13 +244,26 @@ class Plan:
         for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr
 
-    def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
-        """The whole (unsharded) model state on rank 0's CPU, {} on other ranks."""
-        sd = get_model_state_dict(
-            self.model,
-            options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only),
-        )
-        return sd if self.env.is_main else {}
+    def export_tensors(self, trainable_only: bool) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """The trained state one tensor at a time, under the unwrapped model's names:
+        (name, full tensor on CPU) on rank 0, (name, None) elsewhere. Collective: every rank
+        iterates to the end. One tensor at a time so that the export never holds the whole
+        model gathered on one rank (a 70B model is 280 GB in fp32)."""
+        frozen = {n for n, p in self.inner.named_parameters() if not p.requires_grad}
+        for name, value in self.inner.state_dict().items():
+            if trainable_only and name in frozen:
+                continue
+            if hasattr(value, "full_tensor"):  # a DTensor shard: all-gather this one tensor
+                if value.device != self.env.device:  # (CPU-offloaded shards under NCCL)
+                    value = value.to(self.env.device)
+                value = value.full_tensor()
+            yield name, (value.detach().cpu() if self.env.is_main else None)
+
+    @contextlib.contextmanager
+    def unsharded(self):
+        """Parameters whole on every rank for code that calls submodules directly
+        (PEFT's prompt encoder at export); a no-op where they already are."""
+        yield
 
     def close(self) -> None:
         if self._stager is not None:

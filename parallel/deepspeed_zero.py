@@ -47,6 +47,7 @@ import os
 import time
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -407,49 +408,30 @@ class DeepSpeedZero(Plan):
             raise TrainingError(f"DeepSpeed could not load the checkpoint in {Path(directory) / tag}.")
 
     # ----------------------------------------------------------------------- export
-    def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
-        """Full fp32 state on rank 0's CPU (collective: every rank must call it), with the
-        keys of the unwrapped (peft) model's state_dict."""
+    def export_tensors(self, trainable_only: bool) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """The fp32 master weights one tensor at a time (collective: every rank iterates to
+        the end), with the keys of the unwrapped (peft) model's state_dict; tied names are
+        given once."""
         from deepspeed import zero
         from deepspeed.utils import safe_get_full_fp32_param
 
-        self._precompute_prompt_embeddings()
-        out: dict[str, torch.Tensor] = {}
-        seen: dict[int, str] = {}
+        seen: set[int] = set()
         for key, t in self.inner.state_dict(keep_vars=True).items():
             is_param = isinstance(t, torch.nn.Parameter)
-            if trainable_only and is_param and not t.requires_grad:
+            if (trainable_only and is_param and not t.requires_grad) or id(t) in seen:
                 continue
-            if id(t) in seen:  # tied weights: same values under both names
-                if self.env.is_main:
-                    out[key] = out[seen[id(t)]]
-                continue
-            seen[id(t)] = key
+            seen.add(id(t))
             value = safe_get_full_fp32_param(t) if is_param and t.requires_grad else None
             if value is None and hasattr(t, "ds_id"):  # frozen ZeRO-3 parameter
                 with zero.GatheredParameters([t], modifier_rank=None):
-                    value = t.detach().clone()
-            if value is None:
+                    value = t.detach().clone() if self.env.is_main else None
+            elif value is None:
                 value = t.detach()
-            if self.env.is_main:
-                value = value.cpu()
-                out[key] = (value.float() if value.is_floating_point() else value).clone()
-        return out if self.env.is_main else {}
-
-    def _precompute_prompt_embeddings(self) -> None:
-        """peft saves prompt-learning adapters (prefix, prompt) by running the prompt encoder,
-        not from the state dict it is given; export does that on rank 0 alone, which under
-        ZeRO-3 would all-gather with nobody on the other side (a hang). Run it here on every
-        rank and let rank 0's save use the result."""
-        inner = self.inner
-        if self.stage != 3 or not hasattr(inner, "get_prompt_embedding_to_save"):
-            return
-        if not inner.active_peft_config.is_prompt_learning:
-            return
-        adapter = inner.active_adapter
-        with torch.no_grad():
-            embeddings = inner.get_prompt_embedding_to_save(adapter).float().cpu()
-        inner.get_prompt_embedding_to_save = lambda adapter_name: embeddings
+            if not self.env.is_main:
+                yield key, None
+                continue
+            value = value.cpu()
+            yield key, (value.float() if value.is_floating_point() else value)
 
     # ------------------------------------------------------------------------ exit
     def close(self) -> None:

@@ -215,22 +215,15 @@ class FSDP2(Plan):
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     # ----------------------------------------------------------------------- export
-    def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
-        sd = super().full_state_dict(trainable_only)
-        peft_config = getattr(self.inner, "active_peft_config", None)
-        if getattr(peft_config, "is_prompt_learning", False):
-            # PEFT saves prompt/prefix embeddings by running the live prompt encoder
-            # (not from `sd`), on rank 0 only: gather the root unit (which holds the
-            # prompt encoder) on every rank now, so that rank 0 sees plain tensors.
-            self.model.unshard()
-            self._root_unsharded = True
-        return sd
-
-    def close(self) -> None:
-        super().close()
-        if getattr(self, "_root_unsharded", False):
+    @contextlib.contextmanager
+    def unsharded(self):
+        """The root unit (embeddings, norm, head and PEFT's prompt encoder) gathered whole;
+        the layers are their own units and stay sharded."""
+        self.model.unshard()
+        try:
+            yield
+        finally:
             self.model.reshard()
-            self._root_unsharded = False
 
     def describe(self) -> str:
         text = super().describe()

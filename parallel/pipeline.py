@@ -43,6 +43,7 @@ import logging
 import math
 from collections import OrderedDict
 from types import SimpleNamespace
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -583,21 +584,28 @@ class Pipeline(Plan):
             options=StateDictOptions(ignore_frozen_params=True, strict=False, flatten_optimizer_state_dict=True),
         )
 
-    def full_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
-        """Every stage's parameters (one dp replica), gathered on rank 0's CPU under the
-        unsplit model's names; {} on other ranks."""
-        sd = {}
+    def export_tensors(self, trainable_only: bool) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Every stage's parameters (one dp replica) under the unsplit model's names, one
+        tensor at a time: rank 0 gives its own, then receives each other stage's tensors
+        in the order that stage lists them (collective: every rank iterates to the end)."""
+        local = {}
         if self.dp_rank == 0:
             local = get_model_state_dict(self.model, options=StateDictOptions(ignore_frozen_params=trainable_only))
-            sd = {k: v.detach().cpu() for k, v in local.items()}
-        parts = [None] * self.env.world_size if self.env.is_main else None
-        dist.gather_object(sd, parts, dst=0)
+        listing = [(k, tuple(v.shape), v.dtype) for k, v in local.items()]
+        listings = [None] * self.env.world_size if self.env.is_main else None
+        dist.gather_object(listing, listings, dst=0)
         if not self.env.is_main:
-            return {}
-        full: dict[str, torch.Tensor] = {}
-        for part in parts:
-            full.update(part)
-        return full
+            for key, value in local.items():
+                dist.send(value.detach().to(self.env.device).contiguous(), dst=0)
+                yield key, None
+            return
+        for key, value in local.items():
+            yield key, value.detach().cpu()
+        for src in range(1, self.env.world_size):
+            for key, shape, dtype in listings[src]:
+                value = torch.empty(shape, dtype=dtype, device=self.env.device)
+                dist.recv(value, src=src)
+                yield key, value.cpu()
 
     def close(self) -> None:
         self._schedules.clear()

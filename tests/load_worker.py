@@ -62,7 +62,7 @@ def main(out: Path, model_path: str, cases: dict[str, list[str]]) -> None:
             dtypes = sorted({f"{'trainable' if p.requires_grad else 'frozen'}:{p.dtype}" for p in model.parameters()})
             rec = {"read": source.read_report[0], "checkpoint": source.read_report[1], "held": held_bytes(model),
                    "dtypes": dtypes}
-            full = plan.full_state_dict(trainable_only=False)
+            full = {k: v for k, v in plan.export_tensors(trainable_only=False) if v is not None}
             if env.is_main:
                 mismatched = []
                 for key, value in full.items():

@@ -1,8 +1,11 @@
 """Export: the adapter reloads with peft and the merged model computes the same logits."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from tests.helpers import FAST, launch, summary
@@ -73,8 +76,17 @@ def dequantized_base(model_cfg, method_cfg):
 
 def test_full_finetune_exports_a_plain_model(tmp_path, tiny_model):
     run = tmp_path / "run"
-    launch(f"model.path={tiny_model}", "method=full", *FAST[:-1], "train.max_steps=3", f"hydra.run.dir={run}")
-    merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged", dtype=torch.float32)
+    # 0.1 MiB files: the 350 kB model is streamed out in several files plus an index
+    launch(f"model.path={tiny_model}", "method=full", *FAST[:-1], "train.max_steps=3", "train.export_shard_mib=0.1",
+           f"hydra.run.dir={run}")
+    out = run / "export" / "merged"
+    files = sorted(out.glob("model-*-of-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(files) >= 3 and set(index["weight_map"].values()) == {f.name for f in files}
+    for f in files:  # a file passes the limit only when a single tensor does
+        assert f.stat().st_size <= 0.1 * 2**20 + 4096 or len(safe_open(str(f), "pt").keys()) == 1, f
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert [n for n, _ in merged.named_parameters()] == [n for n, _ in plain.named_parameters()]
     diff = max((a - b).abs().max().item() for a, b in zip(merged.parameters(), plain.parameters()))
     assert diff > 1e-4 and not (run / "export" / "adapter").exists()

@@ -1,11 +1,13 @@
 """End-of-run export: the adapter in PEFT format and a merged HF model (safetensors).
 
-The trained state is gathered to rank 0's CPU by the plan (never to one accelerator).
-For adapters that is small; the merged model is then written file by file: each of the
-base checkpoint's safetensors files is read, the adapter deltas of its tensors are merged
-by PEFT's own `merge()` on the module that owns them, and the file is written before the
-next one is read. Rank 0 never holds the trained model and a second full base at once:
-its peak is one checkpoint file (in fp32) plus the adapters.
+Nothing is ever gathered whole: the plan hands the trained state to rank 0's CPU one
+tensor at a time (`Plan.export_tensors`), and `SafetensorsShards` writes it out in files of
+at most `train.export_shard_mib`, so rank 0's peak is one file's worth plus one tensor, whatever
+the model's size. A full fine-tune is written that way. For adapters the adapter state is
+small; the merged model is then built tensor by tensor: each base weight is read from the
+checkpoint, its adapter delta merged by PEFT's own `merge()` on the module that owns it,
+and it goes to the same writer. Rank 0 never holds the trained model and a second full
+base at once.
 
 For QLoRA each 4-bit-trained weight goes through the same NF4 quantize/dequantize as
 training saw (and the other weights through bf16, as transformers loads them), so the merged model computes what the trained (quantized base + adapter)
@@ -67,10 +69,58 @@ def merged_weight(module: torch.nn.Module, base_weight: torch.Tensor) -> torch.T
     return merged
 
 
+class SafetensorsShards:
+    """A state dict that arrives one tensor at a time, written as Hugging Face's sharded
+    safetensors: a file is written once the next tensor would take it past `max_bytes`,
+    then released. Files are numbered once their count is known (`close`):
+    model.safetensors alone, or model-0000i-of-0000n.safetensors plus the index."""
+
+    def __init__(self, out: Path, max_bytes: int):
+        self.out, self.max_bytes = out, max_bytes
+        out.mkdir(parents=True, exist_ok=True)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = self.total_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []
+        self.keys: set[str] = set()
+        self.dtype: torch.dtype | None = None  # of the floating-point weights
+
+    def add(self, key: str, value: torch.Tensor) -> None:
+        if key in self.keys:  # given twice (two pipeline stages holding a tied weight)
+            return
+        self.keys.add(key)
+        size = value.numel() * value.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[key] = value.contiguous()
+        self.pending_bytes += size
+        if value.is_floating_point() and self.dtype is None:
+            self.dtype = value.dtype
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.out / f".part-{len(self.written):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.written.append((path, list(self.pending)))
+        self.total_bytes += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.written:
+            self._flush()
+        n, weight_map = len(self.written), {}
+        for i, (path, keys) in enumerate(self.written):
+            name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.out / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        if n > 1:
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2) + "\n")
+
+
 def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> None:
-    """Write base + adapter merged, one base checkpoint file at a time."""
+    """Write base + adapter merged, one tensor at a time."""
     from omegaconf import OmegaConf
-    from safetensors.torch import save_file
 
     from trainers.model import ModelSource
     from trainers.weights import checkpoint_key, checkpoint_names
@@ -90,36 +140,19 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> None
         if hasattr(module, "merge") and hasattr(module, "get_base_layer"):
             owner[checkpoint_key(f"{mname}.base_layer.weight")] = module
     four_bit = quantized_keys(model) if cfg.method.get("quantize") else set()
-    by_file: dict[Path, list[str]] = {}
-    for key in files.keys():
-        by_file.setdefault(files.file_of[key], []).append(key)
     wanted = set(names.values())
-    out.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
-    for i, (path, keys) in enumerate(sorted(by_file.items())):
-        tensors = {}
-        for key in keys:
-            if key not in wanted:
-                continue  # e.g. a tied lm_head saved twice: the model does not own it
-            value = files.read(key, torch.float32)
-            if key in four_bit:
-                value = nf4_roundtrip(value)
-            elif cfg.method.get("quantize"):  # the 4-bit model holds the rest in bf16
-                value = value.to(torch.bfloat16).float()
-            module = owner.get(key)
-            if module is not None:
-                value = merged_weight(module, value)
-            tensors[key] = value.contiguous()
-        # Hugging Face's names: one file is model.safetensors (no index), several are numbered
-        name = ("model.safetensors" if len(by_file) == 1
-                else f"model-{i + 1:05d}-of-{len(by_file):05d}.safetensors")
-        save_file(tensors, str(out / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in tensors})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors
-    if len(by_file) > 1:
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    writer = SafetensorsShards(out, shard_bytes(cfg))
+    for key in files.keys():
+        if key not in wanted:
+            continue  # e.g. a tied lm_head saved twice: the model does not own it
+        value = files.read(key, torch.float32)
+        if key in four_bit:
+            value = nf4_roundtrip(value)
+        elif cfg.method.get("quantize"):  # the 4-bit model holds the rest in bf16
+            value = value.to(torch.bfloat16).float()
+        module = owner.get(key)
+        writer.add(key, value if module is None else merged_weight(module, value))
+    writer.close()
     config = source.config()
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -128,21 +161,59 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> None
     source.close()
 
 
+def shard_bytes(cfg) -> int:
+    return int(float(cfg.train.get("export_shard_mib", 2048)) * 2**20)
+
+
+def write_full_model(plan, out: Path) -> None:
+    """The fully fine-tuned model as Hugging Face loads it, streamed from the plan (every
+    rank calls this; rank 0 writes). Tied names are written once, as `save_pretrained`
+    does."""
+    writer = SafetensorsShards(out, shard_bytes(plan.cfg)) if plan.env.is_main else None
+    tied = set(getattr(plan.inner, "all_tied_weights_keys", None) or {})
+    for key, value in plan.export_tensors(trainable_only=False):
+        if writer is not None and key not in tied:
+            writer.add(key, value)
+    if writer is None:
+        return
+    writer.close()
+    config = plan.inner.config
+    config.dtype = writer.dtype or torch.float32
+    config.save_pretrained(out)
+    if getattr(plan.inner, "generation_config", None) is not None:
+        plan.inner.generation_config.save_pretrained(out)
+
+
+def precompute_prompt_embeddings(plan) -> None:
+    """PEFT saves a prompt-learning adapter (prefix, prompt) by running its prompt encoder,
+    not from the state dict it is given, and export saves on rank 0 alone: under a sharding
+    plan that encoder's weights are split, and gathering them from rank 0 alone would wait
+    for ranks that never come. So every rank runs it now, with the plan's parameters whole,
+    and rank 0's save takes the result."""
+    inner = plan.inner
+    config = getattr(inner, "active_peft_config", None)
+    if not getattr(config, "is_prompt_learning", False):
+        return
+    with plan.unsharded(), torch.no_grad():
+        embeddings = inner.get_prompt_embedding_to_save(inner.active_adapter).float().cpu()
+    inner.get_prompt_embedding_to_save = lambda adapter_name: embeddings
+
+
 def export(plan, cfg, tokenizer, run_dir: Path) -> dict:
-    """Write export/adapter and export/merged; returns what was written (rank 0)."""
+    """Write export/adapter and export/merged (collective: every rank calls it); returns
+    what was written (rank 0)."""
     out = Path(run_dir) / "export"
     method = cfg.method
     written: dict = {}
     if method.peft is None:
-        sd = plan.full_state_dict(trainable_only=False)
+        write_full_model(plan, out / "merged")
         if plan.env.is_main:
-            merged = out / "merged"
-            plan.inner.save_pretrained(merged, state_dict=sd, safe_serialization=True)
-            tokenizer.save_pretrained(merged)
-            written["merged"] = str(merged)
+            tokenizer.save_pretrained(out / "merged")
+            written["merged"] = str(out / "merged")
         return written
 
-    sd = plan.full_state_dict(trainable_only=True)
+    precompute_prompt_embeddings(plan)
+    sd = {k: v for k, v in plan.export_tensors(trainable_only=True) if v is not None}
     if not plan.env.is_main:
         return written
     adapter = out / "adapter"
