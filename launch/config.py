@@ -31,6 +31,14 @@ def save(cfg: DictConfig, path: Path) -> None:
     atomic_write(path, OmegaConf.to_yaml(cfg))
 
 
+def world_size(cfg: DictConfig) -> int:
+    """Processes in the run: launcher=local names them per node, launcher=slurm per node
+    (one task per GPU) times nodes."""
+    launcher = cfg.launcher
+    per_node = launcher.get("nproc_per_node") or launcher.get("gpus_per_node") or 1
+    return int(per_node) * int(launcher.get("nodes", 1) or 1)
+
+
 def load(path: str | Path) -> DictConfig:
     cfg = OmegaConf.load(path)
     OmegaConf.set_struct(cfg, True)

@@ -8,21 +8,15 @@ times instead, and the new workers resume from the last committed checkpoint.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import sys
 import uuid
 from pathlib import Path
 
+from trainers.distributed import free_port
 from trainers.errors import TrainingError
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from trainers.files import read_json, write_json
 
 
 def run_local(cfg, config_path: Path) -> int:
@@ -81,10 +75,7 @@ def failure_message(error, run_dir: Path, restarts: int) -> str:
     worker killed outright could not write. A hang was already reported by the workers'
     watchdog (stack files, the ranks that stopped): its message is the one to show."""
     path = run_dir / "summary.json"
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        summary = {}
+    summary = read_json(path)
     if summary.get("status") == "hung" and summary.get("error"):
         return summary["error"]
     # The rank that died, not the ones the agent stopped (SIGTERM) or whose collectives
@@ -105,7 +96,5 @@ def failure_message(error, run_dir: Path, restarts: int) -> str:
     summary.update(status="failed", error=message, failed_ranks=[
         {"rank": r, "pid": f.pid, "exitcode": f.exitcode,
          "signal": f.signal_name() if f.exitcode < 0 else None} for r, f in sorted(error.failures.items())])
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(path)
+    write_json(path, summary)
     return message

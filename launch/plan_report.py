@@ -5,7 +5,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from launch.validate import world_size
+from launch.config import world_size
 
 
 def describe(cfg: DictConfig) -> str:
@@ -43,7 +43,8 @@ def memory(cfg: DictConfig) -> str:
 
 
 def slurm_script(cfg: DictConfig) -> list[str]:
-    from launch.slurm import new_folder, refuse_secrets, render_script
+    from launch.sbatch import new_folder, render_script
+    from launch.secrets import refuse_secrets
 
     folder = new_folder(Path(cfg.run_dir))
     script = render_script(cfg, folder)

@@ -13,10 +13,14 @@ import json
 import sys
 from pathlib import Path
 
+from launch.run_state import IN_PROGRESS, derive_status, read_state
+from launch.scheduler import job_state, sacct
+from trainers.files import read_json
+
 
 def run_status(run_dir: Path) -> dict:
-    from trainers.files import read_json
-    from launch.slurm import TERMINAL, job_state, read_state, sacct
+    from omegaconf import OmegaConf
+
     from trainers.checkpoint import latest_checkpoint
     from trainers.metrics import read_metrics
 
@@ -27,7 +31,6 @@ def run_status(run_dir: Path) -> dict:
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     out = {
         "run_dir": str(run_dir),
-        "status": summary.get("status"),
         "last_step": last["step"] if last else None,
         "last_loss": last["loss"] if last else None,
         "final_eval_loss": summary.get("final_eval_loss"),
@@ -35,28 +38,19 @@ def run_status(run_dir: Path) -> dict:
     }
     cfg_path = run_dir / "config.yaml"
     if cfg_path.exists():
-        from omegaconf import OmegaConf
-
         cfg = OmegaConf.load(cfg_path)
         out["max_steps"] = cfg.train.max_steps
         out["launcher"] = cfg.launcher.name
+    slurm_state = None
     if state.get("job_id"):
         job_id = state["job_id"]
         slurm_state = job_state(job_id)
-        attempts = state.get("attempts") or []
         out.update(
             job_id=job_id, slurm_state=slurm_state, sacct=sacct(job_id), requeues=state.get("requeues", 0),
-            max_requeues=state.get("max_requeues"), attempts=attempts, logs=state.get("logs"),
+            max_requeues=state.get("max_requeues"), attempts=state.get("attempts") or [], logs=state.get("logs"),
             submissions=len(state.get("submissions", [])),
         )
-        if attempts and "ended" not in attempts[-1] and slurm_state in TERMINAL:
-            out["status"] = f"killed ({slurm_state}; resumes from the last checkpoint when requeued or relaunched)"
-        elif attempts and "ended" not in attempts[-1]:
-            out["status"] = "running"
-        elif attempts and attempts[-1].get("requeued"):
-            out["status"] = "requeued"
-        elif not summary:
-            out["status"] = "pending" if slurm_state not in TERMINAL else f"no summary ({slurm_state})"
+    out["status"] = derive_status(summary, state, slurm_state)
     return out
 
 
@@ -72,7 +66,9 @@ def format_run(s: dict) -> str:
             lines.append(f"  attempt    job {a.get('job_id')} restart {a.get('restart')}: {a.get('started')} -> {a.get('ended', '...')}"
                          f"  {a.get('status', 'running')} at step {a.get('step', '?')}"
                          + ("  requeued" if a.get("requeued") else "") + (f"  ({a['note']})" if a.get("note") else ""))
-    status = s.get("status") or "not started"
+    status = s["status"]
+    if status.startswith("killed ("):
+        status += "; resumes from the last checkpoint when requeued or relaunched"
     lines.append(f"status       {status}")
     step = s.get("last_step")
     of = f" / {s['max_steps']}" if s.get("max_steps") else ""
@@ -105,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     s = run_status(path)
     print(json.dumps(s, indent=1, default=str) if args.json else format_run(s))
-    status = s.get("status") or ""
-    return 0 if status == "completed" else 3 if status in ("running", "pending", "requeued", "not started", "") else 1
+    return 0 if s["status"] == "completed" else 3 if s["status"] in IN_PROGRESS else 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from launch.config import world_size
 from parallel import refusal, resume_refusal
 from trainers.data import parse_sources
 from trainers.errors import UserError
@@ -33,12 +34,6 @@ def _get(cfg: DictConfig, dotted: str):
     for part in dotted.split("."):
         node = node[part]
     return node
-
-
-def world_size(cfg: DictConfig) -> int:
-    launcher = cfg.launcher
-    per_node = launcher.get("nproc_per_node") or launcher.get("gpus_per_node") or 1
-    return int(per_node) * int(launcher.get("nodes", 1) or 1)
 
 
 def check_values(cfg: DictConfig) -> None:

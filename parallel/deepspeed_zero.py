@@ -54,21 +54,13 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from parallel.base import Plan
-from trainers.distributed import backend_for
+from trainers.distributed import backend_for, free_port as _free_port
 from trainers.errors import TrainingError, UserError
 from trainers.optim import build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger(__name__)
 
 TAG = "deepspeed"  # sub-directory of a checkpoint holding DeepSpeed's files
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:

@@ -174,13 +174,14 @@ def test_a_hang_past_launcher_max_requeues_is_recorded_and_not_requeued(tmp_path
     no cluster here: a `scontrol requeue` would fail with another note)."""
     from omegaconf import OmegaConf
 
-    from launch import slurm
+    from launch.run_state import read_state, update_state
+    from launch.slurm_task import SlurmTask
 
     cfg = OmegaConf.create({"run_dir": str(tmp_path), "launcher": {"max_requeues": 1}})
-    slurm.update_state(tmp_path, lambda s: s.update(attempts=[{"restart": 1}], requeues=1))
-    task = slurm.SlurmTask(str(tmp_path / "config.yaml"))
+    update_state(tmp_path, lambda s: s.update(attempts=[{"restart": 1}], requeues=1))
+    task = SlurmTask(str(tmp_path / "config.yaml"))
     task._requeue_after_hang(cfg, "42", 1, {"final_step": 7, "hang": {"stopped_ranks": [1]}})
-    state = slurm.read_state(tmp_path)
+    state = read_state(tmp_path)
     assert state["requeues"] == 1
     attempt = state["attempts"][-1]
     assert attempt["status"] == "hung" and attempt["step"] == 7 and attempt["requeued"] is False, attempt
@@ -188,13 +189,16 @@ def test_a_hang_past_launcher_max_requeues_is_recorded_and_not_requeued(tmp_path
 
 
 def test_after_srun_does_not_requeue_a_task_that_exited_with_an_error(tmp_path, monkeypatch, capsys):
-    """The batch script's teardown (launch.slurm.after_srun) when srun's first verdict of the
+    """The batch script's teardown (launch.after_srun) when srun's first verdict of the
     attempt is an error exit, not a signal: the run's record is left as rank 0 wrote it, no
     requeue, and the log says why. (The requeue after a death by signal is proved on the
     real cluster in tests/test_slurm_launcher.py.)"""
     from submitit.core.utils import DelayedSubmission, JobPaths
 
-    from launch import slurm
+    from launch.after_srun import after_srun
+    from launch.run_state import read_state, update_state
+    from launch.sbatch import ATTEMPT_MARK
+    from launch.slurm_task import SlurmTask
 
     for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "1"}.items():
         monkeypatch.setenv(key, value)
@@ -204,16 +208,16 @@ def test_after_srun_does_not_requeue_a_task_that_exited_with_an_error(tmp_path, 
     folder = tmp_path / "slurm" / "submission-1"
     folder.mkdir(parents=True)
     paths = JobPaths(folder, job_id="7", task_id=0)
-    DelayedSubmission(slurm.SlurmTask(str(config))).dump(paths.submitted_pickle)
+    DelayedSubmission(SlurmTask(str(config))).dump(paths.submitted_pickle)
     paths.stderr.write_text("\n".join([
-        f"{slurm.ATTEMPT_MARK} 0 of job 7", "srun: error: n2: task 1: Killed",  # the previous attempt's
-        f"{slurm.ATTEMPT_MARK} 1 of job 7", "error: The loss became nan at step 12 ...",
+        f"{ATTEMPT_MARK} 0 of job 7", "srun: error: n2: task 1: Killed",  # the previous attempt's
+        f"{ATTEMPT_MARK} 1 of job 7", "error: The loss became nan at step 12 ...",
         "srun: error: n1: task 0: Exited with exit code 1", "srun: error: n2: task 1: Terminated", ""]))
     record = {"restart": 1, "ended": "t", "status": "failed", "requeued": False}
-    slurm.update_state(tmp_path, lambda s: s.update(attempts=[{"restart": 0, "requeued": True}, dict(record)],
-                                                    requeues=1))
-    slurm.after_srun(folder, 143)
-    state = slurm.read_state(tmp_path)
+    update_state(tmp_path, lambda s: s.update(attempts=[{"restart": 0, "requeued": True}, dict(record)],
+                                              requeues=1))
+    after_srun(folder, 143)
+    state = read_state(tmp_path)
     assert state["attempts"][-1] == record and state["requeues"] == 1, state
     assert "task 0 on n1: Exited with exit code 1 (its error is above); not requeued" in capsys.readouterr().err
 

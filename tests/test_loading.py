@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from launch.local import free_port
+from trainers.distributed import free_port
 from tests.conftest import build_tiny_model
 from tests.helpers import REPO
 

@@ -258,7 +258,8 @@ def test_first_task_failure_reads_srun_verdicts_of_the_latest_attempt():
     """after_srun's evidence, from srun's own lines: the first verdict after the latest
     attempt's mark is the cause (srun ends the others itself after it); a task's own error
     exit is not a death by signal."""
-    from launch.slurm import ATTEMPT_MARK, first_task_failure
+    from launch.after_srun import first_task_failure
+    from launch.sbatch import ATTEMPT_MARK
 
     log = "\n".join([
         f"{ATTEMPT_MARK} 0 of job 7", "srun: error: n2: task 1: Exited with exit code 1",
@@ -338,7 +339,7 @@ def test_script_quotes_config_values_and_refuses_injection(tmp_path):
     from omegaconf import open_dict
 
     from launch.config import finalize, register_resolvers
-    from launch.slurm import render_script
+    from launch.sbatch import render_script
     from trainers.errors import UserError
 
     register_resolvers()

@@ -7,6 +7,7 @@ SLURM entry point on clusters, so the trainer never knows how it was started.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -40,6 +41,14 @@ def pick_device(local_rank: int) -> torch.device:
 
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for a rendezvous on this machine (another process
+    may still take it before the rendezvous binds it: good enough for local launches)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(timeout_s: float | None = None, trace_dir: Path | None = None) -> DistEnv:

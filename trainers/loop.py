@@ -46,7 +46,7 @@ log = logging.getLogger("train")
 class StopRequest:
     """SIGTERM / SIGUSR1 / SIGUSR2 set a flag; ranks agree on it at the next step boundary,
     save and exit as `preempted` (the scheduler requeues; the next launch resumes).
-    SIGUSR2 is what SLURM sends before a time limit (sbatch --signal, see launch/slurm.py)."""
+    SIGUSR2 is what SLURM sends before a time limit (sbatch --signal, see launch/sbatch.py)."""
 
     def __init__(self):
         self.requested = False

@@ -29,9 +29,9 @@ weights in every case (before a resume loads its checkpoint).
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from trainers.batches import GlobalBatches, Source, collate_sequences, heldout_partners, mismatched_sequences
 from trainers.distributed import all_reduce_sum
+from trainers.files import atomic_write
 from trainers.objectives import forward_inputs
 from trainers.preference import sequence_logps
 
@@ -110,9 +111,9 @@ def compute_mismatched(plan, sources: list[Source], pairs: np.ndarray, sequences
 def _save(plan, path: Path, values: np.ndarray) -> None:
     if plan.env.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-        np.save(tmp, values)
-        tmp.replace(path)
+        buffer = io.BytesIO()
+        np.save(buffer, values)
+        atomic_write(path, buffer.getvalue())
 
 
 def _stored(plan, path: Path, n: int) -> np.ndarray | None:

@@ -59,7 +59,7 @@ EXIT_HUNG = 3
 # How long past a deadline the C-level backstop waits for the Python watchdog to act.
 BACKSTOP_MARGIN_S = 60.0
 # Called (in the watchdog thread, on the rank that writes summary.json) with the summary
-# just before the process exits: lets a launcher requeue a job that hung (launch/slurm.py).
+# just before the process exits: lets a launcher requeue a job that hung (launch/slurm_task.py).
 HANG_HANDLERS: list = []
 
 
