@@ -1,4 +1,6 @@
-"""The interface every parallel plan implements, with the torch-native defaults.
+"""The runtime plan: the interface the training loop receives, with the torch-native
+defaults (none uses it as it is; ddp, fsdp2, deepspeed_zero and pipeline override what
+differs). The static half, what the launcher reads without torch, is parallel/specs.py.
 
 Checkpoints of torch-native plans go through torch.distributed.checkpoint (DCP): each
 rank writes its own shard, the same code serves one process and many, and a checkpoint
