@@ -1,8 +1,9 @@
 """Memory per GPU, estimated from the architecture alone (no weights are loaded).
 
 The architecture comes from `model.arch` (presets: 1b ... 70b) or, for a local model
-directory, from its config.json. What a plan does with the state comes from the plan
-itself (`layout(cfg, world)`, parallel/layout.py); nothing here names a plan. The estimate
+directory, from its config.json. What a plan does with the state comes from the plan's
+static spec (`plan_spec(name).layout(cfg, world)`, parallel/specs.py and layout.py); nothing
+here names a plan. The estimate
 is what one rank holds at its peak, the larger of training and loading:
 
     train = params + optimizer + grads & activations + buffers + overhead
@@ -219,9 +220,9 @@ def arch_of(model_cfg) -> Arch | None:
 
 
 def layout_of(cfg: DictConfig, world: int) -> StateLayout:
-    from parallel import plan_class
+    from parallel import plan_spec
 
-    return plan_class(cfg.parallel.name).layout(cfg, world)
+    return plan_spec(cfg.parallel.name).layout(cfg, world)
 
 
 def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
@@ -375,7 +376,7 @@ def suggestions(cfg: DictConfig, est: Estimate, budget: float) -> list[str]:
     """Nearby configurations that fit, as command-line overrides: every plan that accepts
     the method (fewest nodes first, then one row per micro-batch), the 4-bit base, and
     activation checkpointing."""
-    from parallel import PLANS, plan_class
+    from parallel import PLANS, plan_spec
 
     a, s = arch_of(cfg.model), est.setup
     per_node = max(1, s.world // max(s.nodes, 1))
@@ -386,7 +387,7 @@ def suggestions(cfg: DictConfig, est: Estimate, budget: float) -> list[str]:
     def fitting(c: DictConfig) -> Estimate | None:
         world = per_node * int(c.launcher.get("nodes", 1) or 1)
         try:
-            if plan_class(c.parallel.name).refuse(c, world) is not None:
+            if plan_spec(c.parallel.name).refuse(c, world) is not None:
                 return None
         except (UserError, KeyError, TypeError, ValueError):
             return None

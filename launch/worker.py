@@ -55,6 +55,7 @@ def set_host_allocator(mode: str) -> None:
 def run(cfg) -> int:
     """Train, turning expected failures into a message and an exit code (no traceback)."""
     from trainers.errors import TrainingError, UserError
+    from parallel import build_plan
     from trainers.loop import train
 
     set_host_allocator(cfg.train.get("host_memory", "fast"))
@@ -64,7 +65,7 @@ def run(cfg) -> int:
             "worker group restart %d of %s after a worker failed: resuming from the last committed checkpoint",
             restart, os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"))
     try:
-        summary = train(cfg)
+        summary = train(cfg, build_plan)
     except (UserError, TrainingError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -1,38 +1,38 @@
-"""Parallel plans. A plan wraps the model and optimizer and owns backward, step and its
-share of checkpoint state; the training loop is the same for all of them.
+"""Parallel plans, in two halves.
 
-Each plan lives in its own module and registers itself in PLANS by name. Before any
-process starts, `refuse` checks a method x plan combination and `refuse_resume` whether
-the run directory's latest checkpoint is one this plan and method can load.
+- The spec (parallel/specs.py, no torch): what the launcher needs before any process starts.
+  `refusal` checks a method x plan x world combination, `resume_refusal` whether the run
+  directory's latest checkpoint is one this plan and method can load, and
+  `plan_spec(name).layout(cfg, world)` says how the model state is laid out per rank (the
+  memory estimate).
+- The runtime plan (parallel/base.py, one module per plan): built in each worker by
+  `build_plan`, it wraps the model and optimizer and owns forward-backward, step and its
+  share of checkpoint state; the training loop (trainers/loop.py) receives it and is the
+  same for all of them.
 """
 from __future__ import annotations
 
-from trainers.registry import resolve
+from parallel.specs import SPECS as PLANS
+from parallel.specs import PlanSpec
+from trainers.errors import UserError
 
-# name -> "module:Class". Imported lazily: DeepSpeed costs seconds to import.
-PLANS: dict[str, str] = {
-    "none": "parallel.single:SingleDevice",
-    "ddp": "parallel.ddp:DDP",
-    "zero1": "parallel.deepspeed_zero:DeepSpeedZero",
-    "zero2": "parallel.deepspeed_zero:DeepSpeedZero",
-    "zero3": "parallel.deepspeed_zero:DeepSpeedZero",
-    "zero3_offload": "parallel.deepspeed_zero:DeepSpeedZero",
-    "fsdp2": "parallel.fsdp2:FSDP2",
-    "pipeline": "parallel.pipeline:Pipeline",
-}
+__all__ = ["PLANS", "PlanSpec", "build_plan", "plan_spec", "refusal", "resume_refusal"]
 
 
-def plan_class(name: str):
-    return resolve(PLANS, name, "parallel")
+def plan_spec(name: str) -> PlanSpec:
+    if name not in PLANS:
+        raise UserError(f"parallel={name!r} is not known; available: {', '.join(PLANS)}.")
+    return PLANS[name]
 
 
 def build_plan(cfg, env):
-    return plan_class(cfg.parallel.name)(cfg, env)
+    """This worker's runtime plan (imports torch, and DeepSpeed for the zero* plans)."""
+    return plan_spec(cfg.parallel.name).runtime_class()(cfg, env)
 
 
 def refusal(cfg, world_size: int) -> str | None:
     """Why this configuration cannot run under its plan (None if it can)."""
-    return plan_class(cfg.parallel.name).refuse(cfg, world_size)
+    return plan_spec(cfg.parallel.name).refuse(cfg, world_size)
 
 
 def resume_refusal(cfg) -> str | None:
@@ -49,5 +49,5 @@ def resume_refusal(cfg) -> str | None:
             break
     else:
         return None
-    reason = plan_class(cfg.parallel.name).refuse_resume(cfg, written)
+    reason = plan_spec(cfg.parallel.name).refuse_resume(cfg, written)
     return f"Cannot resume {checkpoint}: {reason}" if reason else None

@@ -1,4 +1,6 @@
-"""The interface every parallel plan implements, with the torch-native defaults.
+"""The runtime plan: the interface the training loop receives, with the torch-native
+defaults (none uses it as it is; ddp, fsdp2, deepspeed_zero and pipeline override what
+differs). The static half, what the launcher reads without torch, is parallel/specs.py.
 
 Checkpoints of torch-native plans go through torch.distributed.checkpoint (DCP): each
 rank writes its own shard, the same code serves one process and many, and a checkpoint
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -20,66 +23,38 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+from parallel import plan_spec
 from trainers.distributed import DistEnv
 from trainers.model import resolve_precision
 from trainers.optim import build_optimizer, build_scheduler, param_groups
 
 
 class Plan:
-    name = "base"
-    # Which parts of the model state this plan splits over data-parallel ranks
-    # (subset of {"params", "grads", "optim"}); used for the expected bytes per rank.
-    shards: frozenset[str] = frozenset()
+    """The runtime plan every plan implements (its static half is parallel/specs.py).
+
+    What the loop and the shared recipe call: prepare, forward_backward, step, lr, eval_model,
+    inner, autocast, save / save_async / load, scheduler_state / load_scheduler_state,
+    export_tensors, unsharded, describe, close; dp_rank / dp_world, compute_dtype, checkpoint_format.
+    What a plan overrides to say how it differs: `build` (this rank's share of the model),
+    `wrap` (around the model and the shared optimizer), and where it has them its gradient
+    sync (`no_sync`), `backward`, `clip_grad_norm` and checkpoint hooks."""
+
+    # Autocast to the compute dtype in forward passes; plans that hold the model in the
+    # compute dtype themselves (DeepSpeed's bf16 mode) turn it off.
+    autocasts = True
 
     def __init__(self, cfg, env: DistEnv):
         self.cfg = cfg
         self.env = env
+        self.name = cfg.parallel.name
+        spec = plan_spec(self.name)
+        self.layout = spec.layout(cfg, env.world_size)
+        self.checkpoint_format = spec.checkpoint_format(cfg)
         self.compute_dtype = resolve_precision(cfg.train.precision, env.device)
         self.model: torch.nn.Module | None = None  # what the loop calls forward on
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
         self._stager: DefaultStager | None = None
-
-    # ------------------------------------------------------------------ compatibility
-    @classmethod
-    def refuse(cls, cfg, world_size: int) -> str | None:
-        """A reason this plan cannot run `cfg` (checked before any process starts)."""
-        return None
-
-    @classmethod
-    def layout(cls, cfg, world_size: int):
-        """How this plan lays out the model state per rank (parallel/layout.py): replicas."""
-        from parallel.layout import StateLayout
-
-        return StateLayout()
-
-    @classmethod
-    def checkpoint_format(cls, cfg) -> str:
-        """What this plan's checkpoints hold, as far as another plan could load them: DCP
-        state dicts under the unwrapped model's names reshard between world sizes and
-        between none, ddp and fsdp2."""
-        return "dcp"
-
-    @classmethod
-    def refuse_resume(cls, cfg, written: dict) -> str | None:
-        """A reason this run cannot resume a checkpoint whose trainer_state.json is `written`
-        (checked before any process starts)."""
-        theirs, ours = written.get("checkpoint_format"), cls.checkpoint_format(cfg)
-        plan, method = written.get("plan"), written.get("method")
-        if theirs is None:  # written before these fields existed: the load itself checks
-            return None
-        if theirs != ours:
-            return (
-                f"it was written by parallel={plan} ({theirs} checkpoint), which "
-                f"parallel={cfg.parallel.name} ({ours}) cannot load. Resume with parallel={plan} "
-                f"(at any world size), or start a new run in another hydra.run.dir."
-            )
-        if method != cfg.method.name:
-            return (
-                f"it was written by method={method}, and method={cfg.method.name} trains other "
-                f"parameters. Resume with method={method}, or start a new run in another hydra.run.dir."
-            )
-        return None
 
     # --------------------------------------------------------------------- topology
     @property
@@ -91,29 +66,39 @@ class Plan:
         return self.env.world_size
 
     # ------------------------------------------------------------------------ setup
+    def prepare(self, source) -> None:
+        """Build this rank's share of the model, then the optimizer and LR schedule over its
+        trainable parameters (AdamW with LoRA+ groups, trainers/optim.py: the same for every
+        plan), then let the plan wrap both."""
+        model = self.build(source)
+        source.close()
+        self._inner = model
+        self._unsharded_bytes = self.count_state_bytes(model)
+        groups = [g for g in param_groups(model, self.cfg.optim, self.cfg.method) if g["params"]]
+        optimizer = build_optimizer(groups, self.cfg.optim)
+        self.scheduler = build_scheduler(optimizer, self.cfg.optim, self.cfg.train.max_steps)
+        self.model, self.optimizer = self.wrap(model, optimizer)
+
     def build(self, source) -> torch.nn.Module:
         """This rank's share of the model, loaded from `source` (a trainers.model.ModelSource).
         Plans that keep every weight on every rank load it whole; sharding plans override
         this so that no rank ever holds weights it will not keep."""
         return source.whole(self.env.device)
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        """(what the loop calls forward on, the optimizer that steps it)."""
+        return model, optimizer
 
-    def prepare(self, source) -> None:
-        model = self.build(source)
-        source.close()
-        self.inner = model  # the (peft) model, unwrapped
-        self._unsharded_bytes = self.count_state_bytes(model)
-        self.model = self.wrap(model)
-        self.optimizer = build_optimizer(param_groups(self.model, self.cfg.optim, self.cfg.method), self.cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.max_steps)
+    @property
+    def inner(self) -> torch.nn.Module:
+        """The (peft) model, unwrapped: this rank's share of it."""
+        return self._inner
 
     def expected_state_bytes(self) -> dict[str, int]:
         """Model-state bytes per rank this plan should hold: parameters, gradients of the
         trainable ones, and AdamW's two fp32 moments, divided where the plan shards."""
         n = self.dp_world
-        return {k: v // n if k in self.shards else v for k, v in self._unsharded_bytes.items()}
+        return {k: v // n if k in self.layout.shards else v for k, v in self._unsharded_bytes.items()}
 
     @staticmethod
     def count_state_bytes(model: torch.nn.Module) -> dict[str, int]:
@@ -129,19 +114,23 @@ class Plan:
     def describe(self) -> str:
         b = self.expected_state_bytes()
         mib = {k: v / 2**20 for k, v in b.items()}
-        return (
+        text = (
             f"expected model state per rank: params {mib['params']:.1f} MiB + grads {mib['grads']:.1f} MiB "
             f"+ optimizer {mib['optim']:.1f} MiB = {sum(mib.values()):.1f} MiB"
         )
+        if self.layout.offload:
+            text += f" ({', '.join(sorted(self.layout.offload))} offloaded to CPU memory)"
+        return text
 
     @property
     def eval_model(self) -> torch.nn.Module:
-        """The module to run evaluation / generation on (all ranks call it together)."""
-        return self.model
+        """The module to run evaluation / generation on (all ranks call it together): the
+        unwrapped model (sharding hooks live on the module itself)."""
+        return self.inner
 
     # ------------------------------------------------------------------- train step
     def autocast(self):
-        if self.compute_dtype == torch.float32:
+        if not self.autocasts or self.compute_dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.env.device.type, dtype=self.compute_dtype)
 
@@ -176,6 +165,8 @@ class Plan:
         (loss * self.dp_world).backward()
 
     def clip_grad_norm(self) -> torch.Tensor:
+        # clip_grad_norm_ handles DTensor gradients (FSDP2): the per-shard norms are combined
+        # over the mesh, so the total (a DTensor) is the global norm on every rank.
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
 
@@ -231,7 +222,7 @@ class Plan:
             self.optimizer,
             model_state_dict=state["model"],
             optim_state_dict=state["optim"],
-            options=StateDictOptions(ignore_frozen_params=True, strict=False),
+            options=replace(self._sd_options, strict=False),
         )
 
     def scheduler_state(self) -> dict:

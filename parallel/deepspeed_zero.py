@@ -56,7 +56,6 @@ from omegaconf import OmegaConf
 from parallel.base import Plan
 from trainers.distributed import backend_for, free_port as _free_port
 from trainers.errors import TrainingError, UserError
-from trainers.optim import build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -116,61 +115,16 @@ def _patched(obj, attrs: dict):
 
 
 class DeepSpeedZero(Plan):
-    name = "zero"
-    shards = frozenset({"optim"})  # per instance: see __init__
+    # With bf16 enabled DeepSpeed holds the model in bf16 itself (fp32 master weights in the
+    # optimizer): no autocast on top.
+    autocasts = False
+    engine = None
 
-    # ------------------------------------------------------------------ compatibility
-    @staticmethod
-    def shards_for(stage: int) -> frozenset[str]:
-        return {
-            1: frozenset({"optim"}),
-            2: frozenset({"optim", "grads"}),
-            3: frozenset({"params", "grads", "optim"}),
-        }[int(stage)]
-
-    @classmethod
-    def layout(cls, cfg, world_size: int):
-        from parallel.layout import StateLayout
-
-        p = cfg.parallel
-        stage = int(p.stage)
-        offload = set()
-        if p.get("offload_param"):
-            offload.add("params")
-        if p.get("offload_optimizer"):
-            offload |= {"optim", "grads"}
-        quantized = bool(cfg.method.get("quantize"))
-        transient = ("whole" if quantized else "module") if stage == 3 else "tensor"
-        return StateLayout(shards=cls.shards_for(stage), offload=frozenset(offload), gathers_units=stage == 3,
-                           master_copy=True, load_transient=transient)
-
-    @classmethod
-    def refuse(cls, cfg, world_size: int) -> str | None:
-        p = cfg.parallel
-        stage = p.get("stage")
-        if stage not in (1, 2, 3):
-            return f"parallel.stage={stage!r} must be 1, 2 or 3 (use parallel=zero1, zero2, zero3 or zero3_offload)."
-        if p.get("offload_param") and stage != 3:
-            return (
-                f"parallel.offload_param=true needs ZeRO stage 3, but parallel.stage={stage}: only "
-                f"stage 3 partitions parameters, so there is nothing to offload. Use "
-                f"parallel=zero3_offload, or parallel.offload_optimizer=true to offload the "
-                f"optimizer state at stage {stage}."
-            )
-        return None
-
-    @classmethod
-    def checkpoint_format(cls, cfg) -> str:
-        return f"deepspeed-zero{cfg.parallel.stage}"  # universal conversion keeps the stage
+    @property
+    def stage(self) -> int:
+        return int(self.cfg.parallel.stage)
 
     # ------------------------------------------------------------------------ setup
-    def __init__(self, cfg, env):
-        super().__init__(cfg, env)
-        self.stage = int(cfg.parallel.stage)
-        self.shards = self.shards_for(self.stage)
-        self.name = cfg.parallel.name
-        self.engine = None
-
     def deepspeed_config(self) -> dict:
         """The DeepSpeed JSON config for this run, from the Hydra values."""
         p, t = self.cfg.parallel, self.cfg.train
@@ -221,20 +175,12 @@ class DeepSpeedZero(Plan):
         dist.init_process_group(backend=backend_for(self.env.device), rank=0, world_size=1)
 
     def build(self, source) -> torch.nn.Module:
-        """ZeRO-1/2 keep every weight on every rank. ZeRO-3 partitions each weight as it is
-        loaded: module by module, the module's tensors are read from the checkpoint and
-        handed to `deepspeed.zero.Init(module=...)`, which keeps this rank's partition and
+        """Writes the DeepSpeed config (RUN_DIR/ds_config.json) and makes sure of a process
+        group first. ZeRO-1/2 keep every weight on every rank. ZeRO-3 partitions each weight
+        as it is loaded: module by module, the module's tensors are read from the checkpoint
+        and handed to `deepspeed.zero.Init(module=...)`, which keeps this rank's partition and
         frees the rest before the next module is read (4-bit bases load whole, then
         deepspeed.initialize partitions them)."""
-        if self.stage != 3 or source.quantized:
-            return source.whole(self.env.device)
-        return partitioned_model(source, self.ds_config, self.env.device)
-
-    def prepare(self, source) -> None:
-        import deepspeed
-
-        from parallel.deepspeed_checkpoint import StagingCheckpointEngine  # imports deepspeed: lazily, as here
-
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.ds_config = self.deepspeed_config()
         if self.env.is_main:
@@ -242,13 +188,17 @@ class DeepSpeedZero(Plan):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.ds_config, indent=2) + "\n")
         self._ensure_process_group()
-        model = self.build(source)
-        source.close()
-        self.inner = model
-        self._unsharded_bytes = self.count_state_bytes(model)
-        groups = [g for g in param_groups(model, self.cfg.optim, self.cfg.method) if g["params"]]
-        optimizer = build_optimizer(groups, self.cfg.optim)
-        self.scheduler = build_scheduler(optimizer, self.cfg.optim, self.cfg.train.max_steps)
+        if self.stage != 3 or source.quantized:
+            return source.whole(self.env.device)
+        return partitioned_model(source, self.ds_config, self.env.device)
+
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        """deepspeed.initialize with our optimizer and LR schedule: the engine, and the ZeRO
+        optimizer that partitions the state."""
+        import deepspeed
+
+        from parallel.deepspeed_checkpoint import StagingCheckpointEngine  # imports deepspeed: lazily, as here
+
         t0 = time.perf_counter()
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=self.ds_config
@@ -256,22 +206,11 @@ class DeepSpeedZero(Plan):
         if self.env.is_main:
             log.info("deepspeed.initialize (ZeRO-%d) took %.1f s", self.stage, time.perf_counter() - t0)
         self.engine = engine
-        self.model = engine
-        self.optimizer = ds_optimizer
         self.checkpoint_engine = StagingCheckpointEngine(engine._config, pin_memory=self.env.device.type == "cuda")
         engine.checkpoint_engine = self.checkpoint_engine
-
-    @property
-    def eval_model(self) -> torch.nn.Module:
-        # ZeRO-3's gather hooks live on the module itself; every rank must call it.
-        return self.engine.module
+        return engine, ds_optimizer
 
     # ------------------------------------------------------------------- train step
-    def autocast(self):
-        # With bf16 enabled DeepSpeed holds the model in bf16 itself (fp32 master weights
-        # in the optimizer): no autocast on top.
-        return contextlib.nullcontext()
-
     def no_sync(self, accumulating: bool):
         # Tell DeepSpeed explicitly whether this micro-batch ends the optimizer step: ZeRO-1
         # reduces gradients only at the boundary, ZeRO-2/3 reduce-scatter every micro-batch.

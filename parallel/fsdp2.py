@@ -76,32 +76,6 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class FSDP2(Plan):
-    name = "fsdp2"
-    shards = frozenset({"params", "grads", "optim"})
-
-    @classmethod
-    def refuse(cls, cfg, world_size: int) -> str | None:
-        # Measured with 2 ranks: full lora qlora dora rslora loraplus prefix prompt ia3 all
-        # train, evaluate, checkpoint, resume and export under fsdp2. What fails:
-        m = cfg.method
-        if m.get("quantize") and m.get("peft") is None:
-            return (
-                f"full fine-tuning of a 4-bit base (method.quantize={m.quantize}) does not work under "
-                f"FSDP2: its sharded NF4 weights carry only packed data, without their quantization "
-                f"state, and gathering the full state dict for export fails after training. Train "
-                f"adapters on the 4-bit base with method=qlora under parallel=fsdp2, fine-tune all "
-                f"weights with method.quantize=null, or keep this combination on parallel=ddp."
-            )
-        return None
-
-    @classmethod
-    def layout(cls, cfg, world_size: int):
-        from parallel.layout import STATE_PARTS, StateLayout
-
-        offload = frozenset(STATE_PARTS) if cfg.parallel.get("cpu_offload") else frozenset()
-        return StateLayout(shards=frozenset(STATE_PARTS), offload=offload, gathers_units=True,
-                           load_transient="whole" if cfg.method.get("quantize") else "tensor")
-
     # ------------------------------------------------------------------------ setup
     def build(self, source) -> torch.nn.Module:
         """Shard first, load second: the model is built with its checkpoint weights on the
@@ -207,13 +181,6 @@ class FSDP2(Plan):
         self.model.set_requires_gradient_sync(not accumulating)
         return contextlib.nullcontext()
 
-    def clip_grad_norm(self) -> torch.Tensor:
-        # clip_grad_norm_ handles DTensor gradients: the per-shard norms are combined
-        # over the mesh, so the total (a DTensor) is the global norm on every rank.
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
     # ----------------------------------------------------------------------- export
     @contextlib.contextmanager
     def unsharded(self):
@@ -224,9 +191,3 @@ class FSDP2(Plan):
             yield
         finally:
             self.model.reshard()
-
-    def describe(self) -> str:
-        text = super().describe()
-        if self.cfg.parallel.get("cpu_offload", False):
-            text += " (sharded state offloaded to CPU memory)"
-        return text

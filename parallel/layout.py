@@ -1,8 +1,9 @@
 """How a plan lays the model state out over ranks: what the launcher needs to know about a
 plan without building it (memory estimate, suggestions). Plain data, no torch state.
 
-Each plan class answers `layout(cfg, world_size)`; the estimator combines the answer
-with the architecture and never names a plan.
+Each plan's spec (parallel/specs.py) answers `layout(cfg, world_size)`; the estimator
+combines the answer with the architecture and never names a plan, and the runtime plan
+divides its expected state bytes by it.
 """
 from __future__ import annotations
 

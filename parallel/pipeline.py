@@ -47,41 +47,19 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from parallel.base import Plan
+from parallel.specs import VIRTUAL_STAGES
 from trainers.rows import IGNORE
 from trainers.errors import UserError
 from trainers.lm_loss import lm_ce_sum, plain_logits
-from trainers.optim import build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
-VIRTUAL_STAGES = {"1f1b": 1, "gpipe": 1, "interleaved_1f1b": 2}
-# Backbones whose forward accepts `inputs_embeds` without transforming them and applies
-# the same mask to every layer: safe to run one slice of layers at a time.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 WIDTH_MULTIPLE = 8  # pad widths up to this, so few distinct shapes (and schedules) exist
 MAX_CACHED_SCHEDULES = 8
-
-REFUSED_METHODS = {
-    "prefix": (
-        "prefix tuning feeds learned key/values to every layer through PeftModel.forward, "
-        "which pipeline stages bypass (each stage runs only its own layers)"
-    ),
-    "prompt": (
-        "prompt tuning prepends virtual tokens in PeftModel.forward, which pipeline stages "
-        "bypass (each stage runs only its own layers)"
-    ),
-}
 
 
 def split_layers(n_layers: int, n_chunks: int) -> list[range]:
@@ -244,88 +222,6 @@ class PipelineEvalModel(nn.Module):
 
 
 class Pipeline(Plan):
-    name = "pipeline"
-    shards: frozenset[str] = frozenset()  # replicated over dp; split over pp by construction
-
-    # ------------------------------------------------------------------ compatibility
-    @classmethod
-    def refuse(cls, cfg, world_size: int) -> str | None:
-        p = cfg.parallel
-        stages, micro, schedule = p.get("stages"), p.get("microbatches"), p.get("schedule")
-        if schedule not in SCHEDULES:
-            return f"parallel.schedule={schedule!r} is not one of {', '.join(SCHEDULES)}."
-        for key, value in (("stages", stages), ("microbatches", micro)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                return f"parallel.{key}={value!r} must be a positive integer."
-        if stages < 2:
-            return ("parallel.stages=1 is no pipeline; use parallel=ddp (or none for one process), "
-                    "or parallel.stages >= 2.")
-        if world_size % stages:
-            return (f"the world size ({world_size} processes) must be a multiple of parallel.stages "
-                    f"({stages}): the remaining dimension is data parallel. Use "
-                    f"launcher.nproc_per_node (x nodes) = {stages}, {2 * stages}, ...")
-        rows = cfg.train.micro_batch_size * cfg.train.grad_accum
-        if rows % micro:
-            return (f"each data-parallel rank computes train.micro_batch_size x train.grad_accum = {rows} "
-                    f"rows per step, which parallel.microbatches={micro} does not divide; pick "
-                    f"microbatches among the divisors of {rows}.")
-        if schedule == "1f1b" and micro < stages:
-            return (f"schedule=1f1b needs parallel.microbatches >= parallel.stages (got {micro} < "
-                    f"{stages}); raise microbatches (and train.micro_batch_size x grad_accum) or use "
-                    f"schedule=gpipe.")
-        if schedule == "interleaved_1f1b":
-            rounds = max(1, micro // stages)
-            if micro % rounds:
-                return (f"schedule=interleaved_1f1b needs parallel.microbatches to be a multiple of "
-                        f"max(1, microbatches // stages) = {rounds}; got {micro}. Use a multiple of "
-                        f"{stages}.")
-        m = cfg.method
-        if m.name in REFUSED_METHODS or m.get("peft") in REFUSED_METHODS:
-            why = REFUSED_METHODS.get(m.name) or REFUSED_METHODS[m.peft]
-            return (f"{why}. Use method=lora (or dora, rslora, loraplus, ia3, full) with the pipeline, "
-                    f"or parallel=ddp / fsdp2 for method={m.name}.")
-        if cfg.objective.name != "sft":
-            return (f"objective={cfg.objective.name} is not trained by the pipeline: its last stage computes "
-                    f"only the token cross-entropy of each pipeline micro-batch, while a preference objective "
-                    f"needs per-sequence log-probs of chosen and rejected together, a reference pass (adapter "
-                    f"disabled) in the same schedule and, for orpo/kto, a pre-pass over the global batch. Use "
-                    f"parallel=ddp, fsdp2 or zero1/zero2/zero3 for objective={cfg.objective.name}.")
-        return cls._refuse_model(cfg, stages * VIRTUAL_STAGES[schedule])
-
-    @classmethod
-    def layout(cls, cfg, world_size: int):
-        from parallel.layout import StateLayout
-
-        p = cfg.parallel
-        stages, micro = int(p.stages), int(p.microbatches)
-        rows = int(cfg.train.micro_batch_size) * int(cfg.train.grad_accum)
-        return StateLayout(stages=stages, in_flight=min(stages, micro), rows_per_forward=max(1, rows // micro))
-
-    @staticmethod
-    def _refuse_model(cfg, chunks: int) -> str | None:
-        from trainers.model import config_for_checks
-
-        config = config_for_checks(cfg.model)
-        mtype = getattr(config, "model_type", None)
-        if mtype not in SUPPORTED_MODEL_TYPES:
-            return (f"model_type {mtype!r} is not one of the Llama-family backbones the pipeline "
-                    f"split supports ({', '.join(SUPPORTED_MODEL_TYPES)}); use parallel=fsdp2.")
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types and len(set(layer_types)) > 1:
-            return ("the model mixes attention types per layer (sliding / full), which a stage that "
-                    "runs a slice of layers cannot index correctly; use parallel=fsdp2.")
-        n_layers = config.num_hidden_layers
-        if chunks > n_layers:
-            return (f"{chunks} pipeline stages{' (2 virtual per process)' if chunks > cfg.parallel.stages else ''} "
-                    f"but the model has only {n_layers} decoder layers: every stage needs at least "
-                    f"one. Use parallel.stages <= {n_layers // (chunks // cfg.parallel.stages)}.")
-        if getattr(config, "tie_word_embeddings", False) and cfg.method.peft is None:
-            return ("the model ties its input and output embeddings, which live on the first and "
-                    "last stage: full fine-tuning would update the two copies apart. Use a LoRA-family "
-                    "method (the frozen tied weights stay identical), or parallel=fsdp2 / ddp for "
-                    "method=full.")
-        return None
-
     # --------------------------------------------------------------------- topology
     @property
     def stages(self) -> int:
@@ -347,10 +243,10 @@ class Pipeline(Plan):
         return self.dp_rank * self.stages + pp_rank
 
     # ------------------------------------------------------------------------ setup
-    def prepare(self, source) -> None:
-        """Each stage prunes the skeleton (zero-byte placeholders) to its own layers first,
-        then reads only those layers' tensors from the checkpoint (4-bit bases load whole,
-        quantized, then are pruned)."""
+    def build(self, source) -> nn.Module:
+        """This stage's part of the model. Each stage prunes the skeleton (zero-byte
+        placeholders) to its own layers first, then reads only those layers' tensors from the
+        checkpoint (4-bit bases load whole, quantized, then are pruned)."""
         from torch.distributed.device_mesh import init_device_mesh
 
         from trainers.weights import load_whole
@@ -395,19 +291,14 @@ class Pipeline(Plan):
         self.layer_ranges = {s: ranges[s] for s in mine}
         if not source.quantized:
             load_whole(model, source.files(), self.env.device)
-        source.close()
 
-        self.model = model
         self._hf_config = causal.config
-        self._unsharded_bytes = self.count_state_bytes(model)
         if not any(p.requires_grad for p in model.parameters()):
             raise UserError(
                 f"pipeline stage {self.pp_rank} (layers {', '.join(str(list(r)) for r in self.layer_ranges.values())}) "
                 f"has no trainable parameter under method={self.cfg.method.name}; every stage needs "
                 f"one. Target modules present in every layer, or use fewer stages."
             )
-        self.optimizer = build_optimizer(param_groups(model, self.cfg.optim, self.cfg.method), self.cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.max_steps)
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._schedules: OrderedDict = OrderedDict()
         self._ce_sums: list[float] = []
@@ -418,6 +309,7 @@ class Pipeline(Plan):
                      self.stages, self.dp_world, self.cfg.parallel.schedule, self.cfg.parallel.microbatches,
                      self.cfg.train.micro_batch_size * self.cfg.train.grad_accum // self.cfg.parallel.microbatches,
                      " | ".join(f"{r.start}-{r.stop - 1}" for r in ranges))
+        return model
 
     @property
     def inner(self) -> nn.Module:
@@ -569,20 +461,6 @@ class Pipeline(Plan):
     # Optimizer param_groups name different parameters on every stage: flatten them to
     # per-parameter keys so DCP never merges two stages' lists under one key.
     _sd_options = StateDictOptions(ignore_frozen_params=True, flatten_optimizer_state_dict=True)
-
-    @classmethod
-    def checkpoint_format(cls, cfg) -> str:
-        return "dcp-flat-optimizer"
-
-    def load(self, directory) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._sd_options)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(directory / "state"))
-        set_state_dict(
-            self.model, self.optimizer,
-            model_state_dict=state["model"], optim_state_dict=state["optim"],
-            options=StateDictOptions(ignore_frozen_params=True, strict=False, flatten_optimizer_state_dict=True),
-        )
 
     def export_tensors(self, trainable_only: bool) -> Iterator[tuple[str, torch.Tensor | None]]:
         """Every stage's parameters (one dp replica) under the unsplit model's names, one

@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from launch.config import register_resolvers  # noqa: E402
-from parallel import PLANS, plan_class  # noqa: E402
+from parallel import PLANS, plan_spec  # noqa: E402
 
 METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
 
@@ -23,7 +23,7 @@ def refusal(plan: str, method: str, world: int) -> str | None:
     with initialize_config_dir(str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=[f"parallel={plan}", f"method={method}",
                                             f"launcher.nproc_per_node={world}"])
-    return plan_class(cfg.parallel.name).refuse(cfg, world)
+    return plan_spec(cfg.parallel.name).refuse(cfg, world)
 
 
 def matrix() -> str:

@@ -52,6 +52,7 @@ def main(out: Path, model: str, data: str, cells: list[str]) -> None:
     from launch.config import finalize, register_resolvers
     from launch.quiet import quiet_libraries
     from launch.worker import setup_logging
+    from parallel import build_plan
     from trainers.loop import train
 
     setup_logging()
@@ -65,7 +66,7 @@ def main(out: Path, model: str, data: str, cells: list[str]) -> None:
             cfg = finalize(compose("config", overrides=overrides), str(out / cell_dir(cell)))
         began = time.perf_counter()
         try:
-            summary = train(cfg, leave_process_group=True)
+            summary = train(cfg, build_plan, leave_process_group=True)
             results[cell] = {"status": summary["status"]}
         except Exception:  # recorded per cell; the test reports it
             results[cell] = {"status": "error", "error": traceback.format_exc()[-2000:]}

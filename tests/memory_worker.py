@@ -47,6 +47,7 @@ def main(out: Path, runs: dict[str, list[str]]) -> None:
     from launch.config import finalize, register_resolvers
     from launch.quiet import quiet_libraries
     from launch.worker import setup_logging
+    from parallel import build_plan
     from trainers.loop import train
 
     setup_logging()
@@ -60,7 +61,7 @@ def main(out: Path, runs: dict[str, list[str]]) -> None:
         hooks = [torch.nn.modules.module.register_module_forward_pre_hook(counts.before),
                  torch.nn.modules.module.register_module_forward_hook(counts.after)]
         try:
-            summary = train(cfg, leave_process_group=True)
+            summary = train(cfg, build_plan, leave_process_group=True)
             results[name] = {"status": summary["status"]}
         except Exception:  # recorded per run; the test reports it
             results[name] = {"status": "error", "error": traceback.format_exc()[-3000:]}

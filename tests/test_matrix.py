@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from launch.config import register_resolvers
-from parallel import PLANS, plan_class
+from parallel import PLANS, plan_spec
 from tests.helpers import REPO, losses
 from tests.matrix_worker import cell_dir, cell_overrides
 
@@ -26,7 +26,7 @@ def accepted_cells(model_path, data) -> tuple[list[str], dict[str, str]]:
         for method in METHODS:
             with initialize_config_dir(str(REPO / "conf"), version_base=None):
                 cfg = compose("config", overrides=cell_overrides(plan, method, model_path, data))
-            reason = plan_class(plan).refuse(cfg, 2)
+            reason = plan_spec(plan).refuse(cfg, 2)
             if reason:
                 refused[f"{plan}:{method}"] = reason
             else:

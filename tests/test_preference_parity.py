@@ -94,6 +94,7 @@ def initial_adapter(cfg, path) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from tests.helpers import metrics
+    from parallel import build_plan
     from trainers.loop import train
 
     done: dict = {}
@@ -120,7 +121,7 @@ def runs(tmp_path_factory):
                           lora_r=cfg.method.get("r", 16), lora_alpha=cfg.method.get("alpha", 32),
                           **{k: cfg.objective[k] for k in ("beta", "gamma", "desirable_weight", "undesirable_weight")
                              if k in cfg.objective})
-            train(cfg)
+            train(cfg, build_plan)
             ours = [r for r in metrics(root / "ours") if "loss" in r]
             done[(objective, method)] = (ours, trl)
         return done[(objective, method)]

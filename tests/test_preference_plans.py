@@ -72,6 +72,7 @@ def reference_run(tiny_model, objective: str, method: str, run_dir, data: Path) 
     from hydra import compose, initialize_config_dir
 
     from launch.config import finalize, register_resolvers
+    from parallel import build_plan
     from trainers.loop import train
 
     register_resolvers()
@@ -79,7 +80,7 @@ def reference_run(tiny_model, objective: str, method: str, run_dir, data: Path) 
     overrides = [o for o in overrides if not o.startswith(("launcher.nproc_per_node", "train.grad_accum"))]
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
         cfg = finalize(compose("config", overrides=overrides + ["train.grad_accum=2"]), str(run_dir))
-    train(cfg)
+    train(cfg, build_plan)
     return [r for r in metrics(run_dir) if "loss" in r]
 
 
@@ -165,12 +166,13 @@ def killed_and_relaunched(tmp_path, args: list[str], stored: list[str]):
     from hydra import compose, initialize_config_dir
 
     from launch.config import finalize, register_resolvers
+    from parallel import build_plan
     from trainers.loop import train
 
     register_resolvers()
     ref = tmp_path / "ref"
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
-        train(finalize(compose("config", overrides=args), str(ref)))
+        train(finalize(compose("config", overrides=args), str(ref)), build_plan)
     run = tmp_path / "run"
     proc = start(run, *args)
     assert kill_once_committed(proc, run) >= 3

@@ -190,7 +190,7 @@ class Checkpointer:
         tmp = self.root / f"step_{step}.tmp"
         cfg = self.plan.cfg
         state = dict(trainer_state, step=step, world_size=self.env.world_size, plan=cfg.parallel.name,
-                     method=cfg.method.name, checkpoint_format=self.plan.checkpoint_format(cfg),
+                     method=cfg.method.name, checkpoint_format=self.plan.checkpoint_format,
                      scheduler=self.plan.scheduler_state())
         rng = rng_state()
         with self._disk_errors(final):

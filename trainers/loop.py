@@ -18,7 +18,6 @@ import signal
 import time
 from pathlib import Path
 
-from parallel import build_plan
 from trainers.checkpoint import Checkpointer
 from trainers.data import training_batches
 from trainers.distributed import (
@@ -60,10 +59,12 @@ class StopRequest:
         self.requested = True
 
 
-def train(cfg, leave_process_group: bool = False) -> dict:
-    """Run (or resume) one training job; `leave_process_group` keeps the process group
-    for a caller that runs several jobs in the same workers. A hang watchdog covers the
-    whole job, start-up included (trainers/watchdog.py)."""
+def train(cfg, build_plan, leave_process_group: bool = False) -> dict:
+    """Run (or resume) one training job under the plan `build_plan(cfg, env)` returns (the
+    runtime plan, parallel/base.py's interface: the loop never names a plan and imports
+    nothing from parallel/); `leave_process_group` keeps the process group for a caller
+    that runs several jobs in the same workers. A hang watchdog covers the whole job,
+    start-up included (trainers/watchdog.py)."""
     run_dir = Path(cfg.run_dir)
     step_timeout, long_timeout = allowances(cfg.train)
     # Collectives time out a little after the watchdog's longest allowance: it fires first.
@@ -72,19 +73,19 @@ def train(cfg, leave_process_group: bool = False) -> dict:
     attempt = agree(time.strftime("%Y-%m-%d_%H-%M-%S"))
     watchdog = Watchdog(run_dir, env.rank, env.world_size, attempt, step_timeout, long_timeout)
     try:
-        return run_job(cfg, env, watchdog, leave_process_group)
+        return run_job(cfg, build_plan(cfg, env), watchdog, leave_process_group)
     finally:
         watchdog.close()
 
 
-def run_job(cfg, env, watchdog: Watchdog, leave_process_group: bool) -> dict:
+def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
     run_dir = Path(cfg.run_dir)
+    env = plan.env
     seed_everything(cfg.seed)
     stop = StopRequest()
     t_start = time.time()
 
     tokenizer = load_tokenizer(cfg.model)
-    plan = build_plan(cfg, env)
     objective = get_objective(cfg.objective)
     batches, data = training_batches(cfg, tokenizer, plan.dp_world)
     seed_everything(cfg.seed)  # every rank builds identical initial weights
@@ -106,9 +107,7 @@ def run_job(cfg, env, watchdog: Watchdog, leave_process_group: bool) -> dict:
             env.world_size, plan.name, method_summary(cfg.method), f"{trainable:,}", f"{total:,}",
             100 * trainable / max(total, 1), data.packed, batches.layout.rows_per_step,
         )
-        describe = getattr(plan, "describe", None)
-        if describe:
-            log.info("plan: %s", describe())
+        log.info("plan: %s", plan.describe())
         if source.read_report:
             read, whole = source.read_report
             log.info("weights: rank 0 read %.1f MiB of the checkpoint's %.1f MiB", read / 2**20, whole / 2**20)

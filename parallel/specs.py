@@ -1,0 +1,259 @@
+"""What the launcher knows about each plan without building it: which method x plan x world
+combinations it refuses, which checkpoints it can resume, and how it lays the model state out
+per rank (parallel/layout.py). Plain Python, no torch: the estimator (launch/estimate.py) and
+the checks before launch (launch/validate.py) read only this; the runtime plan a worker builds
+(parallel/base.py and one module per plan) is named by `runtime` and imported on demand.
+"""
+from __future__ import annotations
+
+import importlib
+
+from parallel.layout import STATE_PARTS, StateLayout
+
+
+class PlanSpec:
+    """A plan as the launcher sees it. Subclasses answer for one family of plans; the
+    defaults are the torch-native ones (replicas, DCP checkpoints)."""
+
+    def __init__(self, name: str, runtime: str):
+        self.name = name
+        self.runtime = runtime  # "module:Class" of the runtime plan (parallel/base.py's interface)
+
+    def runtime_class(self):
+        module, attribute = self.runtime.split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+    def refuse(self, cfg, world_size: int) -> str | None:
+        """A reason this plan cannot run `cfg` (checked before any process starts)."""
+        return None
+
+    def layout(self, cfg, world_size: int) -> StateLayout:
+        """How this plan lays out the model state per rank: replicas."""
+        return StateLayout()
+
+    def checkpoint_format(self, cfg) -> str:
+        """What this plan's checkpoints hold, as far as another plan could load them: DCP
+        state dicts under the unwrapped model's names reshard between world sizes and
+        between none, ddp and fsdp2."""
+        return "dcp"
+
+    def refuse_resume(self, cfg, written: dict) -> str | None:
+        """A reason this run cannot resume a checkpoint whose trainer_state.json is `written`
+        (checked before any process starts)."""
+        theirs, ours = written.get("checkpoint_format"), self.checkpoint_format(cfg)
+        plan, method = written.get("plan"), written.get("method")
+        if theirs is None:  # written before these fields existed: the load itself checks
+            return None
+        if theirs != ours:
+            return (
+                f"it was written by parallel={plan} ({theirs} checkpoint), which "
+                f"parallel={cfg.parallel.name} ({ours}) cannot load. Resume with parallel={plan} "
+                f"(at any world size), or start a new run in another hydra.run.dir."
+            )
+        if method != cfg.method.name:
+            return (
+                f"it was written by method={method}, and method={cfg.method.name} trains other "
+                f"parameters. Resume with method={method}, or start a new run in another hydra.run.dir."
+            )
+        return None
+
+
+class SingleDeviceSpec(PlanSpec):
+    """parallel=none: one process, one device; the reference every other plan is tested against."""
+
+    def refuse(self, cfg, world_size: int) -> str | None:
+        if world_size > 1:
+            return (
+                f"parallel=none runs one process, but {world_size} were requested; "
+                f"use parallel=ddp, fsdp2 or a zero* plan for several processes."
+            )
+        return None
+
+
+class DDPSpec(PlanSpec):
+    """parallel=ddp: full replicas, gradients all-reduced."""
+
+    def layout(self, cfg, world_size: int) -> StateLayout:
+        # DDP all-reduces from buckets that hold a copy of every gradient
+        return StateLayout(grad_buckets=world_size > 1)
+
+
+class FSDP2Spec(PlanSpec):
+    """parallel=fsdp2: parameters, gradients and optimizer state sharded over ranks."""
+
+    def refuse(self, cfg, world_size: int) -> str | None:
+        # Measured with 2 ranks: full lora qlora dora rslora loraplus prefix prompt ia3 all
+        # train, evaluate, checkpoint, resume and export under fsdp2. What fails:
+        m = cfg.method
+        if m.get("quantize") and m.get("peft") is None:
+            return (
+                f"full fine-tuning of a 4-bit base (method.quantize={m.quantize}) does not work under "
+                f"FSDP2: its sharded NF4 weights carry only packed data, without their quantization "
+                f"state, and gathering the full state dict for export fails after training. Train "
+                f"adapters on the 4-bit base with method=qlora under parallel=fsdp2, fine-tune all "
+                f"weights with method.quantize=null, or keep this combination on parallel=ddp."
+            )
+        return None
+
+    def layout(self, cfg, world_size: int) -> StateLayout:
+        offload = frozenset(STATE_PARTS) if cfg.parallel.get("cpu_offload") else frozenset()
+        return StateLayout(shards=frozenset(STATE_PARTS), offload=offload, gathers_units=True,
+                           load_transient="whole" if cfg.method.get("quantize") else "tensor")
+
+
+ZERO_SHARDS = {
+    1: frozenset({"optim"}),
+    2: frozenset({"optim", "grads"}),
+    3: frozenset({"params", "grads", "optim"}),
+}
+
+
+class DeepSpeedZeroSpec(PlanSpec):
+    """parallel=zero1|zero2|zero3|zero3_offload: DeepSpeed ZeRO at `parallel.stage`."""
+
+    def refuse(self, cfg, world_size: int) -> str | None:
+        p = cfg.parallel
+        stage = p.get("stage")
+        if stage not in (1, 2, 3):
+            return f"parallel.stage={stage!r} must be 1, 2 or 3 (use parallel=zero1, zero2, zero3 or zero3_offload)."
+        if p.get("offload_param") and stage != 3:
+            return (
+                f"parallel.offload_param=true needs ZeRO stage 3, but parallel.stage={stage}: only "
+                f"stage 3 partitions parameters, so there is nothing to offload. Use "
+                f"parallel=zero3_offload, or parallel.offload_optimizer=true to offload the "
+                f"optimizer state at stage {stage}."
+            )
+        return None
+
+    def layout(self, cfg, world_size: int) -> StateLayout:
+        p = cfg.parallel
+        stage = int(p.stage)
+        offload = set()
+        if p.get("offload_param"):
+            offload.add("params")
+        if p.get("offload_optimizer"):
+            offload |= {"optim", "grads"}
+        quantized = bool(cfg.method.get("quantize"))
+        transient = ("whole" if quantized else "module") if stage == 3 else "tensor"
+        return StateLayout(shards=ZERO_SHARDS[stage], offload=frozenset(offload), gathers_units=stage == 3,
+                           master_copy=True, load_transient=transient)
+
+    def checkpoint_format(self, cfg) -> str:
+        return f"deepspeed-zero{cfg.parallel.stage}"  # universal conversion keeps the stage
+
+
+# pipeline schedules, and the virtual stages each process holds under them
+PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b")
+VIRTUAL_STAGES = {"1f1b": 1, "gpipe": 1, "interleaved_1f1b": 2}
+# Backbones whose forward accepts `inputs_embeds` without transforming them and applies
+# the same mask to every layer: safe to run one slice of layers at a time.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+REFUSED_METHODS = {
+    "prefix": (
+        "prefix tuning feeds learned key/values to every layer through PeftModel.forward, "
+        "which pipeline stages bypass (each stage runs only its own layers)"
+    ),
+    "prompt": (
+        "prompt tuning prepends virtual tokens in PeftModel.forward, which pipeline stages "
+        "bypass (each stage runs only its own layers)"
+    ),
+}
+
+
+class PipelineSpec(PlanSpec):
+    """parallel=pipeline: decoder layers split over `parallel.stages` processes, data parallel
+    across (parallel/pipeline.py)."""
+
+    def refuse(self, cfg, world_size: int) -> str | None:
+        p = cfg.parallel
+        stages, micro, schedule = p.get("stages"), p.get("microbatches"), p.get("schedule")
+        if schedule not in PIPELINE_SCHEDULES:
+            return f"parallel.schedule={schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}."
+        for key, value in (("stages", stages), ("microbatches", micro)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                return f"parallel.{key}={value!r} must be a positive integer."
+        if stages < 2:
+            return ("parallel.stages=1 is no pipeline; use parallel=ddp (or none for one process), "
+                    "or parallel.stages >= 2.")
+        if world_size % stages:
+            return (f"the world size ({world_size} processes) must be a multiple of parallel.stages "
+                    f"({stages}): the remaining dimension is data parallel. Use "
+                    f"launcher.nproc_per_node (x nodes) = {stages}, {2 * stages}, ...")
+        rows = cfg.train.micro_batch_size * cfg.train.grad_accum
+        if rows % micro:
+            return (f"each data-parallel rank computes train.micro_batch_size x train.grad_accum = {rows} "
+                    f"rows per step, which parallel.microbatches={micro} does not divide; pick "
+                    f"microbatches among the divisors of {rows}.")
+        if schedule == "1f1b" and micro < stages:
+            return (f"schedule=1f1b needs parallel.microbatches >= parallel.stages (got {micro} < "
+                    f"{stages}); raise microbatches (and train.micro_batch_size x grad_accum) or use "
+                    f"schedule=gpipe.")
+        if schedule == "interleaved_1f1b":
+            rounds = max(1, micro // stages)
+            if micro % rounds:
+                return (f"schedule=interleaved_1f1b needs parallel.microbatches to be a multiple of "
+                        f"max(1, microbatches // stages) = {rounds}; got {micro}. Use a multiple of "
+                        f"{stages}.")
+        m = cfg.method
+        if m.name in REFUSED_METHODS or m.get("peft") in REFUSED_METHODS:
+            why = REFUSED_METHODS.get(m.name) or REFUSED_METHODS[m.peft]
+            return (f"{why}. Use method=lora (or dora, rslora, loraplus, ia3, full) with the pipeline, "
+                    f"or parallel=ddp / fsdp2 for method={m.name}.")
+        if cfg.objective.name != "sft":
+            return (f"objective={cfg.objective.name} is not trained by the pipeline: its last stage computes "
+                    f"only the token cross-entropy of each pipeline micro-batch, while a preference objective "
+                    f"needs per-sequence log-probs of chosen and rejected together, a reference pass (adapter "
+                    f"disabled) in the same schedule and, for orpo/kto, a pre-pass over the global batch. Use "
+                    f"parallel=ddp, fsdp2 or zero1/zero2/zero3 for objective={cfg.objective.name}.")
+        return self._refuse_model(cfg, stages * VIRTUAL_STAGES[schedule])
+
+    def layout(self, cfg, world_size: int) -> StateLayout:
+        p = cfg.parallel
+        stages, micro = int(p.stages), int(p.microbatches)
+        rows = int(cfg.train.micro_batch_size) * int(cfg.train.grad_accum)
+        return StateLayout(stages=stages, in_flight=min(stages, micro), rows_per_forward=max(1, rows // micro))
+
+    def checkpoint_format(self, cfg) -> str:
+        return "dcp-flat-optimizer"
+
+    @staticmethod
+    def _refuse_model(cfg, chunks: int) -> str | None:
+        from trainers.model import config_for_checks
+
+        config = config_for_checks(cfg.model)
+        mtype = getattr(config, "model_type", None)
+        if mtype not in SUPPORTED_MODEL_TYPES:
+            return (f"model_type {mtype!r} is not one of the Llama-family backbones the pipeline "
+                    f"split supports ({', '.join(SUPPORTED_MODEL_TYPES)}); use parallel=fsdp2.")
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types and len(set(layer_types)) > 1:
+            return ("the model mixes attention types per layer (sliding / full), which a stage that "
+                    "runs a slice of layers cannot index correctly; use parallel=fsdp2.")
+        n_layers = config.num_hidden_layers
+        if chunks > n_layers:
+            return (f"{chunks} pipeline stages{' (2 virtual per process)' if chunks > cfg.parallel.stages else ''} "
+                    f"but the model has only {n_layers} decoder layers: every stage needs at least "
+                    f"one. Use parallel.stages <= {n_layers // (chunks // cfg.parallel.stages)}.")
+        if getattr(config, "tie_word_embeddings", False) and cfg.method.peft is None:
+            return ("the model ties its input and output embeddings, which live on the first and "
+                    "last stage: full fine-tuning would update the two copies apart. Use a LoRA-family "
+                    "method (the frozen tied weights stay identical), or parallel=fsdp2 / ddp for "
+                    "method=full.")
+        return None
+
+
+def _specs(*specs: PlanSpec) -> dict[str, PlanSpec]:
+    return {s.name: s for s in specs}
+
+
+# name -> spec; the runtime classes are imported on first use (DeepSpeed costs seconds).
+SPECS: dict[str, PlanSpec] = _specs(
+    SingleDeviceSpec("none", "parallel.base:Plan"),
+    DDPSpec("ddp", "parallel.ddp:DDP"),
+    DeepSpeedZeroSpec("zero1", "parallel.deepspeed_zero:DeepSpeedZero"),
+    DeepSpeedZeroSpec("zero2", "parallel.deepspeed_zero:DeepSpeedZero"),
+    DeepSpeedZeroSpec("zero3", "parallel.deepspeed_zero:DeepSpeedZero"),
+    DeepSpeedZeroSpec("zero3_offload", "parallel.deepspeed_zero:DeepSpeedZero"),
+    FSDP2Spec("fsdp2", "parallel.fsdp2:FSDP2"),
+    PipelineSpec("pipeline", "parallel.pipeline:Pipeline"),
+)
