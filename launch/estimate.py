@@ -401,7 +401,7 @@ def suggestions(cfg: DictConfig, est: Estimate, budget: float) -> list[str]:
         parts += [f"{k.replace('__', '.')}={v}" for k, v in changed.items()]
         return " ".join(parts)
 
-    def describe(e: Estimate) -> str:
+    def fit_note(e: Estimate) -> str:
         note = ""
         if e.setup.layout.offload:
             host = estimate(a, replace(e.setup, device="cpu"))
@@ -412,7 +412,7 @@ def suggestions(cfg: DictConfig, est: Estimate, budget: float) -> list[str]:
     for same_plan in ({"train__activation_checkpointing": True} if not s.activation_checkpointing else None,
                       one_row):
         if same_plan and (e := fitting(variant(cfg, **same_plan))):
-            out.append(flags(cfg, same_plan) + describe(e))
+            out.append(flags(cfg, same_plan) + fit_note(e))
             break
     for plan in [p for p in PLANS if p != cfg.parallel.name]:
         if layout_of(variant(cfg, parallel=plan), s.world) == s.layout:
@@ -425,7 +425,7 @@ def suggestions(cfg: DictConfig, est: Estimate, budget: float) -> list[str]:
                 keys = {**batch, **({"launcher__nodes": nodes} if nodes != s.nodes else {})}
                 c = variant(cfg, parallel=plan, **keys)
                 if (e := fitting(c)):
-                    found = flags(c, keys) + describe(e)
+                    found = flags(c, keys) + fit_note(e)
                     break
             if found:
                 out.append(found)
@@ -434,7 +434,7 @@ def suggestions(cfg: DictConfig, est: Estimate, budget: float) -> list[str]:
         for plan in [cfg.parallel.name, *[p for p in PLANS if p != cfg.parallel.name]]:
             c = variant(cfg, parallel=None if plan == cfg.parallel.name else plan, method="qlora")
             if (e := fitting(c)):
-                out.append(flags(c, {}) + describe(e) + " 4-bit base")
+                out.append(flags(c, {}) + fit_note(e) + " 4-bit base")
                 break
     return out
 

@@ -33,9 +33,9 @@ def run(cfg: DictConfig, run_dir: str) -> int:
     check(cfg)
     memory_check(cfg)  # refuses what cannot fit launcher.gpu_mem_gb (SLURM), before anything runs
     if cfg.dry_run:
-        from launch.plan_report import describe
+        from launch.plan_report import dry_run_report
 
-        print(describe(cfg))
+        print(dry_run_report(cfg))
         return 0
     launch_fn = launcher_for(cfg.launcher.name)
     check_data_suits_model(cfg)

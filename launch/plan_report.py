@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 from launch.config import world_size
 
 
-def describe(cfg: DictConfig) -> str:
+def dry_run_report(cfg: DictConfig) -> str:
     lines = [
         "dry run: nothing started",
         f"  model     {cfg.model.name} ({cfg.model.path})",

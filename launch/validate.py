@@ -175,4 +175,4 @@ def prepare_data(cfg: DictConfig) -> list[str]:
     prepared, reports = prepare(cfg, load_tokenizer(cfg.model))
     with open_dict(cfg):
         cfg.data.prepared = prepared
-    return [r.describe() for r in reports]
+    return [r.kept_and_skipped() for r in reports]

@@ -34,7 +34,7 @@ class Plan:
 
     What the loop and the shared recipe call: prepare, forward_backward, step, lr, eval_model,
     inner, autocast, save / save_async / load, scheduler_state / load_scheduler_state,
-    export_tensors, unsharded, describe, close; dp_rank / dp_world, compute_dtype, checkpoint_format.
+    export_tensors, unsharded, expected_state_line, close; dp_rank / dp_world, compute_dtype, checkpoint_format.
     What a plan overrides to say how it differs: `build` (this rank's share of the model),
     `wrap` (around the model and the shared optimizer), and where it has them its gradient
     sync (`no_sync`), `backward`, `clip_grad_norm` and checkpoint hooks."""
@@ -111,7 +111,7 @@ class Plan:
                 optim += n * 8
         return {"params": params, "grads": grads, "optim": optim}
 
-    def describe(self) -> str:
+    def expected_state_line(self) -> str:
         b = self.expected_state_bytes()
         mib = {k: v / 2**20 for k, v in b.items()}
         text = (

@@ -337,8 +337,8 @@ class Pipeline(Plan):
         method = OmegaConf.merge(self.cfg.method, {"quantize": None})
         return apply_method(model, method)
 
-    def describe(self) -> str:
-        return super().describe().replace("per rank", f"on rank 0 (stage 0 of {self.n_chunks})", 1)
+    def expected_state_line(self) -> str:
+        return super().expected_state_line().replace("per rank", f"on rank 0 (stage 0 of {self.n_chunks})", 1)
 
     # ------------------------------------------------------------------- schedules
     def _schedule(self, train: bool, batch: dict):

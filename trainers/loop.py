@@ -101,13 +101,13 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
     trainable, total = count_parameters(plan.inner)
     if env.is_main:
         for r in data.reports:
-            log.info("data: %s", r.describe())
+            log.info("data: %s", r.kept_and_skipped())
         log.info(
             "plan: world_size=%d plan=%s method=%s trainable=%s/%s (%.3f%%) packed=%s global_batch=%d rows",
             env.world_size, plan.name, method_summary(cfg.method), f"{trainable:,}", f"{total:,}",
             100 * trainable / max(total, 1), data.packed, batches.layout.rows_per_step,
         )
-        log.info("plan: %s", plan.describe())
+        log.info("plan: %s", plan.expected_state_line())
         if source.read_report:
             read, whole = source.read_report
             log.info("weights: rank 0 read %.1f MiB of the checkpoint's %.1f MiB", read / 2**20, whole / 2**20)

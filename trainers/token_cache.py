@@ -57,7 +57,7 @@ class DataReport:
     cached: bool = False
     per_row: int = 1  # examples per kept row: 2 for preference pairs
 
-    def describe(self) -> str:
+    def kept_and_skipped(self) -> str:
         what = "pairs" if self.per_row == 2 else "rows"
         s = f"{self.path}: {self.kept // self.per_row}/{self.rows} {what} kept, {self.tokens:,} tokens"
         if self.truncated:
@@ -274,7 +274,7 @@ def build(path: str, tokenizer, data_cfg, final: Path, kind: str = "sft") -> Dat
             raise
     if report.kept == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"No usable rows in {path} ({report.describe()}).")
+        raise UserError(f"No usable rows in {path} ({report.kept_and_skipped()}).")
     meta = {"version": CACHE_VERSION, "kind": kind, "path": str(path), "rows": report.rows, "kept": report.kept,
             "skipped": dict(report.skipped), "truncated": report.truncated, "tokens": report.tokens,
             "processes": procs, "build_s": round(time.perf_counter() - t0, 2), "created": time.time()}
@@ -282,7 +282,7 @@ def build(path: str, tokenizer, data_cfg, final: Path, kind: str = "sft") -> Dat
     if final.exists():  # an unreadable leftover the user was told to delete, or a race we lost
         shutil.rmtree(final)
     tmp.rename(final)
-    log.info("data: tokenized in %.1fs with %d process(es): %s", meta["build_s"], procs, report.describe())
+    log.info("data: tokenized in %.1fs with %d process(es): %s", meta["build_s"], procs, report.kept_and_skipped())
     return report
 
 
