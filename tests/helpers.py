@@ -186,3 +186,34 @@ def worker(proc: subprocess.Popen, rank: int):
         except psutil.Error:
             continue
     raise AssertionError(f"no worker with RANK={rank} under pid {proc.pid}")
+
+
+def launch_many(root: Path, launches: dict[str, tuple[Path, list[str]]], timeout: int = 1800,
+                check: bool = True) -> dict[str, subprocess.CompletedProcess]:
+    """Several launches, in this order, in ONE process (tests/launch_worker.py: each is
+    `launch.main.main` on the config `python launch.py OVERRIDES hydra.run.dir=RUN_DIR`
+    composes): name -> (run dir, overrides) gives name -> CompletedProcess with the launch's
+    exit code, stdout and stderr. The torch/transformers import and interpreter start are
+    paid once. `check`: every launch must exit 0."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    spec = [{"run_dir": str(run_dir), "overrides": list(overrides), "log": str(root / f"launch-{name}")}
+            for name, (run_dir, overrides) in launches.items()]
+    (root / "launches.json").write_text(json.dumps(spec, indent=1))
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "launch_worker.py"), str(root / "launches.json"),
+                           str(root / "results.json")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"tests/launch_worker.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    results = json.loads((root / "results.json").read_text())
+    out = {}
+    for (name, _), entry, result in zip(launches.items(), spec, results, strict=True):
+        log = Path(entry["log"])
+        out[name] = subprocess.CompletedProcess(entry["overrides"], result["code"], Path(f"{log}.out").read_text(),
+                                                Path(f"{log}.err").read_text())
+        if check and result["code"] != 0:
+            raise AssertionError(f"launch {name} failed ({result['code']}):\n{out[name].stdout[-4000:]}\n"
+                                 f"{out[name].stderr[-6000:]}")
+    return out
