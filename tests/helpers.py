@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -161,7 +162,7 @@ def assert_trains_like(run_dir: Path, ref_dir: Path, steps: int = 10) -> None:
     for s in ref:
         assert rel(got[s]["loss"], ref[s]["loss"]) < 1e-5, (s, got[s], ref[s])
         assert rel(got[s]["lr"], ref[s]["lr"]) < 1e-9, (s, got[s], ref[s])
-        assert isinstance(got[s]["grad_norm"], float)
+        assert math.isfinite(got[s]["grad_norm"]) and got[s]["grad_norm"] > 0, (s, got[s])  # a norm was measured
         assert rel(got[s]["grad_norm"], ref[s]["grad_norm"]) < 1e-4, (s, got[s], ref[s])
 
 
@@ -194,7 +195,9 @@ def launch_many(root: Path, launches: dict[str, tuple[Path, list[str]]], timeout
     `launch.main.main` on the config `python launch.py OVERRIDES hydra.run.dir=RUN_DIR`
     composes): name -> (run dir, overrides) gives name -> CompletedProcess with the launch's
     exit code, stdout and stderr. The torch/transformers import and interpreter start are
-    paid once. `check`: every launch must exit 0."""
+    paid once. Each CompletedProcess also has `left`: the run dir's summary.json (a dict)
+    and checkpoints/latest (its text) as this launch left them, or None. `check`: every
+    launch must exit 0."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     spec = [{"run_dir": str(run_dir), "overrides": list(overrides), "log": str(root / f"launch-{name}")}
@@ -213,7 +216,64 @@ def launch_many(root: Path, launches: dict[str, tuple[Path, list[str]]], timeout
         log = Path(entry["log"])
         out[name] = subprocess.CompletedProcess(entry["overrides"], result["code"], Path(f"{log}.out").read_text(),
                                                 Path(f"{log}.err").read_text())
+        left = result["left"]
+        out[name].left = {"summary": json.loads(left["summary.json"]) if left["summary.json"] else None,
+                          "latest": (left["checkpoints/latest"] or "").strip() or None}
         if check and result["code"] != 0:
             raise AssertionError(f"launch {name} failed ({result['code']}):\n{out[name].stdout[-4000:]}\n"
                                  f"{out[name].stderr[-6000:]}")
     return out
+
+
+def compose(*overrides: str):
+    """The config `python launch.py OVERRIDES...` composes (Hydra's compose API, no run dir)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from launch.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def launch_in_process(run_dir: Path, *overrides: str) -> tuple[int, str, list]:
+    """`python launch.py OVERRIDES... hydra.run.dir=RUN_DIR` in this process, up to the point
+    where it would start training: launch.main.main on the composed config, with the
+    launcher (local or slurm) replaced by a recorder. Returns (exit code, what it printed
+    and logged, the [(cfg, config_path)] the launcher was handed: empty when refused)."""
+    import contextlib
+    import io
+    import logging
+    from unittest import mock
+
+    import launch.main as entry
+
+    calls: list = []
+    cfg = compose(*overrides)
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with mock.patch.object(entry, "launcher_for", lambda name: lambda *a: calls.append(a) or 0), \
+                contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+            code = entry.main(cfg, str(run_dir))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return code, text.getvalue(), calls
+
+
+def refused(run_dir: Path, *overrides: str) -> str:
+    """What `python launch.py OVERRIDES... hydra.run.dir=RUN_DIR` refuses, checked in-process
+    (launch_in_process): exit code 2, one `error: ...` paragraph and no traceback, and
+    nothing handed to the launcher, so no process spawned and no job submitted. Returns
+    the output."""
+    code, text, calls = launch_in_process(run_dir, *overrides)
+    assert code == 2 and not calls, (code, text)
+    assert "error: " in text and "Traceback" not in text, text
+    assert not (Path(run_dir) / "metrics.jsonl").exists(), "training started"
+    return text

@@ -6,8 +6,9 @@ Each launch is what `python launch.py OVERRIDES... hydra.run.dir=RUN_DIR` does o
 has composed the config: `launch.main.main(cfg, RUN_DIR)` (validation, data preparation,
 then the local launcher, which trains one process in its own process and spawns torch's
 elastic agent for several). Its stdout and stderr, at the file-descriptor level so that
-spawned workers' output is caught too, go to LOG.out / LOG.err, and its exit code to
-RESULTS.json. What only Hydra's own entry point does (`--cfg`, composition
+spawned workers' output is caught too, go to LOG.out / LOG.err, and its exit code and
+what it left (summary.json, checkpoints/latest: a later launch into the same run dir
+replaces them) to RESULTS.json. What only Hydra's own entry point does (`--cfg`, composition
 errors, the exit code of the process) is covered by the subprocess launches in
 tests/test_cli.py.
 
@@ -26,18 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from launch.config import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return hydra_compose("config", overrides=overrides)
-
-
 def main(spec: Path, results_path: Path) -> None:
     from launch.main import main as launch_main
+    from tests.helpers import compose
 
     results = []
     saved = os.dup(1), os.dup(2)
@@ -48,7 +40,7 @@ def main(spec: Path, results_path: Path) -> None:
         with open(f"{log}.out", "w") as out, open(f"{log}.err", "w") as err:
             os.dup2(out.fileno(), 1), os.dup2(err.fileno(), 2)
             try:
-                code = launch_main(compose(overrides), run_dir)
+                code = launch_main(compose(*overrides), run_dir)
             except BaseException as e:  # recorded; the test reports it with the output
                 import traceback
 
@@ -57,7 +49,13 @@ def main(spec: Path, results_path: Path) -> None:
             finally:
                 sys.stdout.flush(), sys.stderr.flush()
                 os.dup2(saved[0], 1), os.dup2(saved[1], 2)
-        results.append({"run_dir": run_dir, "code": code, "seconds": round(time.perf_counter() - began, 2)})
+        # what this launch left, before a later launch into the same run dir replaces it
+        left = {}
+        for name in ("summary.json", "checkpoints/latest"):
+            path = Path(run_dir) / name
+            left[name] = path.read_text() if path.exists() else None
+        results.append({"run_dir": run_dir, "code": code, "left": left,
+                        "seconds": round(time.perf_counter() - began, 2)})
     results_path.write_text(json.dumps(results, indent=1))
 
 

@@ -18,10 +18,10 @@ import torch
 
 from trainers import preference as P
 
-trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
-from trl.experimental.cpo.cpo_trainer import CPOTrainer  # noqa: E402
-from trl.experimental.orpo.orpo_trainer import ORPOTrainer  # noqa: E402
-from trl.trainer.kto_trainer import KTOTrainer  # noqa: E402
+from trl.experimental.cpo.cpo_trainer import CPOTrainer
+from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+from trl.trainer import dpo_trainer as trl_dpo
+from trl.trainer.kto_trainer import KTOTrainer
 
 DPOTrainer = trl_dpo.DPOTrainer
 V = 11
