@@ -110,3 +110,22 @@ def test_skip_bad_rows_keeps_the_good_ones_counts_the_rest_and_launches(tmp_path
     (train,) = cfg.data.prepared.train
     store = TokenStore(train.dir)
     assert len(store) == 12 and store.report().kept == 12
+
+
+# Plan x method combinations each plan refuses before any worker starts (moved here from
+# the plans' slow test modules: the refusal needs no launch).
+PLAN_REFUSALS = {
+    "zero2-offload_param": (["method.dropout=0", "parallel=zero2", "parallel.offload_param=true",
+                             "launcher.nproc_per_node=2"],
+                            ["parallel=zero2 with method=lora", "needs ZeRO stage 3", "parallel=zero3_offload"]),
+    "fsdp2-full-nf4": (["method=full", "method.quantize=nf4", "parallel=fsdp2", "launcher.nproc_per_node=2"],
+                       ["parallel=fsdp2 with method=full", "method=qlora", "parallel=ddp"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLAN_REFUSALS))
+def test_refused_plan_combination_says_why_and_what_instead(tmp_path, tiny_model, case):
+    overrides, needles = PLAN_REFUSALS[case]
+    out = refused(tmp_path, f"model.path={tiny_model}", *overrides)
+    for needle in needles:
+        assert needle in out, out
