@@ -237,11 +237,12 @@ def compose(*overrides: str):
         return hydra_compose("config", overrides=list(overrides))
 
 
-def launch_in_process(run_dir: Path, *overrides: str) -> tuple[int, str, list]:
+def launch_in_process(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`python launch.py OVERRIDES... hydra.run.dir=RUN_DIR` in this process, up to the point
     where it would start training: launch.main.main on the composed config, with the
-    launcher (local or slurm) replaced by a recorder. Returns (exit code, what it printed
-    and logged, the [(cfg, config_path)] the launcher was handed: empty when refused)."""
+    launcher (local or slurm) replaced by a recorder. Returns a CompletedProcess (exit
+    code, what it printed on stdout, on stderr with its log lines) whose `calls` lists the
+    (cfg, config_path) the launcher was handed: empty when refused."""
     import contextlib
     import io
     import logging
@@ -251,29 +252,32 @@ def launch_in_process(run_dir: Path, *overrides: str) -> tuple[int, str, list]:
 
     calls: list = []
     cfg = compose(*overrides)
-    text = io.StringIO()
-    handler = logging.StreamHandler(text)
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
     root = logging.getLogger()
     level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     try:
         with mock.patch.object(entry, "launcher_for", lambda name: lambda *a: calls.append(a) or 0), \
-                contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = entry.main(cfg, str(run_dir))
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
-    return code, text.getvalue(), calls
+    proc = subprocess.CompletedProcess(list(overrides), code, out.getvalue(), err.getvalue())
+    proc.calls = calls
+    return proc
 
 
 def refused(run_dir: Path, *overrides: str) -> str:
     """What `python launch.py OVERRIDES... hydra.run.dir=RUN_DIR` refuses, checked in-process
     (launch_in_process): exit code 2, one `error: ...` paragraph and no traceback, and
     nothing handed to the launcher, so no process spawned and no job submitted. Returns
-    the output."""
-    code, text, calls = launch_in_process(run_dir, *overrides)
-    assert code == 2 and not calls, (code, text)
-    assert "error: " in text and "Traceback" not in text, text
+    the output (stdout + stderr)."""
+    proc = launch_in_process(run_dir, *overrides)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and not proc.calls, (proc.returncode, text)
+    assert "error: " in proc.stderr and "Traceback" not in text, text
     assert not (Path(run_dir) / "metrics.jsonl").exists(), "training started"
     return text

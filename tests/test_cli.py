@@ -100,12 +100,13 @@ def test_skip_bad_rows_keeps_the_good_ones_counts_the_rest_and_launches(tmp_path
     data = tmp_path / "train.jsonl"
     rows = [GOOD] * 12 + [BAD["role_order"][0], BAD["empty_answer"][0]]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code, out, calls = launch_in_process(
+    proc = launch_in_process(
         tmp_path / "run", f"model.path={tiny_model}", f"data.train={data}", "data.on_bad_row=skip",
         "data.packing=false", "data.eval=null", "train.micro_batch_size=4", "train.grad_accum=2")
-    assert code == 0 and len(calls) == 1, out
+    out = proc.stderr
+    assert proc.returncode == 0 and len(proc.calls) == 1, out
     assert "12/14 rows kept" in out and "role_order x1" in out and "empty_answer x1" in out, out
-    cfg, config_path = calls[0]
+    cfg, config_path = proc.calls[0]
     assert config_path.exists()  # the config the workers load
     (train,) = cfg.data.prepared.train
     store = TokenStore(train.dir)
