@@ -275,9 +275,11 @@ def refused(run_dir: Path, *overrides: str) -> str:
     (launch_in_process): exit code 2, one `error: ...` paragraph and no traceback, and
     nothing handed to the launcher, so no process spawned and no job submitted. Returns
     the output (stdout + stderr)."""
+    metrics_file = Path(run_dir) / "metrics.jsonl"
+    before = metrics_file.read_bytes() if metrics_file.exists() else None  # a resumed run has some
     proc = launch_in_process(run_dir, *overrides)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 2 and not proc.calls, (proc.returncode, text)
     assert "error: " in proc.stderr and "Traceback" not in text, text
-    assert not (Path(run_dir) / "metrics.jsonl").exists(), "training started"
+    assert (metrics_file.read_bytes() if metrics_file.exists() else None) == before, "training started"
     return text

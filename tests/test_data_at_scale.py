@@ -43,8 +43,8 @@ def test_launcher_tokenizes_once_workers_open_mixture_and_eval_sets_reported(tmp
     # Another run on the same files: nothing is tokenized again.
     again = second.stdout + second.stderr
     assert "data: tokenized" not in again
-    launcher = [line for line in again.splitlines() if "data ok: " in line]  # the launcher's report
-    assert len(launcher) == 3 and all(line.endswith("(cached)") for line in launcher), again
+    launcher = [line for line in again.splitlines() if "data ok: " in line]  # the launcher's report, per source
+    assert len(launcher) == 4 and all(line.endswith("(cached)") for line in launcher), again
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 3
 
 
