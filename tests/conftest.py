@@ -38,4 +38,35 @@ def build_tiny_model(out: Path, layers: int = 2, hidden: int = 64, seed: int = 0
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+# (lr, minimum first/last loss ratio after 30 steps) of tests/test_methods.py. Virtual-token
+# methods and IA3 train far fewer, less expressive parameters: a higher lr, a lower bar.
+METHOD_SETTINGS = {"prompt": (0.1, 1.8), "prefix": (3e-2, 2.0), "ia3": (5e-2, 4.0)}
+DEFAULT_METHOD_SETTING = (None, 10.0)
+
+
+@pytest.fixture(scope="session")
+def method_runs(tmp_path_factory) -> dict[str, Path]:
+    """method -> run dir of 30 steps of every method in conf/method overfitting one batch (4
+    rows of the bundled task) on the bundled base, exports included (in files of 0.1 MiB): launched once, all in
+    one process (helpers.launch_many), for tests/test_methods.py and tests/test_export.py."""
+    from tests.helpers import launch_many
+
+    root = tmp_path_factory.mktemp("method-runs")
+    one_batch = root / "train.jsonl"
+    one_batch.write_text("\n".join((REPO / "data" / "reverse" / "train.jsonl").read_text().splitlines()[:4]) + "\n")
+    methods = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
+    launches = {}
+    for method in methods:
+        lr, _ = METHOD_SETTINGS.get(method, DEFAULT_METHOD_SETTING)
+        launches[method] = (root / method, [
+            f"method={method}", f"data.train={one_batch}", "data.eval=null", "data.packing=false",
+            "train.max_steps=30", "train.micro_batch_size=4", "train.grad_accum=1", "train.save_every=1000",
+            "optim.warmup_steps=0", "optim.schedule=constant", *([f"optim.lr={lr}"] if lr else []),
+            "train.export_shard_mib=0.1"])  # exports in several files: the streamed writer's index
+    launch_many(root, launches)
+    return {method: root / method for method in methods}
+
+
 from tests.conftest_slurm import slurm_cluster  # noqa: F401,E402

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -161,7 +162,7 @@ def assert_trains_like(run_dir: Path, ref_dir: Path, steps: int = 10) -> None:
     for s in ref:
         assert rel(got[s]["loss"], ref[s]["loss"]) < 1e-5, (s, got[s], ref[s])
         assert rel(got[s]["lr"], ref[s]["lr"]) < 1e-9, (s, got[s], ref[s])
-        assert isinstance(got[s]["grad_norm"], float)
+        assert math.isfinite(got[s]["grad_norm"]) and got[s]["grad_norm"] > 0, (s, got[s])  # a norm was measured
         assert rel(got[s]["grad_norm"], ref[s]["grad_norm"]) < 1e-4, (s, got[s], ref[s])
 
 
@@ -186,3 +187,99 @@ def worker(proc: subprocess.Popen, rank: int):
         except psutil.Error:
             continue
     raise AssertionError(f"no worker with RANK={rank} under pid {proc.pid}")
+
+
+def launch_many(root: Path, launches: dict[str, tuple[Path, list[str]]], timeout: int = 1800,
+                check: bool = True) -> dict[str, subprocess.CompletedProcess]:
+    """Several launches, in this order, in ONE process (tests/launch_worker.py: each is
+    `launch.main.main` on the config `python launch.py OVERRIDES hydra.run.dir=RUN_DIR`
+    composes): name -> (run dir, overrides) gives name -> CompletedProcess with the launch's
+    exit code, stdout and stderr. The torch/transformers import and interpreter start are
+    paid once. Each CompletedProcess also has `left`: the run dir's summary.json (a dict)
+    and checkpoints/latest (its text) as this launch left them, or None. `check`: every
+    launch must exit 0."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    spec = [{"run_dir": str(run_dir), "overrides": list(overrides), "log": str(root / f"launch-{name}")}
+            for name, (run_dir, overrides) in launches.items()]
+    (root / "launches.json").write_text(json.dumps(spec, indent=1))
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "launch_worker.py"), str(root / "launches.json"),
+                           str(root / "results.json")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"tests/launch_worker.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    results = json.loads((root / "results.json").read_text())
+    out = {}
+    for (name, _), entry, result in zip(launches.items(), spec, results, strict=True):
+        log = Path(entry["log"])
+        out[name] = subprocess.CompletedProcess(entry["overrides"], result["code"], Path(f"{log}.out").read_text(),
+                                                Path(f"{log}.err").read_text())
+        left = result["left"]
+        out[name].left = {"summary": json.loads(left["summary.json"]) if left["summary.json"] else None,
+                          "latest": (left["checkpoints/latest"] or "").strip() or None}
+        if check and result["code"] != 0:
+            raise AssertionError(f"launch {name} failed ({result['code']}):\n{out[name].stdout[-4000:]}\n"
+                                 f"{out[name].stderr[-6000:]}")
+    return out
+
+
+def compose(*overrides: str):
+    """The config `python launch.py OVERRIDES...` composes (Hydra's compose API, no run dir)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from launch.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return hydra_compose("config", overrides=list(overrides))
+
+
+def launch_in_process(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python launch.py OVERRIDES... hydra.run.dir=RUN_DIR` in this process, up to the point
+    where it would start training: launch.main.main on the composed config, with the
+    launcher (local or slurm) replaced by a recorder. Returns a CompletedProcess (exit
+    code, what it printed on stdout, on stderr with its log lines) whose `calls` lists the
+    (cfg, config_path) the launcher was handed: empty when refused."""
+    import contextlib
+    import io
+    import logging
+    from unittest import mock
+
+    import launch.main as entry
+
+    calls: list = []
+    cfg = compose(*overrides)
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with mock.patch.object(entry, "launcher_for", lambda name: lambda *a: calls.append(a) or 0), \
+                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = entry.main(cfg, str(run_dir))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    proc = subprocess.CompletedProcess(list(overrides), code, out.getvalue(), err.getvalue())
+    proc.calls = calls
+    return proc
+
+
+def refused(run_dir: Path, *overrides: str) -> str:
+    """What `python launch.py OVERRIDES... hydra.run.dir=RUN_DIR` refuses, checked in-process
+    (launch_in_process): exit code 2, one `error: ...` paragraph and no traceback, and
+    nothing handed to the launcher, so no process spawned and no job submitted. Returns
+    the output (stdout + stderr)."""
+    metrics_file = Path(run_dir) / "metrics.jsonl"
+    before = metrics_file.read_bytes() if metrics_file.exists() else None  # a resumed run has some
+    proc = launch_in_process(run_dir, *overrides)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and not proc.calls, (proc.returncode, text)
+    assert "error: " in proc.stderr and "Traceback" not in text, text
+    assert (metrics_file.read_bytes() if metrics_file.exists() else None) == before, "training started"
+    return text

@@ -1,11 +1,17 @@
-"""The command line: composed config, and bad input refused before any training."""
+"""The command line: composed config, and bad input refused before any training.
+
+What only Hydra's entry point does (`--cfg`, composition errors, the process's exit code)
+runs as `python launch.py` subprocesses, which are cheap when they stop before the torch
+import. Everything the launcher itself refuses is checked in-process (helpers.refused:
+launch.main.main with the launcher replaced by a recorder), with one subprocess case
+proving the same refusal reaches the real command line as exit code 2 and one paragraph."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from tests.helpers import FAST, launch
+from tests.helpers import launch, launch_in_process, refused
 
 GOOD = {"messages": [{"role": "user", "content": "Reverse: abc"}, {"role": "assistant", "content": "cba"}]}
 BAD = {
@@ -36,6 +42,22 @@ def assert_refused(proc, run_dir, *needles):
         (["model=nope"], ["Could not find 'model/nope'", "70b"]),
         (["method=nope"], ["Could not find 'method/nope'", "qlora"]),
         (["train.nope=1"], ["Key 'nope' is not in struct"]),
+    ],
+)
+def test_bad_config_is_refused_by_hydra_without_traceback(tmp_path, tiny_model, overrides, needles):
+    proc = launch(f"model.path={tiny_model}", *overrides, f"hydra.run.dir={tmp_path}", check=False)
+    assert_refused(proc, tmp_path, *needles)
+
+
+def test_launcher_refusal_reaches_the_command_line_as_exit_code_2(tmp_path, tiny_model):
+    proc = launch(f"model.path={tiny_model}", "train.micro_batch_size=0", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.strip() == "error: train.micro_batch_size=0 must be a positive integer.", proc.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
         (["data.train=/no/such/file.jsonl"], ["/no/such/file.jsonl", "does not exist"]),
         (["model.path=/no/such/model"], ["/no/such/model", "config.json"]),
         (["train.micro_batch_size=0"], ["train.micro_batch_size=0", "positive integer"]),
@@ -43,13 +65,13 @@ def assert_refused(proc, run_dir, *needles):
         (["optim.schedule=wavy"], ["optim.schedule='wavy'", "cosine"]),
     ],
 )
-def test_bad_config_is_refused_without_traceback(tmp_path, tiny_model, overrides, needles):
-    proc = launch(f"model.path={tiny_model}", *overrides, f"hydra.run.dir={tmp_path}", check=False)
-    assert_refused(proc, tmp_path, *needles)
+def test_bad_config_is_refused_before_launch(tmp_path, tiny_model, overrides, needles):
+    out = refused(tmp_path, f"model.path={tiny_model}", *overrides)
+    for needle in needles:
+        assert needle in out, out
 
 
-@pytest.mark.parametrize("kind", sorted(BAD) + ["undecodable"])
-def test_bad_row_is_refused_with_file_and_row(tmp_path, tiny_model, kind):
+def bad_rows_file(tmp_path, kind):
     data = tmp_path / "train.jsonl"
     lines = [json.dumps(GOOD).encode()] * 3
     if kind == "undecodable":
@@ -57,19 +79,54 @@ def test_bad_row_is_refused_with_file_and_row(tmp_path, tiny_model, kind):
     else:
         lines.append(json.dumps(BAD[kind][0]).encode())
     data.write_bytes(b"\n".join(lines + [json.dumps(GOOD).encode()]) + b"\n")
-    run_dir = tmp_path / "run"
+    return data
+
+
+@pytest.mark.parametrize("kind", sorted(BAD) + ["undecodable"])
+def test_bad_row_is_refused_with_file_and_row(tmp_path, tiny_model, kind):
+    data = bad_rows_file(tmp_path, kind)
     extra = ["data.truncation=false"] if kind == "too_long" else []
-    proc = launch(f"model.path={tiny_model}", f"data.train={data}", f"hydra.run.dir={run_dir}", *extra, check=False)
-    assert_refused(proc, run_dir, f"{data}, row 4", BAD.get(kind, (None, "not valid UTF-8"))[1], "data.on_bad_row=skip")
+    out = refused(tmp_path / "run", f"model.path={tiny_model}", f"data.train={data}", *extra)
+    for needle in (f"{data}, row 4", BAD.get(kind, (None, "not valid UTF-8"))[1], "data.on_bad_row=skip"):
+        assert needle in out, out
 
 
-def test_skip_bad_rows_trains_and_counts(tmp_path, tiny_model):
+def test_skip_bad_rows_keeps_the_good_ones_counts_the_rest_and_launches(tmp_path, tiny_model):
+    """data.on_bad_row=skip: the launcher reports what it dropped and hands the workers a
+    token cache of the good rows only (what the workers train on; training from a cache is
+    what every training test does)."""
+    from trainers.token_cache import TokenStore
+
     data = tmp_path / "train.jsonl"
     rows = [GOOD] * 12 + [BAD["role_order"][0], BAD["empty_answer"][0]]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = launch(
-        f"model.path={tiny_model}", f"data.train={data}", "data.on_bad_row=skip", "data.packing=false",
-        "data.eval=null", *FAST, "train.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}",
-    )
-    assert "12/14 rows kept" in proc.stderr and "role_order x1" in proc.stderr and "empty_answer x1" in proc.stderr
-    assert (tmp_path / "run" / "summary.json").exists()
+    proc = launch_in_process(
+        tmp_path / "run", f"model.path={tiny_model}", f"data.train={data}", "data.on_bad_row=skip",
+        "data.packing=false", "data.eval=null", "train.micro_batch_size=4", "train.grad_accum=2")
+    out = proc.stderr
+    assert proc.returncode == 0 and len(proc.calls) == 1, out
+    assert "12/14 rows kept" in out and "role_order x1" in out and "empty_answer x1" in out, out
+    cfg, config_path = proc.calls[0]
+    assert config_path.exists()  # the config the workers load
+    (train,) = cfg.data.prepared.train
+    store = TokenStore(train.dir)
+    assert len(store) == 12 and store.report().kept == 12
+
+
+# Plan x method combinations each plan refuses before any worker starts (moved here from
+# the plans' slow test modules: the refusal needs no launch).
+PLAN_REFUSALS = {
+    "zero2-offload_param": (["method.dropout=0", "parallel=zero2", "parallel.offload_param=true",
+                             "launcher.nproc_per_node=2"],
+                            ["parallel=zero2 with method=lora", "needs ZeRO stage 3", "parallel=zero3_offload"]),
+    "fsdp2-full-nf4": (["method=full", "method.quantize=nf4", "parallel=fsdp2", "launcher.nproc_per_node=2"],
+                       ["parallel=fsdp2 with method=full", "method=qlora", "parallel=ddp"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PLAN_REFUSALS))
+def test_refused_plan_combination_says_why_and_what_instead(tmp_path, tiny_model, case):
+    overrides, needles = PLAN_REFUSALS[case]
+    out = refused(tmp_path, f"model.path={tiny_model}", *overrides)
+    for needle in needles:
+        assert needle in out, out

@@ -15,7 +15,7 @@ from trainers.batches import BatchLayout, GlobalBatches, Mixture, Shuffle, Sourc
 from trainers.data import parse_sources
 from trainers.errors import UserError
 from trainers.packing import best_fit_decreasing
-from trainers.rows import tokenize_messages
+from trainers.rows import IGNORE, tokenize_messages
 from trainers.token_cache import TokenStore, entry_dir, entry_key, prepare
 
 
@@ -264,3 +264,85 @@ def test_shuffle_is_a_seeded_permutation_without_a_table():
             assert [Shuffle(n, seed)[i] for i in (0, n - 1)] == [perm[0], perm[-1]]  # scalar == vector
     a, b = Shuffle(1000, 0)[np.arange(1000)], Shuffle(1000, 1)[np.arange(1000)]
     assert (a != b).mean() > 0.9 and abs(np.corrcoef(np.arange(1000), a)[0, 1]) < 0.1
+
+
+# ------------------------------------------------------------------ batch layout (pure)
+def seq(ids, labels=None, start=0):
+    ids = np.asarray(ids, dtype=np.int64)
+    labels = ids + 100 if labels is None else np.asarray(labels, dtype=np.int64)
+    return ids, labels, np.arange(start, start + len(ids))
+
+
+def test_rows_per_step_is_micro_batch_times_accumulation_times_data_parallel_ranks():
+    assert BatchLayout(4, 2, 1).rows_per_step == 8
+    assert BatchLayout(2, 2, 2).rows_per_step == 8 and BatchLayout(1, 8, 1).rows_per_step == 8
+    assert BatchLayout(3, 5, 7).rows_per_step == 105
+
+
+def test_collate_right_pads_and_ignores_the_padding():
+    b = collate([seq([5, 6, 7]), seq([8])], pad_id=0, packed=False)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["labels"].tolist() == [[105, 106, 107], [108, IGNORE, IGNORE]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]]  # padding restarts: a sequence of its own
+    assert b["n_real_tokens"] == 4
+    # packed rows: positions as given (restarting per example), no attention mask at all
+    packed = collate([(np.array([1, 2, 3, 4]), np.array([2, 3, 4, IGNORE]), np.array([0, 1, 0, 1]))], 0, True)
+    assert "attention_mask" not in packed and packed["position_ids"].tolist() == [[0, 1, 0, 1]]
+    # keep=False: the row is computed, its targets blanked (evaluation's padding rows)
+    kept = collate([seq([5, 6]), seq([7, 8])], 0, False, keep=[True, False])
+    assert kept["labels"].tolist() == [[105, 106], [IGNORE, IGNORE]] and kept["input_ids"].tolist() == [[5, 6], [7, 8]]
+
+
+def test_collate_sequences_records_which_sequence_each_position_belongs_to():
+    from trainers.batches import collate_sequences
+
+    parts = [(np.array([1, 2, 3]), np.array([0, 1, 1])), (np.array([4, 5]), np.array([0, 1])),
+             (np.array([6]), np.array([1]))]
+    one_per_row = collate_sequences(parts, pad_id=0, packed=False)
+    assert one_per_row["segments"].tolist() == [[0, 0, 0], [1, 1, -1], [2, -1, -1]]
+    assert one_per_row["seq_lengths"].tolist() == [3, 2, 1]
+    assert one_per_row["labels"].tolist()[0] == [2, 3, IGNORE]  # shifted targets of the masked span
+    # packed into rows of width 3: best fit decreasing puts [3] alone, then [2] + [1]
+    packed = collate_sequences(parts, pad_id=0, packed=True, width=3)
+    assert packed["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert packed["segments"].tolist() == [[0, 0, 0], [1, 1, 2]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]] and "attention_mask" not in packed
+
+
+def test_computed_positions_count_the_padding_of_each_layout():
+    from trainers.batches import computed_positions, sequence_rows
+
+    lengths = [5, 3, 2, 2]
+    assert computed_positions(lengths, packed=False, width=None) == 4 * 5  # 4 rows padded to 5
+    assert sequence_rows(np.array(lengths), packed=True, width=6) == [[0], [1, 2], [3]]
+    assert computed_positions(lengths, packed=True, width=6) == 3 * 5  # 3 rows, the fullest holds 5
+    assert computed_positions(lengths, packed=True, width=None) == 3 * 5  # width at least the longest
+    assert computed_positions([4, 4], packed=True, width=8) == 8
+
+
+def test_micro_batches_of_each_rank_are_consecutive_slices_of_the_global_batch(tok, tmp_path):
+    rows = [chat(f"q{i}", "a" * (i % 5 + 1)) for i in range(24)]
+    store = load(write_jsonl(tmp_path / "t.jsonl", rows), tok, data_cfg(packing=False), tmp_path / "c")
+    src = Source("t", store)
+    batches = GlobalBatches([src], BatchLayout(2, 3, 2), seed=0, pad_id=tok.pad_token_id, packed=False)
+    step = 5
+    want = batches.rows(step)
+    assert len(want) == 12 and len(set(want)) == 12  # 24 rows, 2 steps per pass: no repeats within a step
+    targets = sum(src.targets(r) for _, r in want)
+    seen = []
+    for rank in range(2):
+        micro, count = batches.micro_batches(step, dp_rank=rank)
+        assert len(micro) == 3 and count == targets  # every rank divides by the whole global batch's targets
+        for mb in micro:
+            assert mb["input_ids"].shape[0] == 2
+            for row in range(2):
+                n = int(mb["attention_mask"][row].sum())
+                seen.append(mb["input_ids"][row, :n].tolist())
+                assert (mb["labels"][row, n:] == IGNORE).all()
+    assert seen == [src.tensors(r)[0].tolist() for _, r in want]  # rank 0's rows, then rank 1's, in order
+    assert sum((mb["labels"] != IGNORE).sum().item() for r in range(2) for mb in batches.micro_batches(step, r)[0]) \
+        == targets
+    with pytest.raises(UserError, match=r"has 24 sequences but one global batch needs 32 \(micro_batch_size 4 x "
+                                        r"grad_accum 4 x 2 data-parallel ranks\)"):
+        GlobalBatches([src], BatchLayout(4, 4, 2), seed=0, pad_id=0, packed=False)

@@ -1,6 +1,7 @@
 """The token cache through the real CLI: the launcher tokenizes, the 2 workers only open
 the cache, a later run reuses it; a weighted mixture and named eval sets are reported
-in the metrics; NEFTune perturbs training forwards only."""
+in the metrics (2 processes: slow; both launches in one launcher process,
+helpers.launch_many); NEFTune perturbs training forwards only (in-process)."""
 from __future__ import annotations
 
 import json
@@ -9,10 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import FAST, REPO, launch, metrics
+from tests.helpers import FAST, REPO, launch_many, metrics
 from trainers.neftune import add_neftune
 
 
+@pytest.mark.slow
 def test_launcher_tokenizes_once_workers_open_mixture_and_eval_sets_reported(tmp_path, tiny_model):
     cache = tmp_path / "cache"
     task, replay = REPO / "data/reverse/train.jsonl", REPO / "data/reverse/train_prompt_completion.jsonl"
@@ -21,7 +23,9 @@ def test_launcher_tokenizes_once_workers_open_mixture_and_eval_sets_reported(tmp
     common = [f"model.path={tiny_model}", *FAST, "parallel=ddp", "launcher.nproc_per_node=2",
               "train.micro_batch_size=4", "train.grad_accum=1", "train.max_steps=4", "train.eval_every=2",
               "train.neftune_alpha=5", f"data.cache_dir={cache}", f"data.train={mixture}", f"data.eval={evals}"]
-    first = launch(*common, f"hydra.run.dir={tmp_path / 'a'}")
+    # the second launch: another run on the same files
+    first, second = launch_many(tmp_path / "launches", {"first": (tmp_path / "a", common),
+                                                        "second": (tmp_path / "b", [*common, "train.max_steps=1"])}).values()
     out = first.stdout + first.stderr
     tokenized = [line for line in out.splitlines() if "data: tokenized" in line]
     assert len(tokenized) == 3, out  # 2 training sources + 1 eval-only file, once each
@@ -37,8 +41,10 @@ def test_launcher_tokenizes_once_workers_open_mixture_and_eval_sets_reported(tmp
         assert r["eval_loss"] == r["eval_loss/held"] and r["eval_loss/pc"] > 0
         assert 0 <= r["eval_exact_match/pc"] <= 1
     # Another run on the same files: nothing is tokenized again.
-    second = launch(*common, "train.max_steps=1", f"hydra.run.dir={tmp_path / 'b'}")
-    assert "data: tokenized" not in second.stdout + second.stderr and "(cached)" in second.stdout
+    again = second.stdout + second.stderr
+    assert "data: tokenized" not in again
+    launcher = [line for line in again.splitlines() if "data ok: " in line]  # the launcher's report, per source
+    assert len(launcher) == 4 and all(line.endswith("(cached)") for line in launcher), again
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 3
 
 

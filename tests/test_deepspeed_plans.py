@@ -106,15 +106,3 @@ def test_zero3_resume_after_sigkill(runs, tiny_model, tmp_path):
     second = launch(*overrides, f"hydra.run.dir={run_dir}")
     assert f"(step {killed_at})" in second.stderr + second.stdout, "the relaunch did not resume"
     assert_resumed_exactly(run_dir, uninterrupted)
-
-
-def test_refused_combination_says_why(tiny_model):
-    # Parameter offload without ZeRO-3: refused before any worker starts.
-    proc = launch(
-        *common(tiny_model, "lora"), "parallel=zero2", "parallel.offload_param=true",
-        "launcher.nproc_per_node=2", check=False, timeout=120,
-    )
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    assert "parallel=zero2 with method=lora" in proc.stderr
-    assert "needs ZeRO stage 3" in proc.stderr and "parallel=zero3_offload" in proc.stderr

@@ -33,11 +33,10 @@ def test_presets_fit_where_published_numbers_say_they_do(tmp_path, overrides, bu
     assert est.total <= at_most * GIB, est.table(budget)
 
 
-def test_full_finetune_of_70b_under_ddp_is_refused_with_what_would_fit(tmp_path):
-    with pytest.raises(UserError) as e:
-        check(cfg_for(tmp_path, "model=70b", "method=full", "parallel=ddp", "launcher.gpu_mem_gb=80"))
-    text = str(e.value)
-    assert "nothing was submitted" in text and "parallel=fsdp2 launcher.nodes=" in text and "method=qlora" in text
+# The refusal of what cannot fit, with the configurations that would (70b, method=full,
+# parallel=ddp, 80 GB), is tested through the launcher's entry point in
+# tests/test_slurm_launcher.py::test_dry_runs_estimate_memory_and_refuse_what_cannot_fit
+# (exit code 2, the table, "nothing was submitted", parallel=fsdp2 launcher.nodes=..., method=qlora).
 
 
 def test_bf16_halves_the_frozen_base_and_sharding_divides_it(tmp_path):
@@ -82,3 +81,165 @@ def test_gradients_and_activations_add_up_only_across_micro_batches(tmp_path):
     assert two.grads_and_activations == two.grads + two.activations
     ddp = for_config(cfg_for(tmp_path, *base, "parallel=ddp", "train.grad_accum=1"))
     assert ddp.grads_and_activations == ddp.grads / 2 + max(ddp.activations, ddp.grads / 2)
+
+
+# ------------------------------------------------------------ the formula, unit by unit
+# Pure functions of (Arch, Setup): every expectation below is worked out by hand from the
+# formula in launch/estimate.py's docstring, on a toy architecture small enough to count.
+PUBLISHED_PARAMS = {  # the model cards' parameter counts
+    "1b": 1_235_814_400, "3b": 3_212_749_824, "8b": 8_030_261_248, "13b": 13_015_864_320, "70b": 70_553_706_496,
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED_PARAMS))
+def test_parameter_count_of_every_preset_is_the_published_one(preset):
+    from omegaconf import OmegaConf
+
+    from launch.estimate import arch_of
+
+    model = OmegaConf.load(REPO / "conf" / "model" / f"{preset}.yaml").model
+    assert arch_of(model).total_params == PUBLISHED_PARAMS[preset]
+
+
+def test_architecture_of_a_local_model_is_read_from_its_config_json(tmp_path):
+    from omegaconf import OmegaConf
+
+    from launch.estimate import arch_of
+
+    (tmp_path / "config.json").write_text('{"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, '
+                                          '"intermediate_size": 16, "vocab_size": 10}')
+    a = arch_of(OmegaConf.create({"path": str(tmp_path)}))
+    assert (a.kv_heads, a.kv_dim, a.tied) == (2, 8, False)  # no num_key_value_heads: multi-head attention
+    assert arch_of(OmegaConf.create({"path": str(tmp_path / "absent")})) is None  # a hub id: nothing to estimate
+
+
+TOY = dict(hidden=8, layers=2, heads=2, kv_heads=1, intermediate=16, vocab=10, tied=False)
+# kv_dim 4; per layer q,o 8x8, k,v 8x4, gate,up,down 8x16 = 576 linear weights + 2 norms x 8 = 592;
+# embeddings and lm_head 2 x 10 x 8 + final norm 8 = 168; total 2 x 592 + 168 = 1352.
+TOY_TOTAL, TOY_LAYER, TOY_ROOT = 1352, 592, 168
+
+
+def toy_setup(**kw):
+    from launch.estimate import Setup
+    from parallel.layout import StateLayout
+
+    base = dict(method="m", peft=None, quantized=False, lora_r=0, lora_targets=(), dora=False, virtual_tokens=0,
+                plan="p", layout=StateLayout(), world=1, nodes=1, tokens=8, act_bytes=4, device="cpu")
+    return Setup(**{**base, **kw})
+
+
+def toy_estimate(**kw):
+    from launch.estimate import Arch, estimate
+
+    return estimate(Arch(**TOY), toy_setup(**kw))
+
+
+def test_toy_architecture_counts():
+    from launch.estimate import Arch
+
+    a = Arch(**TOY)
+    assert (a.kv_dim, a.layer_linear_params, a.root_params, a.total_params) == (4, 576, TOY_ROOT, TOY_TOTAL)
+    assert Arch(**{**TOY, "tied": True}).total_params == TOY_TOTAL - 10 * 8
+
+
+def test_trainable_parameters_per_method():
+    from launch.estimate import Arch, trainable_params
+
+    a = Arch(**TOY)
+    assert trainable_params(a, toy_setup()) == TOY_TOTAL
+    # LoRA r=2 on q (8+8) and v (8+4): 2 x (16 + 12) per layer, 2 layers
+    lora = toy_setup(peft="lora", lora_r=2, lora_targets=("q_proj", "v_proj"))
+    assert trainable_params(a, lora) == 112
+    assert trainable_params(a, toy_setup(peft="lora", lora_r=2, lora_targets=("q_proj", "v_proj"), dora=True)) == \
+        112 + 2 * (8 + 4)  # DoRA: one magnitude per output feature
+    assert trainable_params(a, toy_setup(peft="ia3")) == 2 * (2 * 4 + 16)  # k, v and the MLP's inner scaling
+    assert trainable_params(a, toy_setup(peft="prompt", virtual_tokens=5)) == 5 * 8
+    assert trainable_params(a, toy_setup(peft="prefix", virtual_tokens=5)) == 5 * 2 * 2 * 4  # a k and v per layer
+
+
+def test_lora_r16_on_every_linear_of_llama_8b_is_peft_s_count():
+    from omegaconf import OmegaConf
+
+    from launch.estimate import LINEARS, arch_of, trainable_params
+
+    a = arch_of(OmegaConf.load(REPO / "conf" / "model" / "8b.yaml").model)
+    assert trainable_params(a, toy_setup(peft="lora", lora_r=16, lora_targets=LINEARS)) == 41_943_040
+
+
+def test_full_fine_tuning_on_one_rank_term_by_term():
+    """fp32, 8 tokens per forward, no plan layout, on CPU (no overhead term)."""
+    e = toy_estimate()
+    assert e.trainable == TOY_TOTAL
+    assert e.params == TOY_TOTAL * 4 and e.grads == TOY_TOTAL * 4 and e.optim == TOY_TOTAL * 8  # AdamW's two moments
+    # per layer and token 6h + 2kv + 4I = 120 saved elements, + 3h = 24 with trained weights;
+    # 8 tokens x 2 layers x 144 x 4 B, + logits 8 tokens x 10 x (4 + 8) B
+    assert e.activations == 8 * 2 * 144 * 4 + 8 * 10 * 12 == 10_176
+    assert e.buffers == 0 and e.overhead == 0
+    assert e.grads_and_activations == max(e.grads, e.activations)  # one forward: one after the other
+    assert e.train == e.params + e.optim + e.activations
+    assert e.load == e.params + 10 * 8 * 4  # the embedding (V x h, fp32) in flight
+    assert e.total == e.train
+    assert e.fits(e.total / 2**30) and not e.fits(e.total / 2**30 * 0.999)
+
+
+def test_lora_in_bf16_under_ddp_buckets_and_gpu_overhead():
+    from launch.estimate import CUDA_OVERHEAD, FRAGMENTATION
+    from parallel.layout import StateLayout
+
+    e = toy_estimate(peft="lora", lora_r=2, lora_targets=("q_proj", "v_proj"), act_bytes=2, world=2,
+                     layout=StateLayout(grad_buckets=True), device="gpu")
+    assert e.params == TOY_TOTAL * 2 + 112 * 4  # frozen base in bf16, adapters fp32
+    assert e.grads == 112 * 8 and e.optim == 112 * 8  # grads twice (DDP's buckets); nothing sharded
+    assert e.activations == 8 * 2 * 120 * 2 + 8 * 10 * (2 + 8)
+    assert e.grads_and_activations == e.grads / 2 + max(e.activations, e.grads / 2)  # the buckets stay
+    subtotal = e.params + e.optim + e.grads_and_activations
+    assert e.overhead == pytest.approx(CUDA_OVERHEAD + FRAGMENTATION * subtotal)
+    assert e.load == pytest.approx(e.params + 10 * 8 * 2 + CUDA_OVERHEAD + FRAGMENTATION * (e.params + 10 * 8 * 2))
+
+
+def test_sharding_divides_state_gathered_units_add_buffers_and_offload_leaves_the_gpu():
+    from parallel.layout import StateLayout
+
+    sharded = StateLayout(shards=frozenset({"params", "grads", "optim"}), gathers_units=True)
+    e = toy_estimate(world=2, layout=sharded)
+    assert (e.params, e.grads, e.optim) == (TOY_TOTAL * 4 / 2, TOY_TOTAL * 4 / 2, TOY_TOTAL * 8 / 2)
+    # the larger of root (168) and a layer (592) + one prefetched layer, in fp32, + one layer's fp32 grads
+    assert e.buffers == (TOY_LAYER + TOY_LAYER) * 4 + TOY_LAYER * 4
+    assert toy_estimate(world=1, layout=sharded).buffers == 0  # one rank gathers nothing
+    offloaded = StateLayout(shards=frozenset({"params", "grads", "optim"}), offload=frozenset({"optim"}))
+    assert toy_estimate(world=2, layout=offloaded, device="gpu").optim == 0
+    assert toy_estimate(world=2, layout=offloaded, device="cpu").optim == TOY_TOTAL * 8 / 2  # host RAM counts
+
+
+def test_pipeline_stage_holds_its_layers_and_micro_batches_in_flight():
+    from parallel.layout import StateLayout
+
+    e = toy_estimate(layout=StateLayout(stages=2, in_flight=2), forwards_per_step=2)
+    assert e.params == TOY_TOTAL * 4 / 2
+    # 2 micro-batches in flight x 8 tokens x 1 layer here x 144 elements x 4 B, + logits
+    assert e.activations == 2 * 8 * 1 * 144 * 4 + 8 * 10 * 12
+    assert e.grads_and_activations == e.grads + e.activations  # several forwards per step: together
+
+
+def test_activation_checkpointing_and_chunked_loss():
+    ckpt = toy_estimate(activation_checkpointing=True)
+    # each layer keeps its input (h per token), one layer's activations alive while recomputed
+    assert ckpt.activations == (8 * 2 * 8 + 8 * 144) * 4 + 8 * 10 * 12
+    chunked = toy_estimate(loss_chunk_tokens=3)
+    assert chunked.activations == 8 * 2 * 144 * 4 + 3 * 10 * 12
+    assert toy_estimate(loss_chunk_tokens=100).activations == toy_estimate().activations  # chunk >= tokens
+
+
+def test_nf4_base_and_the_whole_model_loaded_before_sharding():
+    from launch.estimate import NF4_BYTES
+    from parallel.layout import StateLayout
+
+    qlora = dict(peft="lora", quantized=True, lora_r=2, lora_targets=("q_proj", "v_proj"), act_bytes=2)
+    e = toy_estimate(**qlora)
+    linear = 2 * 576
+    assert e.params == pytest.approx(linear * NF4_BYTES + (TOY_TOTAL - linear) * 2 + 112 * 4)
+    assert e.buffers == 8 * 16 * 2  # one linear dequantized at a time (h x I in bf16)
+    whole = StateLayout(shards=frozenset({"params", "grads", "optim"}), load_transient="whole")
+    sharded = toy_estimate(**qlora, world=2, layout=whole)
+    # loading: the rank's shard + the rest of the unsharded 4-bit model + the embedding (bf16)
+    assert sharded.load == pytest.approx(e.params + 10 * 8 * 2)

@@ -1,14 +1,20 @@
-"""Export: the adapter reloads with peft and the merged model computes the same logits."""
+"""Export: the adapter reloads with peft and the merged model computes the same logits.
+
+Every method's export comes from the shared 30-step runs of tests/test_methods.py
+(conftest.method_runs, slow); the fast tier checks LoRA's on tests/test_loop.py's run."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from tests.helpers import FAST, launch, summary
+from tests.helpers import REPO
+
+BUNDLED = REPO / "assets" / "tiny-llama"  # the method runs' base (model=tiny)
 
 
 def _inputs():
@@ -16,17 +22,13 @@ def _inputs():
     return torch.randint(10, 90, (2, 24), generator=g)
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
-def test_merged_equals_base_plus_adapter(tmp_path, tiny_model, method):
+def assert_merged_equals_base_plus_adapter(run: Path, base_path: Path) -> None:
     from peft import PeftModel
 
-    run = tmp_path / "run"
-    launch(f"model.path={tiny_model}", f"method={method}", *FAST[:-1], "train.max_steps=4", f"hydra.run.dir={run}")
-    assert summary(run)["status"] == "completed"
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     with_adapter = PeftModel.from_pretrained(base, run / "export" / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged", dtype=torch.float32).eval()
-    plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    plain = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
     x = _inputs()
     with torch.no_grad():
         want, got, before = with_adapter(input_ids=x).logits, merged(input_ids=x).logits, plain(input_ids=x).logits
@@ -35,14 +37,19 @@ def test_merged_equals_base_plus_adapter(tmp_path, tiny_model, method):
     assert (run / "export" / "merged" / "model.safetensors").exists()  # one base file: one merged file
 
 
-def test_qlora_merge_uses_the_dequantized_base(tmp_path, tiny_model):
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
+def test_merged_equals_base_plus_adapter(method_runs, method):
+    assert_merged_equals_base_plus_adapter(method_runs[method], BUNDLED)
+
+
+@pytest.mark.slow
+def test_qlora_merge_uses_the_dequantized_base(method_runs):
+    from omegaconf import OmegaConf
     from peft import PeftModel
 
-    run = tmp_path / "run"
-    launch(f"model.path={tiny_model}", "method=qlora", *FAST[:-1], "train.max_steps=4", f"hydra.run.dir={run}")
+    run = method_runs["qlora"]
     merged = AutoModelForCausalLM.from_pretrained(run / "export" / "merged", dtype=torch.float32).eval()
-    from omegaconf import OmegaConf
-
     cfg = OmegaConf.load(run / "config.yaml")
     reference = PeftModel.from_pretrained(dequantized_base(cfg.model, cfg.method), run / "export" / "adapter").eval()
     x = _inputs()
@@ -74,11 +81,10 @@ def dequantized_base(model_cfg, method_cfg):
     return model.float()
 
 
-def test_full_finetune_exports_a_plain_model(tmp_path, tiny_model):
-    run = tmp_path / "run"
-    # 0.1 MiB files: the 350 kB model is streamed out in several files plus an index
-    launch(f"model.path={tiny_model}", "method=full", *FAST[:-1], "train.max_steps=3", "train.export_shard_mib=0.1",
-           f"hydra.run.dir={run}")
+@pytest.mark.slow
+def test_full_finetune_exports_a_plain_model(method_runs):
+    run = method_runs["full"]
+    # train.export_shard_mib=0.1 (conftest): the model is streamed out in several files + an index
     out = run / "export" / "merged"
     files = sorted(out.glob("model-*-of-*.safetensors"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -86,7 +92,7 @@ def test_full_finetune_exports_a_plain_model(tmp_path, tiny_model):
     for f in files:  # a file passes the limit only when a single tensor does
         assert f.stat().st_size <= 0.1 * 2**20 + 4096 or len(safe_open(str(f), "pt").keys()) == 1, f
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(BUNDLED, dtype=torch.float32)
     assert [n for n, _ in merged.named_parameters()] == [n for n, _ in plain.named_parameters()]
     diff = max((a - b).abs().max().item() for a, b in zip(merged.parameters(), plain.parameters()))
     assert diff > 1e-4 and not (run / "export" / "adapter").exists()

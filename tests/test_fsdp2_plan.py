@@ -163,14 +163,3 @@ def test_fsdp2_qlora_resume_after_sigkill(runs, inputs, tmp_path):
     second = launch(*overrides, f"hydra.run.dir={run_dir}")
     assert f"(step {killed_at})" in second.stderr + second.stdout, "the relaunch did not resume"
     assert_resumed_exactly(run_dir, uninterrupted)
-
-
-def test_refused_combination_says_why(inputs):
-    # Full fine-tuning of a 4-bit base: refused before any worker starts.
-    proc = launch(
-        *common(inputs, "full"), "method.quantize=nf4", *FSDP2, check=False, timeout=120,
-    )
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    assert "parallel=fsdp2 with method=full" in proc.stderr
-    assert "method=qlora" in proc.stderr and "parallel=ddp" in proc.stderr

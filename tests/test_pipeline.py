@@ -1,7 +1,9 @@
 """parallel=pipeline: the same losses as one process (2 stages, and 2 stages x 2 data-parallel),
-exact resume after SIGKILL, an export that loads as a plain HF model, and refusals.
+exact resume after SIGKILL, an export that loads as a plain HF model, and refusals; the
+layer split, in-process.
 
-Runs are shared between tests (module-scoped cache): each `launch` costs tens of seconds.
+Runs are shared between tests (module-scoped cache): each `launch` costs tens of seconds,
+so the tests that launch are marked slow; the refusals and the layer split run in-process.
 """
 from __future__ import annotations
 
@@ -10,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import FAST, REPO, kill_once_committed, launch, launched_once, losses, metrics, start, summary
-
-pytestmark = pytest.mark.slow
+from tests.helpers import (FAST, REPO, kill_once_committed, launch, launched_once, losses, metrics, refused, start,
+                           summary)
 
 # FAST without the LoRA-only dropout key; 8 rows per step (4 x 2).
 COMMON = [a for a in FAST if not a.startswith("method.dropout")] + ["data.metric_rows=4"]
@@ -40,6 +41,7 @@ def _evals(run: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["eval_loss"], r["eval_exact_match"]) for r in metrics(run) if "eval_loss" in r]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,schedule", [("full", "1f1b"), ("lora", "gpipe")])
 def test_two_stages_match_single_process(runs, method, schedule):
     ref = runs(f"ref-{method}", *METHOD[method])
@@ -53,6 +55,7 @@ def test_two_stages_match_single_process(runs, method, schedule):
     assert s["tokens_seen"] == summary(ref)["tokens_seen"]
 
 
+@pytest.mark.slow
 def test_two_stages_by_two_data_parallel_match_single_process(runs):
     ref = runs("ref-lora", *METHOD["lora"])
     pp = runs("pp2x2-lora", *METHOD["lora"], *PP2x2)
@@ -60,6 +63,7 @@ def test_two_stages_by_two_data_parallel_match_single_process(runs):
     assert summary(pp)["tokens_seen"] == summary(ref)["tokens_seen"]
 
 
+@pytest.mark.slow
 def test_sigkill_resume_then_export_loads_as_plain_model(runs, tiny_model, tmp_path):
     """2 stages x 2 dp, full fine-tuning: killed once the first checkpoint exists, then
     relaunched: the losses are those of one process; the export is a plain HF model that
@@ -101,13 +105,10 @@ REFUSALS = {
 
 
 def test_refusal_exits_before_spawning_with_message(tiny_model, tmp_path):
-    """Through the CLI: exit code 2, the message, no traceback, nothing run."""
+    """Through the launcher's entry point, in-process (helpers.refused): exit code 2, the
+    message, no traceback, nothing handed to the launcher, nothing run."""
     args, message = REFUSALS["microbatches<stages"]
-    run = tmp_path / "run"
-    proc = launch(f"model.path={tiny_model}", *COMMON, *PP2, *args, f"hydra.run.dir={run}", check=False, timeout=120)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 2 and message in out and "Traceback" not in out, out
-    assert not (run / "metrics.jsonl").exists()
+    assert message in refused(tmp_path / "run", f"model.path={tiny_model}", *COMMON, *PP2, *args)
 
 
 def _pre_spawn_check(model_path, tmp_path, *overrides: str) -> str:
@@ -145,3 +146,19 @@ def test_tied_embeddings_refused_for_full_only(tmp_path):
     config.save_pretrained(tied)
     assert "ties its input and output embeddings" in _pre_spawn_check(tied, tmp_path, "method=full")
     assert _pre_spawn_check(tied, tmp_path, "method=lora") == ""
+
+
+def test_layers_split_into_contiguous_balanced_ranges_extra_layers_first():
+    from parallel.pipeline import round_up, split_layers
+
+    assert split_layers(10, 4) == [range(0, 3), range(3, 6), range(6, 8), range(8, 10)]
+    assert split_layers(2, 2) == [range(0, 1), range(1, 2)]
+    assert split_layers(7, 1) == [range(0, 7)]
+    for n in range(1, 41):
+        for chunks in range(1, n + 1):
+            parts = split_layers(n, chunks)
+            assert len(parts) == chunks and [i for p in parts for i in p] == list(range(n)), (n, chunks)
+            sizes = [len(p) for p in parts]
+            assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1, (n, chunks, sizes)
+            assert sizes == sorted(sizes, reverse=True), (n, chunks, sizes)  # the last chunk also has the head
+    assert [round_up(n, 8) for n in (0, 1, 8, 9, 16, 17)] == [0, 8, 8, 16, 16, 24]

@@ -18,10 +18,10 @@ import torch
 
 from trainers import preference as P
 
-trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
-from trl.experimental.cpo.cpo_trainer import CPOTrainer  # noqa: E402
-from trl.experimental.orpo.orpo_trainer import ORPOTrainer  # noqa: E402
-from trl.trainer.kto_trainer import KTOTrainer  # noqa: E402
+from trl.experimental.cpo.cpo_trainer import CPOTrainer
+from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+from trl.trainer import dpo_trainer as trl_dpo
+from trl.trainer.kto_trainer import KTOTrainer
 
 DPOTrainer = trl_dpo.DPOTrainer
 V = 11
@@ -62,7 +62,7 @@ class Bigram:
         # TRL's fused head: per-token log-probs of labels[:, 1:] from positions [:, :-1], 0 where -100.
         tgt = labels[:, 1:]
         lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1)
-        lp = lp.masked_fill(tgt == -100, 0)
+        lp = lp.masked_fill(tgt == P.IGNORE, 0)
         zeros = torch.zeros_like(lp)
         return types.SimpleNamespace(log_probs=lp, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
 
@@ -180,7 +180,7 @@ def test_dpo_loss_types_equal_trl(loss_type):
     seqs, masks = chosen + rejected, cmask + rmask
     ids = pad_rows(seqs, PAD)
     cm = pad_rows(masks, 0)
-    ref_lp = ref(input_ids=ids, labels=ids.masked_fill(cm == 0, -100), fused_lm_head=True).log_probs.sum(1)
+    ref_lp = ref(input_ids=ids, labels=ids.masked_fill(cm == 0, P.IGNORE), fused_lm_head=True).log_probs.sum(1)
     inputs = {"input_ids": ids, "attention_mask": pad_rows([[1] * len(s) for s in seqs], 0), "completion_mask": cm,
               "ref_chosen_logps": ref_lp[:6], "ref_rejected_logps": ref_lp[6:]}
     ls = 0.1 if loss_type in ("robust", "exo_pair") else 0.0
@@ -209,10 +209,10 @@ def cpo_batch(rows):
     out = {}
     for side, k in (("chosen", 1), ("rejected", 2)):
         seqs = [r[0] + r[k] for r in rows]
-        labels = [[-100] * len(r[0]) + r[k] for r in rows]
+        labels = [[P.IGNORE] * len(r[0]) + r[k] for r in rows]
         out[f"{side}_input_ids"] = pad_rows(seqs, PAD)
         out[f"{side}_attention_mask"] = pad_rows([[1] * len(s) for s in seqs], 0)
-        out[f"{side}_labels"] = pad_rows(labels, -100)
+        out[f"{side}_labels"] = pad_rows(labels, P.IGNORE)
     return out
 
 
@@ -282,7 +282,7 @@ def kto_inputs(rows, ref):
         out[f"{prefix}attention_mask"] = pad_rows([[1] * len(s) for s in seqs], 0)
         out[f"{prefix}completion_mask"] = cm = pad_rows([[0] * len(p) + [1] * len(c) for p, c in zip(prompts, cs)], 0)
         key = "ref_logps" if prefix == "" else "ref_KL_logps"
-        out[key] = ref(input_ids=ids, labels=ids.masked_fill(cm == 0, -100), fused_lm_head=True).log_probs.sum(1)
+        out[key] = ref(input_ids=ids, labels=ids.masked_fill(cm == 0, P.IGNORE), fused_lm_head=True).log_probs.sum(1)
     out["label"] = torch.tensor([r[2] for r in rows])
     return out
 

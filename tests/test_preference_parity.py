@@ -28,7 +28,6 @@ import torch
 from tests.trl_preference_reference import REPO, read_jsonl
 from tests.trl_preference_reference import run as run_trl
 
-pytest.importorskip("trl")
 pytestmark = pytest.mark.slow
 
 MODEL = REPO / "assets/tiny-llama"

@@ -12,7 +12,6 @@ import torch
 from tests.trl_preference_reference import REPO, build_trainer, expected_tokens, read_jsonl, tokenized_rows
 from trainers import preference as P
 
-pytest.importorskip("trl")
 MODEL = REPO / "assets/tiny-llama"
 PREF = REPO / "data/reverse_pref/train.jsonl"
 KTO = REPO / "data/reverse_kto/train.jsonl"
