@@ -188,6 +188,9 @@ def main() -> None:
     ap.add_argument("--repo", default=str(REPO),
                     help="measure another checkout's launch.py (e.g. the commit before a change); "
                          "its estimate is not computed")
+    ap.add_argument("--same-global-batch", action="store_true",
+                    help="data-parallel ranks get 4/N rows per micro-batch (the single process's 4 rows split "
+                         "over them, as the parity tests do) instead of 4 each")
     ap.add_argument("--reestimate", action="store_true",
                     help="recompute estimate_mib of --out's rows for the current estimator (no runs)")
     args = ap.parse_args()
@@ -208,6 +211,9 @@ def main() -> None:
             if plan == "pipeline" and ac and method == "full":
                 continue
             cfg = overrides(plan, method, ac, precision, data, args.host_memory)
+            data_parallel = 1 if plan == "pipeline" else world
+            micro = 4 // data_parallel if args.same_global_batch else 4
+            cfg.append(f"train.micro_batch_size={micro}")
             other = Path(args.repo).resolve() != REPO
             result = {}
             for label, path in (("model", big), ("base", tiny)):
@@ -218,7 +224,8 @@ def main() -> None:
                 result[label] = (max(peaks.values()), 0.0 if other else cpu_estimate_mib(run))
             measured = result["model"][0] - result["base"][0]
             estimate = result["model"][1] - result["base"][1]
-            row = {"plan": plan, "method": method, "world_size": world, "activation_checkpointing": ac,
+            row = {"plan": plan, "method": method, "world_size": world, "micro_batch_size": micro,
+                   "activation_checkpointing": ac,
                    "precision": precision, "estimate_mib": round(estimate), "measured_mib": round(measured),
                    "ratio": round(estimate / measured, 3) if estimate else None, "peak_rss_mib": round(result["model"][0]),
                    "fixed_overhead_mib": round(result["base"][0])}

@@ -27,7 +27,11 @@ is what one rank holds at its peak, the larger of training and loading:
              the rest); with accumulation or a pipeline, on top of them.
   optimizer  8 B per trainable parameter (AdamW's two fp32 moments), + 4 B of fp32
              master copy where the plan keeps one beside the model (DeepSpeed; the model's
-             own trained weights are then in the compute dtype).
+             own trained weights are then in the compute dtype). The step itself holds
+             transients beside the gradients: torch's foreach AdamW (GPU) one fp32 temporary
+             of the rank's trainable size; a plan that steps one flat tensor per rank
+             (layout.flat_step, DeepSpeed) a flat copy of the gradient partition and a
+             temporary of that size (per sub-group); CPU AdamW one parameter's worth.
   sharding   params / grads / optimizer are divided by the data-parallel world size where
              the plan's layout shards them; offloaded parts live in host RAM (on a GPU only
              working buffers remain; the CPU estimate counts them). A pipeline of S stages
@@ -48,7 +52,8 @@ is what one rank holds at its peak, the larger of training and loading:
              unit (the root: embeddings + lm_head + final norm, or one decoder layer) + one
              prefetched decoder layer, in the compute dtype, + one layer's unsharded fp32
              gradients before the reduce-scatter. QLoRA dequantizes one linear at a time
-             (h*I elements in bf16).
+             (h*I elements in bf16). The plan's own gradient communication buffers
+             (layout.bucket_elements, DeepSpeed) in the compute dtype.
   load       what the rank keeps (params) + layout.load_transient: one tensor in flight
              (the largest, V*h), one module's full tensors (ZeRO-3: the largest module,
              V*h), or the whole unsharded model (4-bit bases under sharding plans, which
@@ -147,6 +152,7 @@ class Estimate:
     overhead: float
     load: float = 0.0    # load-time peak, overhead included
     grads_and_activations: float = 0.0  # what the two hold together at their peak (see `estimate`)
+    step_extra: float = 0.0  # the optimizer step's transients, counted inside grads & activations
 
     @property
     def train(self) -> float:
@@ -172,8 +178,10 @@ class Estimate:
             f"  gradients    {_bytes(self.grads)}   {_count(self.trainable)} trainable" + _sharded("grads", s),
             f"  optimizer    {_bytes(self.optim)}   AdamW, {12 if s.layout.master_copy else 8} B/trainable param"
             + _sharded("optim", s),
+            f"  step         {_bytes(self.step_extra)}   the optimizer step's transients (alive with the "
+            f"gradients, after the activations)",
             f"  activations  {_bytes(self.activations)}   {act}",
-            f"  buffers      {_bytes(self.buffers)}   gathered units / dequantization",
+            f"  buffers      {_bytes(self.buffers)}   gathered units / dequantization / communication buckets",
             f"  overhead     {_bytes(self.overhead)}   CUDA context + fragmentation",
             f"  training     {_bytes(self.train)}",
             f"  loading      {_bytes(self.load)}   peak while the weights are read ({s.layout.load_transient} in flight)",
@@ -318,6 +326,24 @@ def estimate(a: Arch, s: Setup) -> Estimate:
         buffers += layer_trainable * 4
     if s.quantized:
         buffers += a.hidden * a.intermediate * 2
+    # DeepSpeed's gradient communication buffers: allocated whole on a GPU; on CPU only
+    # the pages a step fills count (at most every trainable gradient, unpartitioned).
+    if L.bucket_elements:
+        elements = L.bucket_elements if s.device == "gpu" else min(L.bucket_elements, trainable)
+        buffers += elements * c
+    # The optimizer step's transients, alive with the gradients (not with the activations):
+    # a plan that steps one flat tensor per rank copies the gradient partition into it and
+    # AdamW's temporaries (sqrt of the second moment) are that size; torch's foreach AdamW
+    # (the default on a GPU) makes one temporary for all of a rank's parameters at once; on
+    # CPU AdamW steps one parameter at a time (the largest: the embedding, when it trains).
+    moment = per_rank("optim", trainable * 4)
+    if L.flat_step:
+        group = min(moment, L.step_group_elements * 4) if L.step_group_elements else moment
+        step_extra = 2 * group
+    elif s.device == "gpu":
+        step_extra = moment
+    else:
+        step_extra = per_rank("params", a.vocab * a.hidden * 4) if s.peft is None else 0.0
     # With one forward per step, backward frees each layer's activations as it creates that
     # layer's gradients, and the gradients are freed again after the optimizer step
     # (zero_grad(set_to_none=True)): the two peak one after the other, not together
@@ -328,9 +354,9 @@ def estimate(a: Arch, s: Setup) -> Estimate:
     # one's forward.
     kept = grads / 2 if L.grad_buckets else grads if L.master_copy else 0.0
     if s.forwards_per_step > 1:
-        grads_and_activations = grads + activations
+        grads_and_activations = grads + max(activations, step_extra)
     else:
-        grads_and_activations = kept + max(activations, grads - kept)
+        grads_and_activations = kept + max(activations, grads - kept + step_extra)
     subtotal = params + optim + grads_and_activations + buffers
     overhead = CUDA_OVERHEAD + FRAGMENTATION * subtotal if s.device == "gpu" else 0.0
 
@@ -343,7 +369,7 @@ def estimate(a: Arch, s: Setup) -> Estimate:
     load_state = params + in_flight
     load = load_state + (CUDA_OVERHEAD + FRAGMENTATION * load_state if s.device == "gpu" else 0.0)
     return Estimate(s, total, trainable, params, grads, optim, activations, buffers, overhead, load,
-                    grads_and_activations)
+                    grads_and_activations, step_extra)
 
 
 # ------------------------------------------------------------------- the check

@@ -33,6 +33,14 @@ class StateLayout:
     # an fp32 master copy of the trainable weights beside the model's own (DeepSpeed),
     # split like the optimizer state
     master_copy: bool = False
+    # the optimizer steps one flat tensor per rank (DeepSpeed): the step first copies the
+    # rank's gradient partition into a new flat fp32 tensor, and AdamW's temporaries are as
+    # large; at most step_group_elements at once (ZeRO-3's sub_group_size; 0: no limit)
+    flat_step: bool = False
+    step_group_elements: int = 0
+    # elements of the plan's own gradient communication buffers, allocated whole
+    # (DeepSpeed's reduce_bucket_size, twice with ZeRO-1/2's overlap_comm)
+    bucket_elements: int = 0
     # what a rank holds while it loads, on top of what it keeps: "tensor" (one tensor in
     # flight), "module" (one module's full tensors, ZeRO-3), "whole" (the whole model
     # before it is sharded: 4-bit bases under sharding plans)

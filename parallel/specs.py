@@ -135,8 +135,13 @@ class DeepSpeedZeroSpec(PlanSpec):
             offload |= {"optim", "grads"}
         quantized = bool(cfg.method.get("quantize"))
         transient = ("whole" if quantized else "module") if stage == 3 else "tensor"
+        buffers = 2 if p.get("overlap_comm") and stage < 3 else 1
+        bucket = int(p.reduce_bucket_size) * buffers if p.get("contiguous_gradients") else 0
+        # ZeRO-3 steps its flat partition in sub-groups of sub_group_size (DeepSpeed's default 1e9)
+        group = int(p.get("sub_group_size", 1_000_000_000)) if stage == 3 else 0
         return StateLayout(shards=ZERO_SHARDS[stage], offload=frozenset(offload), gathers_units=stage == 3,
-                           master_copy=True, load_transient=transient)
+                           master_copy=True, flat_step=True, step_group_elements=group, bucket_elements=bucket,
+                           load_transient=transient)
 
     def checkpoint_format(self, cfg) -> str:
         return f"deepspeed-zero{cfg.parallel.stage}"  # universal conversion keeps the stage

@@ -3,6 +3,8 @@ reference points, the plan layouts it reads, the load-time peak, and the refusal
 preset on the bundled toy data."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -77,10 +79,13 @@ def test_gradients_and_activations_add_up_only_across_micro_batches(tmp_path):
     base = ["model=8b", "method=full", "train.micro_batch_size=1"]
     one = for_config(cfg_for(tmp_path, *base, "parallel=fsdp2", "train.grad_accum=1"))
     two = for_config(cfg_for(tmp_path, *base, "parallel=fsdp2", "train.grad_accum=2"))
-    assert one.grads_and_activations == max(one.grads, one.activations)
-    assert two.grads_and_activations == two.grads + two.activations
+    # the step's transient (GPU: foreach AdamW's one temporary of the rank's trainable size)
+    # comes with the gradients, not with the activations
+    assert one.step_extra == one.optim / 2 > 0
+    assert one.grads_and_activations == max(one.grads + one.step_extra, one.activations)
+    assert two.grads_and_activations == two.grads + max(two.activations, two.step_extra)
     ddp = for_config(cfg_for(tmp_path, *base, "parallel=ddp", "train.grad_accum=1"))
-    assert ddp.grads_and_activations == ddp.grads / 2 + max(ddp.activations, ddp.grads / 2)
+    assert ddp.grads_and_activations == ddp.grads / 2 + max(ddp.activations, ddp.grads / 2 + ddp.step_extra)
 
 
 # ------------------------------------------------------------ the formula, unit by unit
@@ -175,8 +180,10 @@ def test_full_fine_tuning_on_one_rank_term_by_term():
     # 8 tokens x 2 layers x 144 x 4 B, + logits 8 tokens x 10 x (4 + 8) B
     assert e.activations == 8 * 2 * 144 * 4 + 8 * 10 * 12 == 10_176
     assert e.buffers == 0 and e.overhead == 0
-    assert e.grads_and_activations == max(e.grads, e.activations)  # one forward: one after the other
-    assert e.train == e.params + e.optim + e.activations
+    assert e.step_extra == 10 * 8 * 4  # CPU AdamW steps one parameter at a time: the embedding
+    # one forward: gradients (with the step's transient) and activations one after the other
+    assert e.grads_and_activations == max(e.grads + e.step_extra, e.activations)
+    assert e.train == e.params + e.optim + e.grads_and_activations
     assert e.load == e.params + 10 * 8 * 4  # the embedding (V x h, fp32) in flight
     assert e.total == e.train
     assert e.fits(e.total / 2**30) and not e.fits(e.total / 2**30 * 0.999)
@@ -191,7 +198,8 @@ def test_lora_in_bf16_under_ddp_buckets_and_gpu_overhead():
     assert e.params == TOY_TOTAL * 2 + 112 * 4  # frozen base in bf16, adapters fp32
     assert e.grads == 112 * 8 and e.optim == 112 * 8  # grads twice (DDP's buckets); nothing sharded
     assert e.activations == 8 * 2 * 120 * 2 + 8 * 10 * (2 + 8)
-    assert e.grads_and_activations == e.grads / 2 + max(e.activations, e.grads / 2)  # the buckets stay
+    assert e.step_extra == 112 * 4  # foreach AdamW: one fp32 temporary for every adapter weight
+    assert e.grads_and_activations == e.grads / 2 + max(e.activations, e.grads / 2 + e.step_extra)  # buckets stay
     subtotal = e.params + e.optim + e.grads_and_activations
     assert e.overhead == pytest.approx(CUDA_OVERHEAD + FRAGMENTATION * subtotal)
     assert e.load == pytest.approx(e.params + 10 * 8 * 2 + CUDA_OVERHEAD + FRAGMENTATION * (e.params + 10 * 8 * 2))
@@ -211,6 +219,26 @@ def test_sharding_divides_state_gathered_units_add_buffers_and_offload_leaves_th
     assert toy_estimate(world=2, layout=offloaded, device="cpu").optim == TOY_TOTAL * 8 / 2  # host RAM counts
 
 
+def test_a_flat_step_copies_the_gradient_partition_and_buckets_count_where_filled():
+    """DeepSpeed steps one flat fp32 tensor per rank: the step copies the gradient partition
+    into it and AdamW's temporary is as large (per ZeRO-3 sub-group); its communication
+    buckets are allocated whole on a GPU, and on CPU hold at most every gradient."""
+    from parallel.layout import StateLayout
+
+    zero3 = StateLayout(shards=frozenset({"params", "grads", "optim"}), master_copy=True, flat_step=True,
+                        bucket_elements=10**6)
+    cpu = toy_estimate(world=2, layout=zero3)
+    assert cpu.step_extra == 2 * TOY_TOTAL * 4 / 2  # flat gradient copy + temporary, this rank's half
+    kept = cpu.grads  # DeepSpeed keeps its gradient partitions across steps
+    assert cpu.grads_and_activations == kept + max(cpu.activations, cpu.step_extra)
+    assert cpu.buffers - toy_estimate(world=2, layout=replace(zero3, bucket_elements=0)).buffers == TOY_TOTAL * 4
+    gpu = toy_estimate(world=2, layout=zero3, device="gpu")
+    assert gpu.buffers - toy_estimate(world=2, layout=replace(zero3, bucket_elements=0), device="gpu").buffers \
+        == 10**6 * 4  # the whole bucket, fp32
+    grouped = toy_estimate(world=2, layout=replace(zero3, step_group_elements=100))
+    assert grouped.step_extra == 2 * 100 * 4  # one sub-group at a time
+
+
 def test_pipeline_stage_holds_its_layers_and_micro_batches_in_flight():
     from parallel.layout import StateLayout
 
@@ -218,7 +246,9 @@ def test_pipeline_stage_holds_its_layers_and_micro_batches_in_flight():
     assert e.params == TOY_TOTAL * 4 / 2
     # 2 micro-batches in flight x 8 tokens x 1 layer here x 144 elements x 4 B, + logits
     assert e.activations == 2 * 8 * 1 * 144 * 4 + 8 * 10 * 12
-    assert e.grads_and_activations == e.grads + e.activations  # several forwards per step: together
+    # several forwards per step: gradients and activations together, the step's transient after
+    assert e.step_extra == 10 * 8 * 4 / 2  # the embedding, on the stage that holds it
+    assert e.grads_and_activations == e.grads + max(e.activations, e.step_extra)
 
 
 def test_activation_checkpointing_and_chunked_loss():
