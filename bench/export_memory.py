@@ -16,8 +16,6 @@ time and writes files of at most train.export_shard_mib.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,17 +25,14 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from memory_estimate import COMMON, PLANS, SHAPE, full_length_rows, hwm_mib, tree  # noqa: E402
+from memory_estimate import COMMON, PLANS, SHAPE, full_length_rows, read_peaks, start, stop  # noqa: E402
 
 
 def run_peaks(args: list[str], log: Path, repo: Path, timeout: float = 1800) -> dict[int, tuple[float, float, float]]:
     """{pid: (peak MiB when step 2 is logged, when the final checkpoint is committed (the
     export starts next), over the whole run)} of the training processes (workers; or the
     launcher when it trains in-process)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "launch.py", *args], cwd=repo, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start(args, log, repo)
     peaks: dict[int, float] = {}
     at_step2: dict[int, float] = {}
     at_commit: dict[int, float] = {}
@@ -46,10 +41,7 @@ def run_peaks(args: list[str], log: Path, repo: Path, timeout: float = 1800) -> 
         while proc.poll() is None:
             if time.time() - t0 > timeout:
                 raise RuntimeError(f"timed out: see {log}")
-            for pid in tree(proc.pid):
-                got = hwm_mib(pid)
-                if got and ("launch.worker" in got[1] or pid == proc.pid):
-                    peaks[pid] = max(peaks.get(pid, 0.0), got[0])
+            read_peaks(proc, peaks)
             text = log.read_text(errors="replace")
             if not at_step2 and "step=2 " in text:
                 at_step2 = dict(peaks)
@@ -57,13 +49,10 @@ def run_peaks(args: list[str], log: Path, repo: Path, timeout: float = 1800) -> 
                 at_commit = dict(peaks)
             time.sleep(0.05)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    if proc.returncode != 0 or not at_step2 or not at_commit:
-        raise RuntimeError(f"run failed (exit {proc.returncode}): see {log}")
+        code = proc.poll()
+        stop(proc)
+    if code != 0 or not at_step2 or not at_commit:
+        raise RuntimeError(f"run failed (exit {code}): see {log}")
     workers = [p for p in peaks if p != proc.pid] or list(peaks)
     return {p: (at_step2.get(p, 0.0), at_commit.get(p, 0.0), peaks[p]) for p in sorted(workers)}
 

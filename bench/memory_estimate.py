@@ -102,36 +102,48 @@ def hwm_mib(pid: int) -> tuple[float, str] | None:
     return None
 
 
+def start(args: list[str], log: Path, repo: Path = REPO) -> subprocess.Popen:
+    """`python launch.py ARGS` in `repo`, its own process group, output to `log`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "launch.py", *args], cwd=repo, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def read_peaks(proc: subprocess.Popen, peaks: dict[int, float]) -> None:
+    """Raise `peaks` ({pid: MiB}) to the VmHWM of `proc`'s training processes (workers; or
+    the launcher itself when it trains in-process)."""
+    for pid in tree(proc.pid):
+        got = hwm_mib(pid)
+        if got and ("launch.worker" in got[1] or pid == proc.pid):
+            peaks[pid] = max(peaks.get(pid, 0.0), got[0])
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def peak_through_step_two(args: list[str], log: Path, repo: Path = REPO, timeout: float = 900) -> dict[int, float]:
     """Run launch.py; return {pid: peak MiB} of its training processes when step 2 is
     logged (workers; or the launcher itself when it trains in-process)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "launch.py", *args], cwd=repo, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start(args, log, repo)
     peaks: dict[int, float] = {}
     t0 = time.time()
     try:
         while proc.poll() is None and time.time() - t0 < timeout:
-            for pid in tree(proc.pid):
-                got = hwm_mib(pid)
-                if got and ("launch.worker" in got[1] or pid == proc.pid):
-                    peaks[pid] = max(peaks.get(pid, 0.0), got[0])
+            read_peaks(proc, peaks)
             if "step=2 " in log.read_text(errors="replace"):
-                for pid in tree(proc.pid):  # one last reading
-                    got = hwm_mib(pid)
-                    if got and pid in peaks:
-                        peaks[pid] = max(peaks[pid], got[0])
+                read_peaks(proc, peaks)  # one last reading
                 break
             time.sleep(0.1)
         else:
             raise RuntimeError(f"no step logged: see {log}")
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        stop(proc)
     workers = {p: v for p, v in peaks.items() if p != proc.pid}
     return workers or peaks
 
