@@ -172,6 +172,7 @@ def reestimate(out: Path, work: Path) -> None:
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
         for r in rows:
             cfg = overrides(r["plan"], r["method"], r["activation_checkpointing"], r["precision"], data, "compact")
+            cfg.append(f"train.micro_batch_size={r.get('micro_batch_size', 4)}")
             mib = [for_config(finalize(compose("config", overrides=[*cfg, f"model.path={path}"]), str(work / "x")),
                               device="cpu").total / MiB for path in (big, REPO / "assets" / "tiny-llama")]
             r["estimate_mib"] = round(mib[0] - mib[1])

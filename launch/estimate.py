@@ -50,7 +50,9 @@ is what one rank holds at its peak, the larger of training and loading:
              k = t tokens, or k = train.loss_chunk_tokens when the loss is chunked.
   buffers    plans that gather parameters unit by unit (layout.gathers_units): the largest
              unit (the root: embeddings + lm_head + final norm, or one decoder layer) + one
-             prefetched decoder layer, in the compute dtype, + one layer's unsharded fp32
+             prefetched decoder layer, in the compute dtype, or what the plan may keep
+             gathered at once if that is more (layout.live_gathered_elements: ZeRO-3's live
+             and prefetched parameters once it has recorded the module order), + one layer's unsharded fp32
              gradients before the reduce-scatter. QLoRA dequantizes one linear at a time
              (h*I elements in bf16). The plan's own gradient communication buffers
              (layout.bucket_elements, DeepSpeed) in the compute dtype.
@@ -321,7 +323,9 @@ def estimate(a: Arch, s: Setup) -> Estimate:
     if L.gathers_units and (s.world > 1 or "params" in L.offload):
         unit_bytes = NF4_BYTES if s.quantized else c
         root_bytes = 2 if s.quantized else c  # QLoRA keeps the root in bf16
-        buffers += max(a.root_params * root_bytes, layer * unit_bytes) + layer * unit_bytes
+        units = max(a.root_params * root_bytes, layer * unit_bytes) + layer * unit_bytes
+        live = min(L.live_gathered_elements, a.total_params) * unit_bytes
+        buffers += max(units, live)
         layer_trainable = trainable / max(a.layers, 1) if s.peft else layer
         buffers += layer_trainable * 4
     if s.quantized:

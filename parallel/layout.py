@@ -28,6 +28,10 @@ class StateLayout:
     # parameters are gathered unit by unit for compute (FSDP2, ZeRO-3): one unit plus one
     # prefetched, in the compute dtype, and one unit's unsharded gradients are alive
     gathers_units: bool = False
+    # elements a plan may keep gathered at once, once it knows the module order (ZeRO-3 from
+    # its second step: stage3_max_live_parameters + stage3_prefetch_bucket_size); 0: one
+    # unit and one prefetched layer
+    live_gathered_elements: int = 0
     # gradients are also copied into communication buckets of their full size (DDP)
     grad_buckets: bool = False
     # an fp32 master copy of the trainable weights beside the model's own (DeepSpeed),

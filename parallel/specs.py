@@ -139,9 +139,13 @@ class DeepSpeedZeroSpec(PlanSpec):
         bucket = int(p.reduce_bucket_size) * buffers if p.get("contiguous_gradients") else 0
         # ZeRO-3 steps its flat partition in sub-groups of sub_group_size (DeepSpeed's default 1e9)
         group = int(p.get("sub_group_size", 1_000_000_000)) if stage == 3 else 0
+        # From the second step ZeRO-3 prefetches along the recorded module order and keeps
+        # gathered parameters alive up to these limits (DeepSpeed's defaults if unset)
+        live = (int(p.get("stage3_max_live_parameters", 1_000_000_000))
+                + int(p.get("stage3_prefetch_bucket_size", 50_000_000))) if stage == 3 else 0
         return StateLayout(shards=ZERO_SHARDS[stage], offload=frozenset(offload), gathers_units=stage == 3,
-                           master_copy=True, flat_step=True, step_group_elements=group, bucket_elements=bucket,
-                           load_transient=transient)
+                           live_gathered_elements=live, master_copy=True, flat_step=True,
+                           step_group_elements=group, bucket_elements=bucket, load_transient=transient)
 
     def checkpoint_format(self, cfg) -> str:
         return f"deepspeed-zero{cfg.parallel.stage}"  # universal conversion keeps the stage

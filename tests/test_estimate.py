@@ -214,6 +214,13 @@ def test_sharding_divides_state_gathered_units_add_buffers_and_offload_leaves_th
     # the larger of root (168) and a layer (592) + one prefetched layer, in fp32, + one layer's fp32 grads
     assert e.buffers == (TOY_LAYER + TOY_LAYER) * 4 + TOY_LAYER * 4
     assert toy_estimate(world=1, layout=sharded).buffers == 0  # one rank gathers nothing
+    # a plan that keeps more gathered at once (ZeRO-3's live + prefetched parameters) counts
+    # that, at most the whole model
+    assert TOY_TOTAL > 2 * TOY_LAYER
+    live = toy_estimate(world=2, layout=replace(sharded, live_gathered_elements=10**9))
+    assert live.buffers == TOY_TOTAL * 4 + TOY_LAYER * 4
+    few = toy_estimate(world=2, layout=replace(sharded, live_gathered_elements=10))
+    assert few.buffers == e.buffers  # fewer than a unit and a prefetched layer: those count
     offloaded = StateLayout(shards=frozenset({"params", "grads", "optim"}), offload=frozenset({"optim"}))
     assert toy_estimate(world=2, layout=offloaded, device="gpu").optim == 0
     assert toy_estimate(world=2, layout=offloaded, device="cpu").optim == TOY_TOTAL * 8 / 2  # host RAM counts
