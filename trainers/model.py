@@ -213,7 +213,7 @@ def local_model_dir(path: str) -> Path:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as e:  # noqa: BLE001 - any hub failure is the same advice
+    except (OSError, ValueError) as e:  # hub and network errors are OSErrors; a malformed repo id is a ValueError
         raise UserError(
             f"model.path={path!r} is neither a local directory nor a reachable hub model ({type(e).__name__}: "
             f"{e}). Download it first (huggingface-cli download {path} --local-dir DIR) and set model.path=DIR."

@@ -92,7 +92,7 @@ def _read_datasets_folder(p: Path, batch: int) -> Iterator[list[tuple[int, Any]]
         import datasets
 
         ds = datasets.load_from_disk(str(p))
-    except Exception as e:  # noqa: BLE001 - any loading failure is reported to the user as-is
+    except (OSError, ValueError) as e:  # not a saved dataset (missing or unreadable files, bad JSON)
         raise UserError(f"Could not load the datasets folder {str(p)!r}: {e}") from None
     if isinstance(ds, datasets.DatasetDict):
         raise UserError(
