@@ -52,8 +52,8 @@ is what one rank holds at its peak, the larger of training and loading:
              unit (the root: embeddings + lm_head + final norm, or one decoder layer) + one
              prefetched decoder layer, in the compute dtype, or what the plan may keep
              gathered at once if that is more (layout.live_gathered_elements: ZeRO-3's live
-             and prefetched parameters once it has recorded the module order), + one layer's unsharded fp32
-             gradients before the reduce-scatter. QLoRA dequantizes one linear at a time
+             and prefetched parameters once it has recorded the module order), + one
+             layer's unsharded fp32 gradients before the reduce-scatter. QLoRA dequantizes one linear at a time
              (h*I elements in bf16). The plan's own gradient communication buffers
              (layout.bucket_elements, DeepSpeed) in the compute dtype.
   load       what the rank keeps (params) + layout.load_transient: one tensor in flight

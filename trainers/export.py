@@ -15,12 +15,12 @@ model computed.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
+from trainers.files import write_json
 from trainers.peft_methods import MERGEABLE
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,8 @@ class SafetensorsShards:
             path.rename(self.out / name)
             weight_map.update(dict.fromkeys(keys, name))
         if n > 1:
-            (self.out / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2) + "\n")
+            write_json(self.out / "model.safetensors.index.json",
+                       {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
 
 
 def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> None:
