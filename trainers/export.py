@@ -81,13 +81,9 @@ class SafetensorsShards:
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = self.total_bytes = 0
         self.written: list[tuple[Path, list[str]]] = []
-        self.keys: set[str] = set()
         self.dtype: torch.dtype | None = None  # of the floating-point weights
 
     def add(self, key: str, value: torch.Tensor) -> None:
-        if key in self.keys:  # given twice (two pipeline stages holding a tied weight)
-            return
-        self.keys.add(key)
         size = value.numel() * value.element_size()
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self._flush()
