@@ -324,7 +324,8 @@ def estimate(a: Arch, s: Setup) -> Estimate:
         unit_bytes = NF4_BYTES if s.quantized else c
         root_bytes = 2 if s.quantized else c  # QLoRA keeps the root in bf16
         units = max(a.root_params * root_bytes, layer * unit_bytes) + layer * unit_bytes
-        live = min(L.live_gathered_elements, a.total_params) * unit_bytes
+        live_elements = L.live_gathered_elements + L.live_gathered_per_hidden_sq * a.hidden ** 2
+        live = min(live_elements, a.total_params) * unit_bytes
         buffers += max(units, live)
         layer_trainable = trainable / max(a.layers, 1) if s.peft else layer
         buffers += layer_trainable * 4

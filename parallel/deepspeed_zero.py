@@ -54,6 +54,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from parallel.base import Plan
+from parallel.specs import zero3_gather_limits
 from trainers.distributed import backend_for, free_port as _free_port
 from trainers.errors import TrainingError, UserError
 
@@ -125,8 +126,9 @@ class DeepSpeedZero(Plan):
         return int(self.cfg.parallel.stage)
 
     # ------------------------------------------------------------------------ setup
-    def deepspeed_config(self) -> dict:
-        """The DeepSpeed JSON config for this run, from the Hydra values."""
+    def deepspeed_config(self, hidden: int) -> dict:
+        """The DeepSpeed JSON config for this run, from the Hydra values (`hidden`: the
+        model's hidden size, which ZeRO-3's `auto` gather limits scale with)."""
         p, t = self.cfg.parallel, self.cfg.train
         zero: dict = {
             "stage": self.stage,
@@ -137,12 +139,8 @@ class DeepSpeedZero(Plan):
         if self.stage < 3:
             zero["allgather_bucket_size"] = int(p.allgather_bucket_size)
         else:
-            # conf/parallel/zero3.yaml sets these; DeepSpeed's defaults otherwise.
-            for key, default in (("stage3_prefetch_bucket_size", 50_000_000),
-                                 ("stage3_param_persistence_threshold", 100_000),
-                                 ("stage3_max_live_parameters", 1_000_000_000),
-                                 ("stage3_max_reuse_distance", 1_000_000_000)):
-                zero[key] = int(p.get(key, default))
+            zero["stage3_param_persistence_threshold"] = int(p.get("stage3_param_persistence_threshold", 100_000))
+            zero.update(zero3_gather_limits(p, hidden))
         if p.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(p.pin_memory)}
         if p.offload_param:
@@ -182,7 +180,7 @@ class DeepSpeedZero(Plan):
         frees the rest before the next module is read (4-bit bases load whole, then
         deepspeed.initialize partitions them)."""
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        self.ds_config = self.deepspeed_config()
+        self.ds_config = self.deepspeed_config(int(source.config().hidden_size))
         if self.env.is_main:
             path = Path(self.cfg.run_dir) / "ds_config.json"
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """parallel=fsdp2: torch FSDP2 (`fully_shard`): parameters, gradients and optimizer state
 are sharded over data-parallel ranks (DTensor Shard(0)).
 
-Each decoder layer is one FSDP unit (all-gathered before its forward, resharded after),
-the root (embeddings, final norm, lm_head, and a PEFT wrapper's own parameters such as
-prompt embeddings) is the last unit. PEFT is applied before sharding, so the same layer
+Each decoder layer is one FSDP unit (all-gathered before its forward, resharded after);
+so are the input embeddings and the lm_head when untied; the root (final norm, tied
+embeddings, a PEFT wrapper's own parameters such as prompt embeddings) is the last unit. PEFT is applied before sharding, so the same layer
 search works through a PeftModel. QLoRA shards too: the NF4 weights are stored as bf16
 (`bnb_4bit_quant_storage`), so FSDP sees ordinary tensors and bitsandbytes restores the
 quantization state after the all-gather.
@@ -63,6 +63,18 @@ def shard_rows(p: torch.Tensor) -> tuple[int, int] | None:
 
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     return (offset[0], offset[0] + shape[0]) if len(shape) else None
+
+
+def vocab_units(model: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    """(input embeddings, output head) when they can be FSDP units of their own: both exist
+    and share no weight; else () (tied ones stay in the root)."""
+    lm = causal_lm(model)
+    embeddings, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    if embeddings is None or head is None:
+        return ()
+    if {id(p) for p in embeddings.parameters()} & {id(p) for p in head.parameters()}:
+        return ()
+    return embeddings, head
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
@@ -163,6 +175,14 @@ class FSDP2(Plan):
         reshard = bool(self.cfg.parallel.get("reshard_after_forward", True))
         for layer in layers:
             fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, **kwargs)
+        self.vocab_units = vocab_units(model)
+        if self.vocab_units:
+            embeddings, head = self.vocab_units
+            # Own units, as torchtitan shards them: at Llama-3's vocabulary each is 0.5B
+            # parameters, which the root would keep gathered for the whole step. The
+            # embeddings are used once per forward; the head again right at backward.
+            fully_shard(embeddings, mesh=mesh, reshard_after_forward=True, **kwargs)
+            fully_shard(head, mesh=mesh, reshard_after_forward=False, **kwargs)
         # The root keeps its (small) parameters gathered from forward to backward.
         fully_shard(model, mesh=mesh, **kwargs)
         lm = causal_lm(model)
@@ -184,10 +204,13 @@ class FSDP2(Plan):
     # ----------------------------------------------------------------------- export
     @contextlib.contextmanager
     def unsharded(self):
-        """The root unit (embeddings, norm, head and PEFT's prompt encoder) gathered whole;
-        the layers are their own units and stay sharded."""
-        self.model.unshard()
+        """The root unit (norm and PEFT's prompt encoder), the embeddings and the head
+        gathered whole; the layers are their own units and stay sharded."""
+        units = [self.model, *self.vocab_units]
+        for unit in units:
+            unit.unshard()
         try:
             yield
         finally:
-            self.model.reshard()
+            for unit in units:
+                unit.reshard()

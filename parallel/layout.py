@@ -29,9 +29,11 @@ class StateLayout:
     # prefetched, in the compute dtype, and one unit's unsharded gradients are alive
     gathers_units: bool = False
     # elements a plan may keep gathered at once, once it knows the module order (ZeRO-3 from
-    # its second step: stage3_max_live_parameters + stage3_prefetch_bucket_size); 0: one
-    # unit and one prefetched layer
+    # its second step: stage3_max_live_parameters + stage3_prefetch_bucket_size): a number of
+    # elements plus a multiple of hidden^2 (limits that scale with the model); 0: one unit
+    # and one prefetched layer
     live_gathered_elements: int = 0
+    live_gathered_per_hidden_sq: float = 0.0
     # gradients are also copied into communication buckets of their full size (DDP)
     grad_buckets: bool = False
     # an fp32 master copy of the trainable weights beside the model's own (DeepSpeed),

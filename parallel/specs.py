@@ -101,6 +101,37 @@ class FSDP2Spec(PlanSpec):
                            load_transient="whole" if cfg.method.get("quantize") else "tensor")
 
 
+# ZeRO-3's gather limits (elements). `auto` scales them with the model's hidden size h:
+# the prefetch bucket is transformers' DeepSpeed rule (0.9 h^2); the live-parameter cap and
+# the reuse distance are about one Llama decoder layer (12 h^2: 4 h^2 attention, 8 h^2 MLP),
+# so a rank releases a module's gathered weights after its forward and prefetches at most
+# one layer ahead (what FSDP2 holds), at the 360M bench model as at 70B (DeepSpeed's fixed
+# 1e9 keeps every weight of a model under 1B parameters gathered from forward to backward).
+ZERO3_AUTO_PER_HIDDEN_SQ = {
+    "stage3_prefetch_bucket_size": 0.9,
+    "stage3_max_live_parameters": 12.0,
+    "stage3_max_reuse_distance": 12.0,
+}
+
+
+def zero3_gather_limits(p, hidden: int) -> dict[str, int]:
+    """The ZeRO-3 gather limits DeepSpeed is given for a model of hidden size `hidden`: a
+    number the user set is kept, `auto` becomes its multiple of hidden^2."""
+    return {key: int(per * hidden * hidden) if p.get(key, "auto") == "auto" else int(p.get(key))
+            for key, per in ZERO3_AUTO_PER_HIDDEN_SQ.items()}
+
+
+def _bad_zero3_limit(p) -> str | None:
+    for key in ZERO3_AUTO_PER_HIDDEN_SQ:
+        value = p.get(key, "auto")
+        if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return (
+                f"parallel.{key}={value!r} must be auto (scaled to the model's hidden size h: "
+                f"{ZERO3_AUTO_PER_HIDDEN_SQ[key]:g} x h^2 elements) or a whole number of elements >= 0."
+            )
+    return None
+
+
 ZERO_SHARDS = {
     1: frozenset({"optim"}),
     2: frozenset({"optim", "grads"}),
@@ -123,7 +154,7 @@ class DeepSpeedZeroSpec(PlanSpec):
                 f"parallel=zero3_offload, or parallel.offload_optimizer=true to offload the "
                 f"optimizer state at stage {stage}."
             )
-        return None
+        return _bad_zero3_limit(p) if stage == 3 else None
 
     def layout(self, cfg, world_size: int) -> StateLayout:
         p = cfg.parallel
@@ -140,11 +171,17 @@ class DeepSpeedZeroSpec(PlanSpec):
         # ZeRO-3 steps its flat partition in sub-groups of sub_group_size (DeepSpeed's default 1e9)
         group = int(p.get("sub_group_size", 1_000_000_000)) if stage == 3 else 0
         # From the second step ZeRO-3 prefetches along the recorded module order and keeps
-        # gathered parameters alive up to these limits (DeepSpeed's defaults if unset)
-        live = (int(p.get("stage3_max_live_parameters", 1_000_000_000))
-                + int(p.get("stage3_prefetch_bucket_size", 50_000_000))) if stage == 3 else 0
+        # gathered parameters alive up to max live + one prefetch bucket (`auto`: per h^2)
+        live = live_per_hidden_sq = 0
+        if stage == 3:
+            for key in ("stage3_max_live_parameters", "stage3_prefetch_bucket_size"):
+                if p.get(key, "auto") == "auto":
+                    live_per_hidden_sq += ZERO3_AUTO_PER_HIDDEN_SQ[key]
+                else:
+                    live += int(p.get(key))
         return StateLayout(shards=ZERO_SHARDS[stage], offload=frozenset(offload), gathers_units=stage == 3,
-                           live_gathered_elements=live, master_copy=True, flat_step=True,
+                           live_gathered_elements=live, live_gathered_per_hidden_sq=live_per_hidden_sq,
+                           master_copy=True, flat_step=True,
                            step_group_elements=group, bucket_elements=bucket, load_transient=transient)
 
     def checkpoint_format(self, cfg) -> str:
