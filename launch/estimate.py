@@ -51,11 +51,11 @@ is what one rank holds at its peak, the larger of training and loading:
   buffers    plans that gather parameters unit by unit (layout.gathers_units): the largest
              unit (the root: embeddings + lm_head + final norm, or one decoder layer) + one
              prefetched decoder layer, in the compute dtype, or what the plan may keep
-             gathered at once if that is more (layout.live_gathered_elements: ZeRO-3's live
+             gathered at once if that is more (layout.live_gathered: ZeRO-3's live
              and prefetched parameters once it has recorded the module order), + one
              layer's unsharded fp32 gradients before the reduce-scatter. QLoRA dequantizes one linear at a time
              (h*I elements in bf16). The plan's own gradient communication buffers
-             (layout.bucket_elements, DeepSpeed) in the compute dtype.
+             (layout.buckets, DeepSpeed) in the compute dtype.
   load       what the rank keeps (params) + layout.load_transient: one tensor in flight
              (the largest, V*h), one module's full tensors (ZeRO-3: the largest module,
              V*h), or the whole unsharded model (4-bit bases under sharding plans, which
@@ -324,8 +324,7 @@ def estimate(a: Arch, s: Setup) -> Estimate:
         unit_bytes = NF4_BYTES if s.quantized else c
         root_bytes = 2 if s.quantized else c  # QLoRA keeps the root in bf16
         units = max(a.root_params * root_bytes, layer * unit_bytes) + layer * unit_bytes
-        live_elements = L.live_gathered_elements + L.live_gathered_per_hidden_sq * a.hidden ** 2
-        live = min(live_elements, a.total_params) * unit_bytes
+        live = min(L.live_gathered.at(a.hidden), a.total_params) * unit_bytes
         buffers += max(units, live)
         layer_trainable = trainable / max(a.layers, 1) if s.peft else layer
         buffers += layer_trainable * 4
@@ -333,8 +332,9 @@ def estimate(a: Arch, s: Setup) -> Estimate:
         buffers += a.hidden * a.intermediate * 2
     # DeepSpeed's gradient communication buffers: allocated whole on a GPU; on CPU only
     # the pages a step fills count (at most every trainable gradient, unpartitioned).
-    if L.bucket_elements:
-        elements = L.bucket_elements if s.device == "gpu" else min(L.bucket_elements, trainable)
+    bucket = L.buckets.at(a.hidden)
+    if bucket:
+        elements = bucket if s.device == "gpu" else min(bucket, trainable)
         buffers += elements * c
     # The optimizer step's transients, alive with the gradients (not with the activations):
     # a plan that steps one flat tensor per rank copies the gradient partition into it and

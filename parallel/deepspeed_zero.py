@@ -54,7 +54,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from parallel.base import Plan
-from parallel.specs import zero3_gather_limits
+from parallel.specs import deepspeed_sizes
 from trainers.distributed import backend_for, free_port as _free_port
 from trainers.errors import TrainingError, UserError
 
@@ -128,19 +128,18 @@ class DeepSpeedZero(Plan):
     # ------------------------------------------------------------------------ setup
     def deepspeed_config(self, hidden: int) -> dict:
         """The DeepSpeed JSON config for this run, from the Hydra values (`hidden`: the
-        model's hidden size, which ZeRO-3's `auto` gather limits scale with)."""
+        model's hidden size, which the `auto` sizes scale with: parallel/specs.py)."""
         p, t = self.cfg.parallel, self.cfg.train
         zero: dict = {
             "stage": self.stage,
             "overlap_comm": bool(p.overlap_comm),
             "contiguous_gradients": bool(p.contiguous_gradients),
-            "reduce_bucket_size": int(p.reduce_bucket_size),
+            **deepspeed_sizes(p, self.stage, hidden),
         }
         if self.stage < 3:
             zero["allgather_bucket_size"] = int(p.allgather_bucket_size)
         else:
             zero["stage3_param_persistence_threshold"] = int(p.get("stage3_param_persistence_threshold", 100_000))
-            zero.update(zero3_gather_limits(p, hidden))
         if p.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(p.pin_memory)}
         if p.offload_param:

@@ -13,6 +13,23 @@ STATE_PARTS = ("params", "grads", "optim")
 
 
 @dataclass(frozen=True)
+class Elements:
+    """A number of tensor elements, fixed or scaling with the model's hidden size h (a
+    DeepSpeed size left at `auto`): fixed + per_hidden_sq x h^2."""
+    fixed: int = 0
+    per_hidden_sq: float = 0.0
+
+    def at(self, hidden: int) -> int:
+        return int(self.fixed + self.per_hidden_sq * hidden * hidden)
+
+    def __add__(self, other: "Elements") -> "Elements":
+        return Elements(self.fixed + other.fixed, self.per_hidden_sq + other.per_hidden_sq)
+
+    def __mul__(self, k: int) -> "Elements":
+        return Elements(self.fixed * k, self.per_hidden_sq * k)
+
+
+@dataclass(frozen=True)
 class StateLayout:
     # parts of the model state split over the data-parallel ranks
     shards: frozenset = frozenset()
@@ -29,11 +46,9 @@ class StateLayout:
     # prefetched, in the compute dtype, and one unit's unsharded gradients are alive
     gathers_units: bool = False
     # elements a plan may keep gathered at once, once it knows the module order (ZeRO-3 from
-    # its second step: stage3_max_live_parameters + stage3_prefetch_bucket_size): a number of
-    # elements plus a multiple of hidden^2 (limits that scale with the model); 0: one unit
-    # and one prefetched layer
-    live_gathered_elements: int = 0
-    live_gathered_per_hidden_sq: float = 0.0
+    # its second step: stage3_max_live_parameters + stage3_prefetch_bucket_size); none: one
+    # unit and one prefetched layer
+    live_gathered: Elements = Elements()
     # gradients are also copied into communication buckets of their full size (DDP)
     grad_buckets: bool = False
     # an fp32 master copy of the trainable weights beside the model's own (DeepSpeed),
@@ -46,7 +61,7 @@ class StateLayout:
     step_group_elements: int = 0
     # elements of the plan's own gradient communication buffers, allocated whole
     # (DeepSpeed's reduce_bucket_size, twice with ZeRO-1/2's overlap_comm)
-    bucket_elements: int = 0
+    buckets: Elements = Elements()
     # what a rank holds while it loads, on top of what it keeps: "tensor" (one tensor in
     # flight), "module" (one module's full tensors, ZeRO-3), "whole" (the whole model
     # before it is sharded: 4-bit bases under sharding plans)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from parallel.layout import STATE_PARTS, StateLayout
+from parallel.layout import STATE_PARTS, Elements, StateLayout
 
 
 class PlanSpec:
@@ -101,33 +101,42 @@ class FSDP2Spec(PlanSpec):
                            load_transient="whole" if cfg.method.get("quantize") else "tensor")
 
 
-# ZeRO-3's gather limits (elements). `auto` scales them with the model's hidden size h:
-# the prefetch bucket is transformers' DeepSpeed rule (0.9 h^2); the live-parameter cap and
-# the reuse distance are about one Llama decoder layer (12 h^2: 4 h^2 attention, 8 h^2 MLP),
-# so a rank releases a module's gathered weights after its forward and prefetches at most
-# one layer ahead (what FSDP2 holds), at the 360M bench model as at 70B (DeepSpeed's fixed
-# 1e9 keeps every weight of a model under 1B parameters gathered from forward to backward).
-ZERO3_AUTO_PER_HIDDEN_SQ = {
+# DeepSpeed sizes (elements) that may be left at `auto`, scaled with the model's hidden size
+# h: the gradient bucket and ZeRO-3's prefetch bucket are transformers' DeepSpeed rules
+# (h^2, 0.9 h^2); ZeRO-3's live-parameter cap and reuse distance are about one Llama decoder
+# layer (12 h^2: 4 h^2 attention, 8 h^2 MLP), so a rank releases a module's gathered weights
+# after its forward and prefetches at most one layer ahead (what FSDP2 holds), at the 360M
+# bench model as at 70B (DeepSpeed's fixed 1e9 keeps every weight of a model under 1B
+# parameters gathered from forward to backward).
+DEEPSPEED_AUTO_PER_HIDDEN_SQ = {
+    "reduce_bucket_size": 1.0,
     "stage3_prefetch_bucket_size": 0.9,
     "stage3_max_live_parameters": 12.0,
     "stage3_max_reuse_distance": 12.0,
 }
+ZERO3_ONLY = ("stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance")
 
 
-def zero3_gather_limits(p, hidden: int) -> dict[str, int]:
-    """The ZeRO-3 gather limits DeepSpeed is given for a model of hidden size `hidden`: a
-    number the user set is kept, `auto` becomes its multiple of hidden^2."""
-    return {key: int(per * hidden * hidden) if p.get(key, "auto") == "auto" else int(p.get(key))
-            for key, per in ZERO3_AUTO_PER_HIDDEN_SQ.items()}
+def deepspeed_size(p, key: str) -> Elements:
+    """parallel.<key> as elements: a number the user set, or `auto`'s multiple of h^2."""
+    value = p.get(key, "auto")
+    return Elements(per_hidden_sq=DEEPSPEED_AUTO_PER_HIDDEN_SQ[key]) if value == "auto" else Elements(int(value))
 
 
-def _bad_zero3_limit(p) -> str | None:
-    for key in ZERO3_AUTO_PER_HIDDEN_SQ:
+def deepspeed_sizes(p, stage: int, hidden: int) -> dict[str, int]:
+    """The sizes DeepSpeed is given for a model of hidden size `hidden`."""
+    return {key: deepspeed_size(p, key).at(hidden) for key in DEEPSPEED_AUTO_PER_HIDDEN_SQ
+            if stage == 3 or key not in ZERO3_ONLY}
+
+
+def _bad_deepspeed_size(p, stage: int) -> str | None:
+    for key, per in DEEPSPEED_AUTO_PER_HIDDEN_SQ.items():
         value = p.get(key, "auto")
-        if value != "auto" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        if (stage == 3 or key not in ZERO3_ONLY) and value != "auto" and not (
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0):
             return (
                 f"parallel.{key}={value!r} must be auto (scaled to the model's hidden size h: "
-                f"{ZERO3_AUTO_PER_HIDDEN_SQ[key]:g} x h^2 elements) or a whole number of elements >= 0."
+                f"{per:g} x h^2 elements) or a whole number of elements >= 0."
             )
     return None
 
@@ -154,7 +163,7 @@ class DeepSpeedZeroSpec(PlanSpec):
                 f"parallel=zero3_offload, or parallel.offload_optimizer=true to offload the "
                 f"optimizer state at stage {stage}."
             )
-        return _bad_zero3_limit(p) if stage == 3 else None
+        return _bad_deepspeed_size(p, stage)
 
     def layout(self, cfg, world_size: int) -> StateLayout:
         p = cfg.parallel
@@ -167,22 +176,16 @@ class DeepSpeedZeroSpec(PlanSpec):
         quantized = bool(cfg.method.get("quantize"))
         transient = ("whole" if quantized else "module") if stage == 3 else "tensor"
         buffers = 2 if p.get("overlap_comm") and stage < 3 else 1
-        bucket = int(p.reduce_bucket_size) * buffers if p.get("contiguous_gradients") else 0
+        bucket = deepspeed_size(p, "reduce_bucket_size") * buffers if p.get("contiguous_gradients") else Elements()
         # ZeRO-3 steps its flat partition in sub-groups of sub_group_size (DeepSpeed's default 1e9)
         group = int(p.get("sub_group_size", 1_000_000_000)) if stage == 3 else 0
         # From the second step ZeRO-3 prefetches along the recorded module order and keeps
-        # gathered parameters alive up to max live + one prefetch bucket (`auto`: per h^2)
-        live = live_per_hidden_sq = 0
-        if stage == 3:
-            for key in ("stage3_max_live_parameters", "stage3_prefetch_bucket_size"):
-                if p.get(key, "auto") == "auto":
-                    live_per_hidden_sq += ZERO3_AUTO_PER_HIDDEN_SQ[key]
-                else:
-                    live += int(p.get(key))
+        # gathered parameters alive up to max live + one prefetch bucket
+        live = (deepspeed_size(p, "stage3_max_live_parameters") + deepspeed_size(p, "stage3_prefetch_bucket_size")
+                if stage == 3 else Elements())
         return StateLayout(shards=ZERO_SHARDS[stage], offload=frozenset(offload), gathers_units=stage == 3,
-                           live_gathered_elements=live, live_gathered_per_hidden_sq=live_per_hidden_sq,
-                           master_copy=True, flat_step=True,
-                           step_group_elements=group, bucket_elements=bucket, load_transient=transient)
+                           live_gathered=live, master_copy=True, flat_step=True,
+                           step_group_elements=group, buckets=bucket, load_transient=transient)
 
     def checkpoint_format(self, cfg) -> str:
         return f"deepspeed-zero{cfg.parallel.stage}"  # universal conversion keeps the stage

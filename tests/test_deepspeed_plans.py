@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from tests.helpers import (assert_resumed_exactly, assert_same_export, assert_trains_like, fast_for,
                            kill_once_committed, launch, launched_once, metrics, rel, start, summary)
@@ -85,6 +86,14 @@ def test_zero_matches_single_process(runs, plan, method):
     micro, accum = (int(o.split("=")[1]) for o in LAYOUT[plan])
     assert ds["train_micro_batch_size_per_gpu"] == micro and ds["gradient_accumulation_steps"] == accum
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False
+    # `auto` sizes resolved for the model's hidden size h: transformers' h^2 bucket;
+    # ZeRO-3 keeps about one layer (12 h^2) gathered
+    model_dir = Path(OmegaConf.load(run_dir / "config.yaml").model.path)
+    h = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+    assert zero["reduce_bucket_size"] == h * h
+    if stage == 3:
+        assert (zero["stage3_max_live_parameters"], zero["stage3_max_reuse_distance"],
+                zero["stage3_prefetch_bucket_size"]) == (12 * h * h, 12 * h * h, int(0.9 * h * h))
 
     # Export: the full (gathered) fp32 state, same tensors as the single-process run.
     assert_same_export(run_dir, ref_dir)

@@ -206,7 +206,7 @@ def test_lora_in_bf16_under_ddp_buckets_and_gpu_overhead():
 
 
 def test_sharding_divides_state_gathered_units_add_buffers_and_offload_leaves_the_gpu():
-    from parallel.layout import StateLayout
+    from parallel.layout import Elements, StateLayout
 
     sharded = StateLayout(shards=frozenset({"params", "grads", "optim"}), gathers_units=True)
     e = toy_estimate(world=2, layout=sharded)
@@ -217,9 +217,9 @@ def test_sharding_divides_state_gathered_units_add_buffers_and_offload_leaves_th
     # a plan that keeps more gathered at once (ZeRO-3's live + prefetched parameters) counts
     # that, at most the whole model
     assert TOY_TOTAL > 2 * TOY_LAYER
-    live = toy_estimate(world=2, layout=replace(sharded, live_gathered_elements=10**9))
+    live = toy_estimate(world=2, layout=replace(sharded, live_gathered=Elements(10**9)))
     assert live.buffers == TOY_TOTAL * 4 + TOY_LAYER * 4
-    few = toy_estimate(world=2, layout=replace(sharded, live_gathered_elements=10))
+    few = toy_estimate(world=2, layout=replace(sharded, live_gathered=Elements(10)))
     assert few.buffers == e.buffers  # fewer than a unit and a prefetched layer: those count
     offloaded = StateLayout(shards=frozenset({"params", "grads", "optim"}), offload=frozenset({"optim"}))
     assert toy_estimate(world=2, layout=offloaded, device="gpu").optim == 0
@@ -230,20 +230,45 @@ def test_a_flat_step_copies_the_gradient_partition_and_buckets_count_where_fille
     """DeepSpeed steps one flat fp32 tensor per rank: the step copies the gradient partition
     into it and AdamW's temporary is as large (per ZeRO-3 sub-group); its communication
     buckets are allocated whole on a GPU, and on CPU hold at most every gradient."""
-    from parallel.layout import StateLayout
+    from parallel.layout import Elements, StateLayout
 
     zero3 = StateLayout(shards=frozenset({"params", "grads", "optim"}), master_copy=True, flat_step=True,
-                        bucket_elements=10**6)
+                        buckets=Elements(10**6))
     cpu = toy_estimate(world=2, layout=zero3)
     assert cpu.step_extra == 2 * TOY_TOTAL * 4 / 2  # flat gradient copy + temporary, this rank's half
     kept = cpu.grads  # DeepSpeed keeps its gradient partitions across steps
     assert cpu.grads_and_activations == kept + max(cpu.activations, cpu.step_extra)
-    assert cpu.buffers - toy_estimate(world=2, layout=replace(zero3, bucket_elements=0)).buffers == TOY_TOTAL * 4
+    assert cpu.buffers - toy_estimate(world=2, layout=replace(zero3, buckets=Elements())).buffers == TOY_TOTAL * 4
     gpu = toy_estimate(world=2, layout=zero3, device="gpu")
-    assert gpu.buffers - toy_estimate(world=2, layout=replace(zero3, bucket_elements=0), device="gpu").buffers \
+    assert gpu.buffers - toy_estimate(world=2, layout=replace(zero3, buckets=Elements()), device="gpu").buffers \
         == 10**6 * 4  # the whole bucket, fp32
     grouped = toy_estimate(world=2, layout=replace(zero3, step_group_elements=100))
     assert grouped.step_extra == 2 * 100 * 4  # one sub-group at a time
+
+
+def test_deepspeed_auto_sizes_scale_with_the_hidden_size_and_bad_ones_are_refused():
+    """`auto` DeepSpeed sizes become multiples of h^2 (the runtime's ds_config and the
+    estimate's layout use the same numbers); a number the user sets is kept; anything else
+    is refused before launch, naming the key and what it accepts."""
+    from omegaconf import OmegaConf
+
+    from parallel import plan_spec
+    from parallel.layout import Elements
+    from parallel.specs import deepspeed_sizes
+
+    p = OmegaConf.create({"stage": 3, "reduce_bucket_size": "auto", "stage3_max_live_parameters": 5,
+                          "stage3_max_reuse_distance": "auto", "stage3_prefetch_bucket_size": "auto"})
+    assert deepspeed_sizes(p, 3, 1000) == {"reduce_bucket_size": 10**6, "stage3_max_live_parameters": 5,
+                                           "stage3_max_reuse_distance": 12 * 10**6,
+                                           "stage3_prefetch_bucket_size": 900_000}
+    assert deepspeed_sizes(p, 1, 1000) == {"reduce_bucket_size": 10**6}
+    cfg = OmegaConf.create({"parallel": {**OmegaConf.to_container(p), "offload_param": False,
+                                         "contiguous_gradients": True}, "method": {}})
+    layout = plan_spec("zero3").layout(cfg, 2)
+    assert layout.live_gathered == Elements(5, 0.9) and layout.buckets.at(1000) == 10**6
+    cfg.parallel.stage3_max_live_parameters = "lots"
+    reason = plan_spec("zero3").refuse(cfg, 2)
+    assert "parallel.stage3_max_live_parameters='lots'" in reason and "auto" in reason
 
 
 def test_pipeline_stage_holds_its_layers_and_micro_batches_in_flight():
