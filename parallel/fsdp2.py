@@ -93,15 +93,12 @@ class FSDP2(Plan):
         """Shard first, load second: the model is built with its checkpoint weights on the
         meta device, `fully_shard` splits them, and each rank reads only the rows of its own
         shards from the safetensors files. A rank's peak is its shards plus one tensor's
-        rows, never the whole model. (4-bit bases are quantized by transformers as they
-        load, then sharded.)"""
+        rows, never the whole model. (4-bit bases: `_build_quantized`.)"""
         from trainers.weights import checkpoint_names, init_dora_magnitudes
 
         mesh = self._mesh()
         if source.quantized:
-            model = source.whole(self.env.device)
-            self._shard(model, mesh)
-            return model
+            return self._build_quantized(source, mesh)
         model = source.skeleton()
         files = source.files()
         from_files = checkpoint_names(model, files)
@@ -127,6 +124,24 @@ class FSDP2(Plan):
                     if b is not None:
                         module._buffers[key] = buffers[f"{prefix}.{key}" if prefix else key].to(self.env.device)
             init_dora_magnitudes(model, rows_of=lambda t: t.to_local() if hasattr(t, "to_local") else t)
+        return model
+
+    def _build_quantized(self, source, mesh) -> torch.nn.Module:
+        """A 4-bit weight is quantized from its whole bf16 tensor, so every rank reads every
+        tensor; but each unit is sharded as soon as its weights are in: a rank holds its
+        shards plus one unit's 4-bit weights and one bf16 tensor, never the whole 4-bit
+        model (QDoRA, which PEFT initialises from quantized weights, loads whole first)."""
+        device = self.env.device
+        if not source.loads_in_parts:
+            model = source.whole(device)
+            self._shard(model, mesh)
+            return model
+        model = source.skeleton()
+        self._shard(model, mesh, before=lambda unit: source.fill(model, device, within=unit))
+        for module in model.modules():
+            for key, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[key] = b.to(device)
         return model
 
     def _mesh(self):
@@ -160,7 +175,9 @@ class FSDP2(Plan):
             kwargs["offload_policy"] = OffloadPolicy()
         return kwargs
 
-    def _shard(self, model: torch.nn.Module, mesh) -> None:
+    def _shard(self, model: torch.nn.Module, mesh, before=lambda unit: None) -> None:
+        """fully_shard each decoder layer, the untied embeddings and head, then the root;
+        `before(unit)` runs right before each unit is sharded (to fill its weights)."""
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         kwargs = self._policies()
@@ -174,6 +191,7 @@ class FSDP2(Plan):
             )
         reshard = bool(self.cfg.parallel.get("reshard_after_forward", True))
         for layer in layers:
+            before(layer)
             fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, **kwargs)
         self.vocab_units = vocab_units(model)
         if self.vocab_units:
@@ -181,9 +199,12 @@ class FSDP2(Plan):
             # Own units, as torchtitan shards them: at Llama-3's vocabulary each is 0.5B
             # parameters, which the root would keep gathered for the whole step. The
             # embeddings are used once per forward; the head again right at backward.
+            before(embeddings)
             fully_shard(embeddings, mesh=mesh, reshard_after_forward=True, **kwargs)
+            before(head)
             fully_shard(head, mesh=mesh, reshard_after_forward=False, **kwargs)
         # The root keeps its (small) parameters gathered from forward to backward.
+        before(model)
         fully_shard(model, mesh=mesh, **kwargs)
         lm = causal_lm(model)
         if lm is not model:

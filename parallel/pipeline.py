@@ -246,10 +246,8 @@ class Pipeline(Plan):
     def build(self, source) -> nn.Module:
         """This stage's part of the model. Each stage prunes the skeleton (zero-byte
         placeholders) to its own layers first, then reads only those layers' tensors from the
-        checkpoint (4-bit bases load whole, quantized, then are pruned)."""
+        checkpoint; a 4-bit base quantizes them as they arrive (QDoRA loads whole, then prunes)."""
         from torch.distributed.device_mesh import init_device_mesh
-
-        from trainers.weights import load_whole
 
         if not dist.is_initialized():  # refuse() guarantees world_size >= stages >= 2
             raise UserError("parallel=pipeline needs several processes (launcher.nproc_per_node).")
@@ -258,7 +256,7 @@ class Pipeline(Plan):
         self.dp_group = self.mesh.get_group("dp")
         assert dist.get_rank(self.pp_group) == self.pp_rank
 
-        model = source.whole(self.env.device) if source.quantized else source.skeleton()
+        model = source.skeleton() if source.loads_in_parts else source.whole(self.env.device)
         causal, bb = _backbone(model)
         virtual = VIRTUAL_STAGES[self.cfg.parallel.schedule]
         self.n_chunks = self.stages * virtual
@@ -289,8 +287,8 @@ class Pipeline(Plan):
         self.has_first = 0 in mine
         self.has_last = self.last_stage in mine
         self.layer_ranges = {s: ranges[s] for s in mine}
-        if not source.quantized:
-            load_whole(model, source.files(), self.env.device)
+        if source.loads_in_parts:
+            source.load(model, self.env.device)
 
         self._hf_config = causal.config
         if not any(p.requires_grad for p in model.parameters()):

@@ -6,6 +6,7 @@ the checkpoint's. Started by test_loading.py as
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -60,10 +61,15 @@ def main(out: Path, model_path: str, cases: dict[str, list[str]]) -> None:
             plan.prepare(source)
             model = getattr(plan.model, "module", plan.model)  # the engine's / DDP's module
             dtypes = sorted({f"{'trainable' if p.requires_grad else 'frozen'}:{p.dtype}" for p in model.parameters()})
-            rec = {"read": source.read_report[0], "checkpoint": source.read_report[1], "held": held_bytes(model),
-                   "dtypes": dtypes}
+            read, checkpoint = source.read_report or (None, None)  # None: from_pretrained read it
+            rec = {"read": read, "checkpoint": checkpoint, "held": held_bytes(model), "dtypes": dtypes}
             full = {k: v for k, v in plan.export_tensors(trainable_only=False) if v is not None}
-            if env.is_main:
+            if env.is_main and cfg.method.get("quantize"):
+                # 4-bit weights are not the checkpoint's values: record their bytes, which
+                # the test compares between plans (each against transformers' loading)
+                rec["digests"] = {k: hashlib.sha1(v.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+                                  for k, v in full.items()}
+            elif env.is_main:
                 mismatched = []
                 for key, value in full.items():
                     ck = checkpoint_key(key)

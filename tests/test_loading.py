@@ -22,13 +22,20 @@ CASES = {
     "zero3-full": ["parallel=zero3", "method=full", "parallel.stage3_param_persistence_threshold=0"],
     "pipeline-full": ["parallel=pipeline", "method=full"],
 }
+# 4-bit bases: ddp loads through transformers' from_pretrained (the reference); fsdp2 and
+# the pipeline quantize from the skeleton, tensor by tensor, only what they keep.
+QLORA_CASES = {
+    "ddp-qlora": ["parallel=ddp", "method=qlora"],
+    "fsdp2-qlora": ["parallel=fsdp2", "method=qlora"],
+    "pipeline-qlora": ["parallel=pipeline", "method=qlora"],
+}
 
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("loading")
     model = build_tiny_model(tmp / "model", layers=4)
-    (tmp / "cases.json").write_text(json.dumps(CASES))
+    (tmp / "cases.json").write_text(json.dumps({**CASES, **QLORA_CASES}))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -37,7 +44,7 @@ def loaded(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp / f"load.rank{r}.json").read_text()) for r in (0, 1)]
-    for case in CASES:
+    for case in {**CASES, **QLORA_CASES}:
         for r in ranks:
             assert "error" not in r[case], f"{case}: {r[case].get('error')}"
     return ranks
@@ -82,3 +89,23 @@ def test_frozen_base_in_the_compute_dtype_adapters_in_fp32(loaded):
         rec = rank["fsdp2-lora-bf16"]
         assert rec["dtypes"] == [f"frozen:{torch.bfloat16}", f"trainable:{torch.float32}"], rec
         assert rec["held"]["frozen"] <= 0.55 * rec["checkpoint"] / 2, rec  # bf16 halves, fsdp2 halves
+
+
+@pytest.mark.slow
+def test_4bit_bases_load_in_parts_and_quantize_exactly_as_transformers(loaded):
+    """fsdp2 shards each unit as soon as it is quantized, a pipeline stage quantizes only its
+    own layers: both end with the very bytes (packed weights) that transformers'
+    from_pretrained quantization gives the whole model under ddp."""
+    # every weight (4-bit packed or bf16) and adapter; ddp's export also lists the 4-bit
+    # weights' quantization state (absmax, quant_map: "<weight>.absmax", ...)
+    reference = {k: v for k, v in loaded[0]["ddp-qlora"]["digests"].items() if ".weight." not in k}
+    assert sum(k.endswith("base_layer.weight") for k in reference) >= 4 * 7  # every layer's linears
+    for case in ("fsdp2-qlora", "pipeline-qlora"):
+        got = {k: v for k, v in loaded[0][case]["digests"].items() if ".weight." not in k}
+        assert got == reference, case
+    whole = loaded[0]["ddp-qlora"]["held"]["frozen"]
+    for rank in loaded:
+        assert rank["fsdp2-qlora"]["held"]["frozen"] <= 0.55 * whole, rank["fsdp2-qlora"]
+    reads = [r["pipeline-qlora"]["read"] for r in loaded]
+    total = loaded[0]["pipeline-qlora"]["checkpoint"]
+    assert sum(reads) == total and max(reads) <= 0.6 * total, (reads, total)

@@ -17,7 +17,8 @@ from tests.helpers import (FAST, REPO, kill_once_committed, launch, launched_onc
 
 # FAST without the LoRA-only dropout key; 8 rows per step (4 x 2).
 COMMON = [a for a in FAST if not a.startswith("method.dropout")] + ["data.metric_rows=4"]
-METHOD = {"full": ["method=full"], "lora": ["method=lora", "method.dropout=0"]}
+METHOD = {"full": ["method=full"], "lora": ["method=lora", "method.dropout=0"],
+          "qlora": ["method=qlora", "method.dropout=0"]}
 # Global batch 8 rows: 2 stages x 1 dp with 4 x 2 rows, 2 stages x 2 dp with 4 x 1 rows each.
 PP2 = ["parallel=pipeline", "parallel.stages=2", "launcher.nproc_per_node=2"]
 PP2x2 = ["parallel=pipeline", "parallel.stages=2", "launcher.nproc_per_node=4", "train.grad_accum=1",
@@ -42,14 +43,19 @@ def _evals(run: Path) -> list[tuple[int, float, float]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,schedule", [("full", "1f1b"), ("lora", "gpipe")])
+@pytest.mark.parametrize("method,schedule", [("full", "1f1b"), ("lora", "gpipe"), ("qlora", "1f1b")])
 def test_two_stages_match_single_process(runs, method, schedule):
     ref = runs(f"ref-{method}", *METHOD[method])
     pp = runs(f"pp2-{method}", *METHOD[method], *PP2, f"parallel.schedule={schedule}")
-    _assert_same_losses(losses(pp), losses(ref))
+    # QLoRA's 4-bit layers compute in bf16, and a pipeline micro-batch has another shape
+    # than the single process's (the step's rows padded to one width, cut in
+    # parallel.microbatches): bf16 rounding inside the matmuls moves the losses by up to
+    # 1.4e-5 (measured; the loaded 4-bit weights are byte-identical: test_loading.py)
+    tolerance = 1e-4 if method == "qlora" else 1e-5
+    _assert_same_losses(losses(pp), losses(ref), rel=tolerance)
     # eval through the pipeline: the same eval loss (and exact match) at step 0 and at the end
     for (s1, l1, em1), (s2, l2, em2) in zip(_evals(pp), _evals(ref), strict=True):
-        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5) and em1 == em2
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=tolerance) and em1 == em2
     s = summary(pp)
     assert s["status"] == "completed" and s["plan"] == "pipeline" and s["world_size"] == 2
     assert s["tokens_seen"] == summary(ref)["tokens_seen"]

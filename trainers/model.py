@@ -101,6 +101,15 @@ def frozen_dtype(method_cfg, compute_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if method_cfg.peft is None else compute_dtype
 
 
+def bnb_quantizer(method_cfg):
+    """transformers' own bitsandbytes quantizer for `quantization_config`: the skeleton
+    path uses its module replacement and its per-tensor quantize op, so a 4-bit base
+    built from placeholders is the one `from_pretrained` loads, byte for byte."""
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    return AutoHfQuantizer.from_config(quantization_config(method_cfg), pre_quantized=False)
+
+
 def load_quantized_model(model_cfg, method_cfg, device: torch.device):
     """The 4-bit NF4 base: transformers quantizes tensor by tensor while it loads (no full
     bf16 copy); the other weights (embeddings, lm_head, norms) stay frozen in bf16."""
@@ -137,9 +146,12 @@ class ModelSource:
         self.train_cfg = train_cfg
         self.method_cfg = method_cfg
         self.compute_dtype = compute_dtype
-        self.dtype = frozen_dtype(method_cfg, compute_dtype)
+        # a 4-bit base keeps its other weights (embeddings, norms, head) in bf16, as
+        # load_quantized_model does
+        self.dtype = torch.bfloat16 if self.quantized else frozen_dtype(method_cfg, compute_dtype)
         self.seed = seed
         self._files = None
+        self._quantizer = None
         self.read_report: tuple[int, int] | None = None  # (bytes this rank read, checkpoint bytes)
 
     @property
@@ -165,18 +177,49 @@ class ModelSource:
 
     def skeleton(self) -> torch.nn.Module:
         """The (PEFT) model whose checkpoint weights are zero-byte placeholders in
-        `self.dtype`; adapters and buffers are real."""
+        `self.dtype`; adapters and buffers are real. With a 4-bit base its linears are
+        bitsandbytes Linear4bit, as transformers' quantizer lays them out, and `fill`
+        quantizes each weight as it is read."""
         from accelerate import init_empty_weights
 
-        from trainers.weights import make_placeholder, replace_parameters
+        from trainers.weights import is_4bit, make_placeholder, replace_parameters
 
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(
                 self.config(), dtype=self.dtype, attn_implementation=self.model_cfg.attn_implementation,
                 trust_remote_code=self.model_cfg.trust_remote_code,
             )
-        replace_parameters(model, lambda _, p: make_placeholder(p.shape, p.dtype))
+        if self.quantized:
+            import bitsandbytes as bnb
+
+            self._quantizer = bnb_quantizer(self.method_cfg)
+            self._quantizer.preprocess_model(model, device_map=None)
+            self._quantizer.postprocess_model(model)
+            model.hf_quantizer = self._quantizer
+            replace_parameters(model, lambda _, p: bnb.nn.Params4bit(
+                make_placeholder(p.shape, self.dtype).data, requires_grad=False, **p.__dict__) if is_4bit(p) else None)
+            disable_cpu_weight_repacking(model)
+        replace_parameters(model, lambda _, p: None if is_4bit(p) else make_placeholder(p.shape, p.dtype))
         return self.apply_method(model)
+
+    def fill(self, model: torch.nn.Module, device: torch.device, within: torch.nn.Module | None = None) -> None:
+        """Read the placeholders of `within` (default: all of `model`) onto `device`; 4-bit
+        weights are quantized by transformers' op as each arrives: a rank holds one tensor
+        in bf16 at a time, never a bf16 (or 4-bit) copy of weights it does not keep."""
+        from trainers.weights import fill_placeholders
+
+        quantize = None
+        if self._quantizer is not None:
+            from trainers.memory import hf_model
+
+            op, hf = self._quantizer.get_quantize_ops(), hf_model(model)
+            prefix = next(n for n, m in model.named_modules() if m is hf)
+            prefix = prefix + "." if prefix else ""
+
+            def quantize(name: str, value: torch.Tensor) -> torch.nn.Parameter:
+                name = name.removeprefix(prefix)  # the op looks the weight up in the transformers model
+                return op.convert({name: [value]}, model=hf)[name]
+        fill_placeholders(model, self.files(), device, within, quantize)
 
     def files(self):
         """The checkpoint's tensors (a hub id is resolved to its local snapshot first)."""
@@ -186,14 +229,28 @@ class ModelSource:
             self._files = CheckpointFiles(local_model_dir(self.model_cfg.path))
         return self._files
 
+    @property
+    def loads_in_parts(self) -> bool:
+        """Whether plans can fill the skeleton part by part. Not for QDoRA (a 4-bit base with
+        method.use_dora): PEFT initialises DoRA's magnitudes from the quantized weights
+        while it wraps them, so that base is loaded whole first (`whole`)."""
+        return not (self.quantized and self.method_cfg.get("use_dora"))
+
     def whole(self, device: torch.device) -> torch.nn.Module:
-        """Every weight on `device`: what none, ddp and zero1/2 keep."""
+        """Every weight on `device`: what none, ddp and zero1/2 keep. A 4-bit base comes
+        from transformers' `from_pretrained`, the reference the skeleton path is tested
+        against byte for byte."""
         if self.quantized:
             return self.apply_method(load_quantized_model(self.model_cfg, self.method_cfg, device))
-        from trainers.weights import load_whole
+        return self.load(self.skeleton(), device)
 
-        model = self.skeleton()
-        load_whole(model, self.files(), device)
+    def load(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """Every placeholder left in `model` read onto `device`, then DoRA's magnitudes."""
+        from trainers.weights import init_dora_magnitudes
+
+        self.fill(model, device)
+        model.to(device)
+        init_dora_magnitudes(model)
         return model
 
     def close(self) -> None:

@@ -124,6 +124,8 @@ def make_placeholder(shape, dtype: torch.dtype) -> nn.Parameter:
 
 
 def is_placeholder(t: torch.Tensor) -> bool:
+    if hasattr(t, "device_mesh"):  # a DTensor: sharded from loaded weights already
+        return False
     return t.device.type != "meta" and t.numel() > 1 and t.untyped_storage().nbytes() <= t.element_size()
 
 
@@ -191,14 +193,28 @@ def replace_parameter(model: nn.Module, name: str, new: nn.Parameter) -> None:
 
 
 # ------------------------------------------------------------------ materialize
+def is_4bit(p: torch.Tensor) -> bool:
+    """A bitsandbytes 4-bit weight (quantized or still a placeholder)."""
+    return type(p).__name__ == "Params4bit"
+
+
 @torch.no_grad()
-def load_whole(model: nn.Module, files: CheckpointFiles, device: torch.device) -> None:
-    """Every placeholder becomes its full tensor from the files, on `device`."""
+def fill_placeholders(model: nn.Module, files: CheckpointFiles, device: torch.device,
+                      within: nn.Module | None = None, quantize=None) -> None:
+    """Each placeholder of `within` (default: the whole model) becomes its full tensor from
+    the files, on `device`, one tensor at a time. A 4-bit placeholder is quantized as it
+    arrives, by `quantize(name, value)` (trainers/model.py: transformers' own quantize op),
+    so its bf16 tensor is alive only until the next one is read."""
     keys = checkpoint_names(model, files)
-    replace_parameters(model, lambda name, p: nn.Parameter(
-        files.read(keys[name], p.dtype).to(device), requires_grad=p.requires_grad) if name in keys else None)
-    model.to(device)
-    init_dora_magnitudes(model)
+    mine = {id(p) for p in (within if within is not None else model).parameters()}
+    for name, key in keys.items():
+        p = model.get_parameter(name)
+        if id(p) not in mine:
+            continue
+        value = files.read(key, p.dtype).to(device)
+        new = quantize(name, value) if is_4bit(p) else nn.Parameter(value)
+        replace_parameter(model, name, new.requires_grad_(p.requires_grad))
+
 
 
 @torch.no_grad()
