@@ -58,6 +58,13 @@ class PlanSpec:
         return None
 
 
+def loads_4bit_whole(cfg) -> bool:
+    """QDoRA (a 4-bit base with method.use_dora) loads the whole 4-bit model before a plan
+    shards or prunes it: PEFT initialises DoRA from the quantized weights while it wraps
+    them (ModelSource.loads_in_parts, trainers/model.py)."""
+    return bool(cfg.method.get("quantize")) and bool(cfg.method.get("use_dora"))
+
+
 class SingleDeviceSpec(PlanSpec):
     """parallel=none: one process, one device; the reference every other plan is tested against."""
 
@@ -97,8 +104,10 @@ class FSDP2Spec(PlanSpec):
 
     def layout(self, cfg, world_size: int) -> StateLayout:
         offload = frozenset(STATE_PARTS) if cfg.parallel.get("cpu_offload") else frozenset()
+        # a 4-bit base is quantized from whole tensors, one FSDP unit at a time
+        transient = ("whole" if loads_4bit_whole(cfg) else "module") if cfg.method.get("quantize") else "tensor"
         return StateLayout(shards=frozenset(STATE_PARTS), offload=offload, gathers_units=True,
-                           load_transient="whole" if cfg.method.get("quantize") else "tensor")
+                           load_transient=transient)
 
 
 # DeepSpeed sizes (elements) that may be left at `auto`, scaled with the model's hidden size
@@ -260,7 +269,8 @@ class PipelineSpec(PlanSpec):
         p = cfg.parallel
         stages, micro = int(p.stages), int(p.microbatches)
         rows = int(cfg.train.micro_batch_size) * int(cfg.train.grad_accum)
-        return StateLayout(stages=stages, in_flight=min(stages, micro), rows_per_forward=max(1, rows // micro))
+        return StateLayout(stages=stages, in_flight=min(stages, micro), rows_per_forward=max(1, rows // micro),
+                           load_transient="whole" if loads_4bit_whole(cfg) else "tensor")
 
     def checkpoint_format(self, cfg) -> str:
         return "dcp-flat-optimizer"

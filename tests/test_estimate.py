@@ -57,9 +57,15 @@ def test_activation_checkpointing_and_chunked_loss_shrink_activations(tmp_path):
 
 
 def test_loading_peak_counts_a_whole_4bit_model_before_sharding(tmp_path):
-    """transformers quantizes the whole base on every rank before ZeRO-3 partitions it."""
+    """transformers quantizes the whole base on every rank before ZeRO-3 partitions it;
+    fsdp2 and the pipeline quantize unit by unit (stage by stage) what they keep, except
+    QDoRA, whose adapters PEFT initialises from the whole quantized model."""
     est = for_config(cfg_for(tmp_path, "model=70b", "method=qlora", "parallel=zero3"))
     assert est.load > est.train and est.total == est.load
+    for plan in ("fsdp2", "pipeline"):
+        parts = for_config(cfg_for(tmp_path, "model=70b", "method=qlora", f"parallel={plan}"))
+        qdora = for_config(cfg_for(tmp_path, "model=70b", "method=qlora", f"parallel={plan}", "method.use_dora=true"))
+        assert parts.load < parts.train < qdora.load, plan
 
 
 def test_a_size_preset_on_the_toy_data_is_refused(tmp_path):
