@@ -241,7 +241,7 @@ def main() -> None:
                    "activation_checkpointing": ac,
                    "precision": precision, "estimate_mib": round(estimate), "measured_mib": round(measured),
                    "ratio": round(estimate / measured, 3) if estimate else None, "peak_rss_mib": round(result["model"][0]),
-                   "fixed_overhead_mib": round(result["base"][0])}
+                   "fixed_overhead_mib": round(result["base"][0]), "measured_at_step": 2}
             rows.append(row)
             print(json.dumps(row), flush=True)
     write(rows, Path(args.out))
