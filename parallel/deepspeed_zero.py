@@ -187,7 +187,16 @@ class DeepSpeedZero(Plan):
         self._ensure_process_group()
         if self.stage != 3 or source.quantized:
             return source.whole(self.env.device)
-        return partitioned_model(source, self.ds_config, self.env.device)
+        model = partitioned_model(source, self.ds_config, self.env.device)
+        # DeepSpeed casts a model to its bf16 working dtype (the ZeRO optimizer keeps the fp32
+        # masters), except a ZeRO-Init model, whose parameters it expects in that dtype
+        # already: the checkpoint's are, the fresh adapters (fp32) are not. Cast those as
+        # zero1/2 cast them; left in fp32, PEFT computes each adapted linear on an fp32 copy
+        # of its input (measured: +0.3 GiB of activations per rank on the 360M bench model).
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != self.compute_dtype and not hasattr(p, "ds_id"):
+                p.data = p.data.to(self.compute_dtype)
+        return model
 
     def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
         """deepspeed.initialize with our optimizer and LR schedule: the engine, and the ZeRO

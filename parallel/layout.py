@@ -63,6 +63,7 @@ class StateLayout:
     # (DeepSpeed's reduce_bucket_size, twice with ZeRO-1/2's overlap_comm)
     buckets: Elements = Elements()
     # what a rank holds while it loads, on top of what it keeps: "tensor" (one tensor in
-    # flight), "module" (one module's full tensors, ZeRO-3), "whole" (the whole model
-    # before it is sharded: 4-bit bases under sharding plans)
+    # flight), "module" (one module's or FSDP unit's full tensors: ZeRO-3; FSDP2 quantizing
+    # a 4-bit unit before it shards it), "whole" (the whole model before it is sharded: a
+    # 4-bit base under ZeRO-3, QDoRA under every plan)
     load_transient: str = "tensor"
