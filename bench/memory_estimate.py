@@ -250,12 +250,13 @@ def main() -> None:
 def write(rows: list[dict], out: Path) -> None:
     out.write_text(json.dumps(rows, indent=1) + "\n")
     print()
-    print("| plan | N | method | act. ckpt | precision | estimate MiB | measured MiB | est/meas | peak RSS | fixed overhead |")
-    print("|---|---:|---|---|---|---:|---:|---:|---:|---:|")
+    print("| plan | N | method | act. ckpt | precision | estimate MiB | measured MiB | est/meas | peak RSS | "
+          "fixed overhead | at step |")
+    print("|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['plan']} | {r['world_size']} | {r['method']} | {'on' if r['activation_checkpointing'] else 'off'} "
               f"| {r['precision']} | {r['estimate_mib']} | {r['measured_mib']} | {r['ratio'] or 0:.2f} "
-              f"| {r['peak_rss_mib']} | {r['fixed_overhead_mib']} |")
+              f"| {r['peak_rss_mib']} | {r['fixed_overhead_mib']} | {r.get('measured_at_step', '')} |")
 
 
 if __name__ == "__main__":
