@@ -7,7 +7,9 @@ comes from the checkpoint is a zero-byte placeholder, and only what is created f
 
 - the whole tensor (none, ddp, zero1/2 and the layers a pipeline stage owns),
 - the rows of a dim-0 shard (FSDP2's DTensor `Shard(0)`),
-- one module's tensors at a time, partitioned before the next is read (ZeRO-3).
+- one module's tensors at a time, partitioned before the next is read (ZeRO-3),
+- a 4-bit weight quantized from its whole tensor as it arrives (QLoRA: an FSDP2 unit at a
+  time, sharded before the next; a pipeline stage's own layers).
 
 Only the requested bytes are read (no memory map), so a rank's peak is its own share plus
 one tensor's rows in flight, never the whole model.
