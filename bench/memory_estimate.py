@@ -204,6 +204,9 @@ def main() -> None:
     ap.add_argument("--same-global-batch", action="store_true",
                     help="data-parallel ranks get 4/N rows per micro-batch (the single process's 4 rows split "
                          "over them, as the parity tests do) instead of 4 each")
+    ap.add_argument("--timeout", type=float, default=900,
+                    help="seconds a run may take to log its second step (a bf16 zero3 step of the 360M model "
+                         "takes minutes on a 2-core CPU)")
     ap.add_argument("--reestimate", action="store_true",
                     help="recompute estimate_mib of --out's rows for the current estimator (no runs)")
     args = ap.parse_args()
@@ -233,7 +236,7 @@ def main() -> None:
                 run = work / "runs" / f"{plan}-{method}-ac{int(ac)}-{precision}-{label}"
                 subprocess.run(["rm", "-rf", str(run)])
                 peaks = peak_through_step_two([*cfg, f"model.path={path}", f"hydra.run.dir={run}"],
-                                              work / f"{run.name}.log", Path(args.repo))
+                                              work / f"{run.name}.log", Path(args.repo), args.timeout)
                 result[label] = (max(peaks.values()), 0.0 if other else cpu_estimate_mib(run))
             measured = result["model"][0] - result["base"][0]
             estimate = result["model"][1] - result["base"][1]
