@@ -3,8 +3,8 @@ are sharded over data-parallel ranks (DTensor Shard(0)).
 
 Each decoder layer is one FSDP unit (all-gathered before its forward, resharded after);
 so are the input embeddings and the lm_head when untied; the root (final norm, tied
-embeddings, a PEFT wrapper's own parameters such as prompt embeddings) is the last unit. PEFT is applied before sharding, so the same layer
-search works through a PeftModel. QLoRA shards too: the NF4 weights are stored as bf16
+embeddings, a PEFT wrapper's own parameters such as prompt embeddings) is the last unit.
+PEFT is applied before sharding, so the same layer search works through a PeftModel. QLoRA shards too: the NF4 weights are stored as bf16
 (`bnb_4bit_quant_storage`), so FSDP sees ordinary tensors and bitsandbytes restores the
 quantization state after the all-gather.
 
