@@ -102,10 +102,10 @@ def main(plan_name: str, model_dir: str, out: str, steps: int, data: str | None 
     from launch.quiet import quiet_libraries
     from launch.worker import setup_logging
     from parallel import build_plan
-    from trainers.data import training_batches
+    from trainers.data.sources import training_batches
     from trainers.distributed import all_reduce_sum, init_distributed
-    from trainers.model import ModelSource, load_tokenizer
-    from trainers.objectives import get_objective
+    from trainers.model.load import ModelSource, load_tokenizer
+    from trainers.objectives.catalog import get_objective
     from trainers.rng import seed_everything
 
     setup_logging()

@@ -22,7 +22,7 @@ apply_memory_options, plan.forward_backward, plan.step). Per mode:
 The losses of both modes are printed too: checkpointing must not change them.
 
 Part `loss` runs the loss alone, forward + backward, plain (token_ce_sum of the whole
-logits) and chunked (trainers/lm_loss.py, chunk size from train.loss_chunk_tokens=auto),
+logits) and chunked (trainers/objectives/lm_loss.py, chunk size from train.loss_chunk_tokens=auto),
 on one 4096-token row of bf16 hidden states (requiring grad, as under LoRA) against a
 frozen bf16 lm_head of Llama-3's vocabulary (128256), every token a target. Memory:
 - tensor peak: the largest total of tensor bytes alive at once during forward + backward,
@@ -126,10 +126,10 @@ def run_ac_mode(model_dir: Path, run_dir: Path, on: bool, args) -> dict:
 
     from launch.config import finalize, register_resolvers
     from parallel import build_plan
-    from trainers.data import training_batches
+    from trainers.data.sources import training_batches
     from trainers.distributed import init_distributed
-    from trainers.model import ModelSource, count_parameters, load_tokenizer
-    from trainers.objectives import get_objective
+    from trainers.model.load import ModelSource, count_parameters, load_tokenizer
+    from trainers.objectives.catalog import get_objective
     from trainers.rng import seed_everything
 
     register_resolvers()
@@ -202,7 +202,7 @@ def run_loss_mode(chunked: bool, args) -> dict:
     import torch.nn.functional as F
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from trainers.lm_loss import chunk_tokens_for, chunked_ce_sum, token_ce_sum
+    from trainers.objectives.lm_loss import chunk_tokens_for, chunked_ce_sum, token_ce_sum
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, args.loss_tokens, args.loss_hidden, generator=g).bfloat16().requires_grad_(True)

@@ -7,7 +7,7 @@ with the token cache in place, for chat datasets of growing size.
 For each size N, rows like the bundled task's (chat `messages`, one or two reverse-a-string
 turns, random strings) are generated, then:
 
-1. preparation: `trainers.data.prepare_data` in this process on an empty cache folder:
+1. preparation: `trainers.data.sources.prepare_data` in this process on an empty cache folder:
    validation, chat template, tokenization and best-fit-decreasing packing, what the
    launcher does before it spawns anything. Reported: wall time, and cores busy = CPU
    seconds of this process and its tokenizer processes / wall seconds.
@@ -75,8 +75,8 @@ def prepare(data: Path, cache: Path) -> dict:
     from hydra import compose, initialize_config_dir
 
     from launch.config import finalize, register_resolvers
-    from trainers.data import prepare_data
-    from trainers.model import load_tokenizer
+    from trainers.data.sources import prepare_data
+    from trainers.model.load import load_tokenizer
 
     register_resolvers()
     with initialize_config_dir(str(REPO / "conf"), version_base=None):

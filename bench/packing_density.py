@@ -40,8 +40,8 @@ def main() -> None:
     from transformers import AutoTokenizer
     from trl.data_utils import pack_dataset
 
-    from trainers.packing import best_fit_decreasing
-    from trainers.token_cache import TokenStore, prepare
+    from trainers.data.packing import best_fit_decreasing
+    from trainers.data.token_cache import TokenStore, prepare
 
     tok = AutoTokenizer.from_pretrained(REPO / "assets/tiny-llama")
     cfg = OmegaConf.create(dict(format="auto", max_seq_len=args.max_len, truncation=True, on_bad_row="skip", num_proc=1))

@@ -17,7 +17,7 @@ is what one rank holds at its peak, the larger of training and loading:
              and prefix tuning are a few vectors (counted, but tiny).
   c          compute bytes per element: 2 under bf16 (train.precision=bf16, or auto, which
              assumes a bf16 GPU), 4 in fp32.
-  params     as trainers/model.py builds them: a frozen base in the compute dtype (c B);
+  params     as trainers/model/load.py builds them: a frozen base in the compute dtype (c B);
              trained weights (method=full) as fp32 masters (4 B); QLoRA: the decoder's
              linear weights in NF4 = 0.5 B/param + double-quantized absmax constants
              (~0.127 bit/param), everything else in bf16 (2 B); adapters fp32 (4 B).
@@ -250,7 +250,7 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
     bf16 = precision == "bf16" or (precision == "auto" and device == "gpu")
     rows = layout.rows_per_forward or int(cfg.train.micro_batch_size)
     chunk = cfg.train.get("loss_chunk_tokens", 0)
-    if chunk == "auto":  # trainers/lm_loss.py: chunks whose fp32 logits stay under 128 MiB
+    if chunk == "auto":  # trainers/objectives/lm_loss.py: chunks whose fp32 logits stay under 128 MiB
         a = arch_of(cfg.model)
         chunk = max(1, (128 * 2**20) // (4 * a.vocab)) if a else 0
     return Setup(

@@ -8,12 +8,12 @@ from omegaconf import DictConfig
 
 from launch.config import world_size
 from parallel import refusal, resume_refusal
-from trainers.data import parse_sources
+from trainers.data.sources import parse_sources
 from trainers.errors import UserError
-from trainers.neftune import check_alpha
-from trainers.lm_loss import chunk_tokens_for
+from trainers.data.neftune import check_alpha
+from trainers.objectives.lm_loss import chunk_tokens_for
 from trainers.optim import SCHEDULES
-from trainers.rows import FORMATS, KIND_FORMATS
+from trainers.data.rows import FORMATS, KIND_FORMATS
 
 CHOICES = {
     "data.on_bad_row": ("error", "skip"),
@@ -121,7 +121,7 @@ def check_spike_guard(train: DictConfig) -> None:
 
 def check_objective(cfg: DictConfig) -> None:
     """The objective's knobs, and whether the data format suits it."""
-    from trainers.objectives import OBJECTIVE_ROWS, check_knobs
+    from trainers.objectives.catalog import OBJECTIVE_ROWS, check_knobs
 
     check_knobs(cfg.objective)
     name, fmt = cfg.objective.name, cfg.data.format
@@ -169,8 +169,8 @@ def prepare_data(cfg: DictConfig) -> list[str]:
     Returns report lines."""
     from omegaconf import open_dict
 
-    from trainers.data import prepare_data as prepare
-    from trainers.model import load_tokenizer
+    from trainers.data.sources import prepare_data as prepare
+    from trainers.model.load import load_tokenizer
 
     prepared, reports = prepare(cfg, load_tokenizer(cfg.model))
     with open_dict(cfg):

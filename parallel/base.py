@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from parallel import plan_spec
 from trainers.distributed import DistEnv
-from trainers.model import resolve_precision
+from trainers.model.load import resolve_precision
 from trainers.optim import build_optimizer, build_scheduler, param_groups
 
 
@@ -80,7 +80,7 @@ class Plan:
         self.model, self.optimizer = self.wrap(model, optimizer)
 
     def build(self, source) -> torch.nn.Module:
-        """This rank's share of the model, loaded from `source` (a trainers.model.ModelSource).
+        """This rank's share of the model, loaded from `source` (a trainers.model.load.ModelSource).
         Plans that keep every weight on every rank load it whole; sharding plans override
         this so that no rank ever holds weights it will not keep."""
         return source.whole(self.env.device)

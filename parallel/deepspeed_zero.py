@@ -77,7 +77,7 @@ def partitioned_model(source, ds_config: dict, device: torch.device) -> torch.nn
     at a time: a rank holds its partitions plus one module's full tensors, never the model."""
     import deepspeed
 
-    from trainers.weights import checkpoint_names, init_dora_magnitudes, is_placeholder, replace_parameter
+    from trainers.model.weights import checkpoint_names, init_dora_magnitudes, is_placeholder, replace_parameter
 
     model = source.skeleton()
     files = source.files()

@@ -49,7 +49,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def params_to_meta(model: torch.nn.Module) -> None:
     """Every parameter becomes a meta tensor of its shape and dtype (tied ones stay tied)."""
-    from trainers.weights import replace_parameters
+    from trainers.model.weights import replace_parameters
 
     replace_parameters(model, lambda _, p: torch.nn.Parameter(
         torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad))
@@ -94,7 +94,7 @@ class FSDP2(Plan):
         meta device, `fully_shard` splits them, and each rank reads only the rows of its own
         shards from the safetensors files. A rank's peak is its shards plus one tensor's
         rows, never the whole model. (4-bit bases: `_build_quantized`.)"""
-        from trainers.weights import checkpoint_names, init_dora_magnitudes
+        from trainers.model.weights import checkpoint_names, init_dora_magnitudes
 
         mesh = self._mesh()
         if source.quantized:

@@ -21,7 +21,7 @@ Loss. A step's rows (train.micro_batch_size x grad_accum per dp rank) are padded
 width (a multiple of 8) and cut into `parallel.microbatches` equal pipeline micro-batches.
 The training schedule's last stage ends at the final norm, because the loss needs the
 labels, which only loss_fn receives: loss_fn applies the lm_head through
-trainers/lm_loss.py's lm_ce_sum (the loss every plan uses, chunked over tokens when the
+trainers/objectives/lm_loss.py's lm_ce_sum (the loss every plan uses, chunked over tokens when the
 logits would be large) and returns the summed token cross-entropy divided by the target
 count of the whole global batch (`scale_grads=False`), so gradients are exactly those of
 the single-process token mean. Gradients are then summed over the dp group by hand (one
@@ -52,9 +52,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from parallel.base import Plan
 from parallel.specs import VIRTUAL_STAGES
-from trainers.rows import IGNORE
+from trainers.data.rows import IGNORE
 from trainers.errors import UserError
-from trainers.lm_loss import lm_ce_sum, plain_logits
+from trainers.objectives.lm_loss import lm_ce_sum, plain_logits
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ class Pipeline(Plan):
         from omegaconf import OmegaConf
         from transformers import AutoModelForCausalLM
 
-        from trainers.peft_methods import apply_method
+        from trainers.model.peft_methods import apply_method
 
         config = copy.deepcopy(self._hf_config)
         if hasattr(config, "quantization_config"):

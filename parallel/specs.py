@@ -61,7 +61,7 @@ class PlanSpec:
 def loads_4bit_whole(cfg) -> bool:
     """QDoRA (a 4-bit base with method.use_dora) loads the whole 4-bit model before a plan
     shards or prunes it: PEFT initialises DoRA from the quantized weights while it wraps
-    them (ModelSource.loads_in_parts, trainers/model.py)."""
+    them (ModelSource.loads_in_parts, trainers/model/load.py)."""
     return bool(cfg.method.get("quantize")) and bool(cfg.method.get("use_dora"))
 
 
@@ -277,7 +277,7 @@ class PipelineSpec(PlanSpec):
 
     @staticmethod
     def _refuse_model(cfg, chunks: int) -> str | None:
-        from trainers.model import config_for_checks
+        from trainers.model.load import config_for_checks
 
         config = config_for_checks(cfg.model)
         mtype = getattr(config, "model_type", None)

@@ -41,9 +41,9 @@ def main(out: Path, model_path: str, cases: dict[str, list[str]]) -> None:
     from launch.worker import setup_logging
     from parallel import build_plan
     from trainers.distributed import init_distributed
-    from trainers.model import ModelSource
+    from trainers.model.load import ModelSource
     from trainers.rng import seed_everything
-    from trainers.weights import CheckpointFiles, checkpoint_key
+    from trainers.model.weights import CheckpointFiles, checkpoint_key
 
     setup_logging()
     register_resolvers()

@@ -95,7 +95,7 @@ def test_skip_bad_rows_keeps_the_good_ones_counts_the_rest_and_launches(tmp_path
     """data.on_bad_row=skip: the launcher reports what it dropped and hands the workers a
     token cache of the good rows only (what the workers train on; training from a cache is
     what every training test does)."""
-    from trainers.token_cache import TokenStore
+    from trainers.data.token_cache import TokenStore
 
     data = tmp_path / "train.jsonl"
     rows = [GOOD] * 12 + [BAD["role_order"][0], BAD["empty_answer"][0]]

@@ -11,12 +11,12 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainers.batches import BatchLayout, GlobalBatches, Mixture, Shuffle, Source, collate
-from trainers.data import parse_sources
+from trainers.data.batches import BatchLayout, GlobalBatches, Mixture, Shuffle, Source, collate
+from trainers.data.sources import parse_sources
 from trainers.errors import UserError
-from trainers.packing import best_fit_decreasing
-from trainers.rows import IGNORE, tokenize_messages
-from trainers.token_cache import TokenStore, entry_dir, entry_key, prepare
+from trainers.data.packing import best_fit_decreasing
+from trainers.data.rows import IGNORE, tokenize_messages
+from trainers.data.token_cache import TokenStore, entry_dir, entry_key, prepare
 
 
 def data_cfg(**kw):
@@ -295,7 +295,7 @@ def test_collate_right_pads_and_ignores_the_padding():
 
 
 def test_collate_sequences_records_which_sequence_each_position_belongs_to():
-    from trainers.batches import collate_sequences
+    from trainers.data.batches import collate_sequences
 
     parts = [(np.array([1, 2, 3]), np.array([0, 1, 1])), (np.array([4, 5]), np.array([0, 1])),
              (np.array([6]), np.array([1]))]
@@ -311,7 +311,7 @@ def test_collate_sequences_records_which_sequence_each_position_belongs_to():
 
 
 def test_computed_positions_count_the_padding_of_each_layout():
-    from trainers.batches import computed_positions, sequence_rows
+    from trainers.data.batches import computed_positions, sequence_rows
 
     lengths = [5, 3, 2, 2]
     assert computed_positions(lengths, packed=False, width=None) == 4 * 5  # 4 rows padded to 5

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.helpers import FAST, REPO, launch_many, metrics
-from trainers.neftune import add_neftune
+from trainers.data.neftune import add_neftune
 
 
 @pytest.mark.slow

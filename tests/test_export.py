@@ -66,7 +66,7 @@ def dequantized_base(model_cfg, method_cfg):
     import bitsandbytes as bnb
     from peft.utils.integrations import dequantize_module_weight
 
-    from trainers.model import load_quantized_model
+    from trainers.model.load import load_quantized_model
 
     model = load_quantized_model(model_cfg, method_cfg, torch.device("cpu"))
     for module in list(model.modules()):

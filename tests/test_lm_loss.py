@@ -1,4 +1,4 @@
-"""The chunked loss (trainers/lm_loss.py) equals the plain one, value and gradients, in
+"""The chunked loss (trainers/objectives/lm_loss.py) equals the plain one, value and gradients, in
 process: on random tensors, and through a real (random-init) Llama whose lm_head was
 installed to return it, including prompt tuning's virtual tokens."""
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainers.rows import IGNORE
+from trainers.data.rows import IGNORE
 from trainers.errors import UserError
-from trainers.lm_loss import (chunk_tokens_for, chunked_ce_sum, install_chunked_head, lm_ce_sum, plain_logits,
+from trainers.objectives.lm_loss import (chunk_tokens_for, chunked_ce_sum, install_chunked_head, lm_ce_sum, plain_logits,
                               token_ce_sum)
 
 

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from tests.trl_preference_reference import REPO, build_trainer, expected_tokens, read_jsonl, tokenized_rows
 from trainers.errors import UserError
-from trainers.token_cache import TokenStore, prepare
+from trainers.data.token_cache import TokenStore, prepare
 
 MODEL = REPO / "assets/tiny-llama"
 PREF = REPO / "data/reverse_pref/train.jsonl"
@@ -154,9 +154,9 @@ def test_packed_micro_batch_scores_each_sequence_as_the_padded_one(tmp_path, tok
     import torch
     from transformers import AutoModelForCausalLM
 
-    from trainers import preference as P
-    from trainers.batches import collate_sequences
-    from trainers.objectives import all_targets, forward_inputs
+    from trainers.objectives import preference as P
+    from trainers.data.batches import collate_sequences
+    from trainers.objectives.catalog import all_targets, forward_inputs
 
     entry = prepare(PREF, tok, data_cfg(), tmp_path, "pairs")
     store = TokenStore(entry)
@@ -185,8 +185,8 @@ def test_kto_kl_pairs_listed_before_training_are_the_ones_each_micro_batch_holds
     accumulation and ranks (the values here are a function of the sequence: its id sum)."""
     import numpy as np
 
-    from trainers.batches import BatchLayout, GlobalBatches, Source, mismatched_sequences
-    from trainers.reference import training_kl_pairs
+    from trainers.data.batches import BatchLayout, GlobalBatches, Source, mismatched_sequences
+    from trainers.objectives.reference import training_kl_pairs
 
     store = TokenStore(prepare(write_jsonl(tmp_path / "k.jsonl", read_jsonl(KTO)[:10]), tok, data_cfg(),
                                tmp_path / "c", "unpaired"))

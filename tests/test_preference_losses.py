@@ -1,4 +1,4 @@
-"""trainers/preference.py against TRL 1.16.0's own code, in-process and fast.
+"""trainers/objectives/preference.py against TRL 1.16.0's own code, in-process and fast.
 
 TRL computes these losses inside trainer methods (DPOTrainer._compute_loss,
 KTOTrainer._compute_loss, CPOTrainer/ORPOTrainer.get_batch_loss_metrics) rather than in
@@ -16,7 +16,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from trainers import preference as P
+from trainers.objectives import preference as P
 
 from trl.experimental.cpo.cpo_trainer import CPOTrainer
 from trl.experimental.orpo.orpo_trainer import ORPOTrainer

@@ -7,7 +7,7 @@ the same initial adapter (ours, loaded into TRL's peft model).
 
 The full fine-tuning cases compare two different reference mechanisms: TRL keeps a second
 copy of the initial model, we precompute its log-probs before training
-(trainers/reference.py), for kto also those of the mismatched KL pairs of every step.
+(trainers/objectives/reference.py), for kto also those of the mismatched KL pairs of every step.
 
 Both sides run in this process (ours through `trainers.loop.train`, TRL's through
 tests/trl_preference_reference.py); each case runs once per module and both tests read it.
@@ -65,8 +65,8 @@ def our_cfg(objective: str, method: str, run_dir, train_file, extra=()):
 
 def rows_in_our_order(cfg) -> list[dict]:
     """The data rows of our first STEPS global batches, in order: TRL reads them sequentially."""
-    from trainers.data import training_batches
-    from trainers.model import load_tokenizer
+    from trainers.data.sources import training_batches
+    from trainers.model.load import load_tokenizer
 
     batches, _ = training_batches(cfg, load_tokenizer(cfg.model), 1)
     rows = read_jsonl(cfg.data.train)
@@ -82,7 +82,7 @@ def initial_adapter(cfg, path) -> None:
     """Our initial LoRA weights (the loop's own ModelSource), for TRL to start from."""
     from safetensors.torch import save_file
 
-    from trainers.model import ModelSource
+    from trainers.model.load import ModelSource
     from trainers.rng import seed_everything
 
     seed_everything(cfg.seed)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.trl_preference_reference import REPO, build_trainer, expected_tokens, read_jsonl, tokenized_rows
-from trainers import preference as P
+from trainers.objectives import preference as P
 
 MODEL = REPO / "assets/tiny-llama"
 PREF = REPO / "data/reverse_pref/train.jsonl"

@@ -8,7 +8,7 @@ from trainers.errors import UserError
 
 
 def test_unreachable_hub_model_and_malformed_id_name_the_path(monkeypatch):
-    from trainers.model import local_model_dir
+    from trainers.model.load import local_model_dir
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: the hub is unreachable
     with pytest.raises(UserError, match=r"model.path='nobody/no-such-model' is neither a local directory"):
@@ -18,7 +18,7 @@ def test_unreachable_hub_model_and_malformed_id_name_the_path(monkeypatch):
 
 
 def test_a_folder_that_is_not_a_saved_dataset_names_the_folder(tmp_path):
-    from trainers.rows import _read_datasets_folder
+    from trainers.data.rows import _read_datasets_folder
 
     (tmp_path / "dataset_info.json").write_text("{not json")
     with pytest.raises(UserError, match=f"Could not load the datasets folder '{tmp_path}'"):

@@ -61,7 +61,7 @@ returns TRL's ids per row so a test can compare them with ours):
 Averaging (TRL, one micro-batch): DPO/IPO loss = mean over pairs; SimPO = mean over pairs
 of per-token-averaged log-probs; ORPO = (token-mean NLL over the chosen rows) - beta *
 mean(logsigmoid(log_odds)); KTO = mean over rows, KL reference point = mean over the
-micro-batch (then over ranks), clamped at 0, no gradient. See trainers/preference.py.
+micro-batch (then over ranks), clamped at 0, no gradient. See trainers/objectives/preference.py.
 """
 from __future__ import annotations
 

@@ -17,11 +17,11 @@ import math
 
 import torch
 
-from trainers.batches import Source, collate, collate_preference, heldout_partners
+from trainers.data.batches import Source, collate, collate_preference, heldout_partners
 from trainers.distributed import all_reduce_sum
-from trainers.objectives import get_objective
-from trainers.preference_rows import answer_text
-from trainers.rows import read_rows
+from trainers.objectives.catalog import get_objective
+from trainers.data.preference_rows import answer_text
+from trainers.data.rows import read_rows
 
 
 def _shard(items, rank: int, world: int) -> list[tuple[object, float]]:

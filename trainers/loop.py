@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from trainers.checkpoint import Checkpointer
-from trainers.data import training_batches
+from trainers.data.sources import training_batches
 from trainers.distributed import (
     agree,
     all_reduce_sum,
@@ -29,12 +29,12 @@ from trainers.distributed import (
 )
 from trainers.errors import TrainingError
 from trainers.evaluate import Evaluator
-from trainers.export import export
+from trainers.model.export import export
 from trainers.metrics import MetricsLogger, plot_losses, write_summary
-from trainers.model import ModelSource, count_parameters, load_tokenizer
-from trainers.objectives import get_objective
-from trainers.peft_methods import method_summary
-from trainers.reference import precompute_kl_reference, precompute_reference
+from trainers.model.load import ModelSource, count_parameters, load_tokenizer
+from trainers.objectives.catalog import get_objective
+from trainers.model.peft_methods import method_summary
+from trainers.objectives.reference import precompute_kl_reference, precompute_reference
 from trainers.rng import seed_everything
 from trainers.spike_guard import SpikeGuard, corrupt_targets
 from trainers.watchdog import Watchdog, allowances

@@ -9,14 +9,14 @@ it, so every plan (none, ddp, zero*, fsdp2, pipeline) trains the same modified m
   backbone with their own slice of the same layer modules, checkpoint too. Layers only
   checkpoint in train mode (`module.training`), so evaluation and generation are unchanged.
 - `train.loss_chunk_tokens`: the loss never holds a large micro-batch's full logits
-  (trainers/lm_loss.py).
+  (trainers/objectives/lm_loss.py).
 """
 from __future__ import annotations
 
 import torch
 
 from trainers.errors import UserError
-from trainers.lm_loss import install_chunked_head
+from trainers.objectives.lm_loss import install_chunked_head
 
 
 def hf_model(model: torch.nn.Module):

@@ -21,7 +21,7 @@ from collections import deque
 
 import torch
 
-from trainers.rows import IGNORE
+from trainers.data.rows import IGNORE
 
 
 class SpikeGuard:

@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 
 from trainers.files import write_json
-from trainers.peft_methods import MERGEABLE
+from trainers.model.peft_methods import MERGEABLE
 
 log = logging.getLogger(__name__)
 
 
 def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
     """What a bf16 weight becomes once bitsandbytes has stored it in NF4 with double
-    quantization (trainers.model.quantization_config), back in fp32."""
+    quantization (trainers.model.load.quantization_config), back in fp32."""
     import bitsandbytes.functional as bnbf
 
     packed, state = bnbf.quantize_4bit(
@@ -41,7 +41,7 @@ def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
 def quantized_keys(model: torch.nn.Module) -> set[str]:
     """Checkpoint keys of the weights transformers stores in 4 bits: every nn.Linear but the
     output embedding (transformers' get_keys_to_not_convert)."""
-    from trainers.weights import checkpoint_key
+    from trainers.model.weights import checkpoint_key
 
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     keys = set()
@@ -57,7 +57,7 @@ def quantized_keys(model: torch.nn.Module) -> set[str]:
 def merged_weight(module: torch.nn.Module, base_weight: torch.Tensor) -> torch.Tensor:
     """`base_weight` with `module`'s adapter merged in by PEFT itself (LoRA, DoRA, rsLoRA,
     IA3 alike); the module gets its placeholder back so nothing accumulates."""
-    from trainers.weights import make_placeholder
+    from trainers.model.weights import make_placeholder
 
     base = module.get_base_layer()
     placeholder = base.weight
@@ -118,8 +118,8 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> None
     """Write base + adapter merged, one tensor at a time."""
     from omegaconf import OmegaConf
 
-    from trainers.model import ModelSource
-    from trainers.weights import checkpoint_key, checkpoint_names
+    from trainers.model.load import ModelSource
+    from trainers.model.weights import checkpoint_key, checkpoint_names
 
     method = OmegaConf.merge(cfg.method, {"quantize": None})
     source = ModelSource(cfg.model, method, torch.float32, cfg.seed)

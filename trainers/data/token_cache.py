@@ -6,7 +6,7 @@ their loss masks, an offsets array, the source row numbers, a desirable flag per
 (chosen, then rejected) with the same row number. Its name is a hash of everything that
 changes the tokens: the data file's bytes, the tokenizer (vocabulary, merges, special
 tokens, chat template), the library versions that tokenize, the data settings, and the
-kind of row the objective reads (trainers.rows.ROW_KINDS: it decides the fields and the
+kind of row the objective reads (trainers.data.rows.ROW_KINDS: it decides the fields and the
 tokenization conventions). Nothing is ever updated in place: a build writes
 a temporary folder and renames it, so a killed build leaves no entry a reader could
 mistake for a complete one.
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from trainers.encoding import EncodedChunk, encode_chunk
+from trainers.data.encoding import EncodedChunk, encode_chunk
 from trainers.errors import UserError
 from trainers.files import atomic_write, locked, read_json, update_json
-from trainers.rows import missing_file_error, read_raw
+from trainers.data.rows import missing_file_error, read_raw
 
 log = logging.getLogger("data")
 

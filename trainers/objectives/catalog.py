@@ -14,9 +14,9 @@ micro-batches with one all-reduce and stores it in each micro-batch.
 The reference model is never a second copy: with a PEFT method it is the same model with
 the adapter disabled (peft's `disable_adapter()`), run in the same forward schedule under
 no_grad; with method=full its log-probs were computed once before training
-(trainers/reference.py) and arrive in the batch as `ref_logps`.
+(trainers/objectives/reference.py) and arrive in the batch as `ref_logps`.
 
-Definitions are TRL 1.16's (trainers/preference.py), so a recipe moves between the two.
+Definitions are TRL 1.16's (trainers/objectives/preference.py), so a recipe moves between the two.
 """
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ from typing import Callable
 
 import torch
 
-from trainers import preference as P
+from trainers.objectives import preference as P
 from trainers.errors import UserError
-from trainers.lm_loss import lm_ce_sum
+from trainers.objectives.lm_loss import lm_ce_sum
 
-# objective name -> kind of data row it reads (trainers.rows.ROW_KINDS). simpo and orpo
+# objective name -> kind of data row it reads (trainers.data.rows.ROW_KINDS). simpo and orpo
 # follow TRL's CPO/ORPO tokenization, dpo/ipo/kto TRL's DPO/KTO one.
 OBJECTIVE_ROWS = {"sft": "sft", "dpo": "pairs", "ipo": "pairs", "simpo": "pairs_text", "orpo": "pairs_text",
                   "kto": "unpaired"}
@@ -108,7 +108,7 @@ def adapter_disabled(model: torch.nn.Module):
     peft = peft_model(model)
     if peft is None:
         raise RuntimeError("no reference log-probs in the batch and no adapter to disable: with method=full the "
-                           "loop precomputes them (trainers/reference.py)")
+                           "loop precomputes them (trainers/objectives/reference.py)")
     if peft.peft_config[peft.active_adapter].is_prompt_learning:
         return peft.disable_adapter()
     if peft not in _TUNER_LAYERS:

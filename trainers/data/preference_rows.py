@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainers.rows import ROLES, BadRow, Staged, render
+from trainers.data.rows import ROLES, BadRow, Staged, render
 
 
 def is_conversation(value: Any) -> bool:

@@ -1,5 +1,5 @@
 """Build the model a run trains: tokenizer, config, and a `ModelSource` from which each
-parallel plan builds only its own share of the weights (see trainers/weights.py).
+parallel plan builds only its own share of the weights (see trainers/model/weights.py).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from trainers.errors import UserError
-from trainers.peft_methods import apply_method
+from trainers.model.peft_methods import apply_method
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class ModelSource:
         model.train()
         if self.train_cfg is not None:
             from trainers.memory import apply_memory_options, hf_model
-            from trainers.neftune import add_neftune
+            from trainers.data.neftune import add_neftune
 
             apply_memory_options(model, self.train_cfg)
             add_neftune(hf_model(model), self.train_cfg.get("neftune_alpha"))
@@ -182,7 +182,7 @@ class ModelSource:
         quantizes each weight as it is read."""
         from accelerate import init_empty_weights
 
-        from trainers.weights import is_4bit, make_placeholder, replace_parameters
+        from trainers.model.weights import is_4bit, make_placeholder, replace_parameters
 
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(
@@ -206,7 +206,7 @@ class ModelSource:
         """Read the placeholders of `within` (default: all of `model`) onto `device`; 4-bit
         weights are quantized by transformers' op as each arrives: a rank holds one tensor
         in bf16 at a time, never a bf16 (or 4-bit) copy of weights it does not keep."""
-        from trainers.weights import fill_placeholders
+        from trainers.model.weights import fill_placeholders
 
         quantize = None
         if self._quantizer is not None:
@@ -224,7 +224,7 @@ class ModelSource:
     def files(self):
         """The checkpoint's tensors (a hub id is resolved to its local snapshot first)."""
         if self._files is None:
-            from trainers.weights import CheckpointFiles
+            from trainers.model.weights import CheckpointFiles
 
             self._files = CheckpointFiles(local_model_dir(self.model_cfg.path))
         return self._files
@@ -246,7 +246,7 @@ class ModelSource:
 
     def load(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         """Every placeholder left in `model` read onto `device`, then DoRA's magnitudes."""
-        from trainers.weights import init_dora_magnitudes
+        from trainers.model.weights import init_dora_magnitudes
 
         self.fill(model, device)
         model.to(device)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from trainers.errors import UserError
-from trainers.rows import IGNORE
+from trainers.data.rows import IGNORE
 
 # `train.loss_chunk_tokens=auto`: one chunk's fp32 logits stay under this many bytes
 # (261 tokens at a vocabulary of 128256; 1048 at 32000).

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from trainers.batches import BatchLayout, GlobalBatches, Source
+from trainers.data.batches import BatchLayout, GlobalBatches, Source
 from trainers.errors import UserError
 from trainers.files import atomic_write, locked
-from trainers.packing import best_fit_decreasing
-from trainers.peft_methods import SUPPORTS_PACKING
-from trainers.token_cache import DataReport, TokenStore, ensure
+from trainers.data.packing import best_fit_decreasing
+from trainers.model.peft_methods import SUPPORTS_PACKING
+from trainers.data.token_cache import DataReport, TokenStore, ensure
 
 SPEC_HELP = (
     "Accepted: a path (JSONL, parquet or a datasets folder); a list of paths; or a list of "
@@ -75,8 +75,8 @@ def parse_sources(value, key: str) -> list[SourceSpec]:
 
 
 def row_kind(cfg) -> str:
-    """The kind of row the objective reads (trainers.rows.ROW_KINDS)."""
-    from trainers.objectives import OBJECTIVE_ROWS, check_objective_name
+    """The kind of row the objective reads (trainers.data.rows.ROW_KINDS)."""
+    from trainers.objectives.catalog import OBJECTIVE_ROWS, check_objective_name
 
     check_objective_name(cfg.objective.name)
     return OBJECTIVE_ROWS[cfg.objective.name]

@@ -13,7 +13,7 @@ where `collate_preference` puts it into each batch as `ref_logps`.
 KTO also needs the reference on its mismatched pairs (row i's prompt with row i-1's
 completion, rotated within each global batch), whose policy-minus-reference log-ratio
 estimates the KL reference point. Those pairs change every step, but the rows of step s
-are a function of (seed, s) alone (trainers/batches.py), so the pairs of every step of the
+are a function of (seed, s) alone (trainers/data/batches.py), so the pairs of every step of the
 run are known before the first one: `precompute_kl_reference` lists them for steps
 [0, train.max_steps), computes each distinct pair once (same sharding, no gradient) and
 keeps one float per (step, batch position) (`GlobalBatches.kl_reference`, put into each
@@ -38,11 +38,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainers.batches import GlobalBatches, Source, collate_sequences, heldout_partners, mismatched_sequences
+from trainers.data.batches import GlobalBatches, Source, collate_sequences, heldout_partners, mismatched_sequences
 from trainers.distributed import all_reduce_sum
 from trainers.files import atomic_write
-from trainers.objectives import forward_inputs
-from trainers.preference import sequence_logps
+from trainers.objectives.catalog import forward_inputs
+from trainers.objectives.preference import sequence_logps
 
 log = logging.getLogger("train")
 

@@ -2,9 +2,9 @@
 objective reads, validating SFT rows and cutting them into text pieces at the points where
 the loss mask changes.
 
-Every row goes through this once per dataset version (trainers/encoding.py tokenizes a
-chunk of staged rows in one batched call; the token cache in trainers/token_cache.py
-stores the output). Preference rows are validated and staged in trainers/preference_rows.py.
+Every row goes through this once per dataset version (trainers/data/encoding.py tokenizes a
+chunk of staged rows in one batched call; the token cache in trainers/data/token_cache.py
+stores the output). Preference rows are validated and staged in trainers/data/preference_rows.py.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ IGNORE = -100
 ROLES = ("system", "user", "assistant")
 FORMATS = ("auto", "messages", "prompt_completion", "preference", "unpaired_preference")
 
-# What a row holds, which follows from the objective (trainers/objectives.py):
+# What a row holds, which follows from the objective (trainers/objectives/catalog.py):
 #   sft        messages, or prompt/completion: one example, loss on the answers
 #   pairs      prompt/chosen/rejected, tokenized as TRL's DPOTrainer does: two examples
 #              (chosen, rejected) one after the other in the cache

@@ -21,7 +21,7 @@ global batch (the first row takes the last row's), TRL's rotation by one applied
 global batch, so the KL estimate does not depend on how the batch is split. Since the
 rows of step s depend only on (seed, s), so do these mismatched pairs (`kl_pairs`): with
 method=full their reference log-probs are computed before training like every other
-reference log-prob (trainers/reference.py) and kept in `GlobalBatches.kl_reference`.
+reference log-prob (trainers/objectives/reference.py) and kept in `GlobalBatches.kl_reference`.
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from trainers.errors import UserError
-from trainers.packing import best_fit_decreasing
-from trainers.rows import IGNORE, labels_of
-from trainers.token_cache import TokenStore
+from trainers.data.packing import best_fit_decreasing
+from trainers.data.rows import IGNORE, labels_of
+from trainers.data.token_cache import TokenStore
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Source:
     """One dataset as batch rows: a row is a bin of packed examples, one example, or a
     preference pair (two examples: chosen at 2i, rejected at 2i+1).
 
-    `reference` (set by trainers/reference.py for method=full) holds the reference model's
+    `reference` (set by trainers/objectives/reference.py for method=full) holds the reference model's
     summed completion log-prob of every example, computed once before training, and, for
     a held-out KTO set, `kl_reference` that of each row's mismatched sequence (row r's
     prompt with row r-1's completion, the evaluator's fixed rotation)."""
@@ -181,7 +181,7 @@ class GlobalBatches:
         self.sources, self.layout, self.seed = sources, layout, seed
         self.pad_id, self.packed, self.max_len = pad_id, packed, max_len
         # KTO with method=full: reference log-prob of the mismatched sequence at each
-        # (step, position of the global batch), set by trainers/reference.py.
+        # (step, position of the global batch), set by trainers/objectives/reference.py.
         self.kl_reference: np.ndarray | None = None
         kinds = {s.store.kind for s in sources}
         if len(kinds) > 1:

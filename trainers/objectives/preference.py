@@ -39,7 +39,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from trainers.rows import IGNORE
+from trainers.data.rows import IGNORE
 
 # Sizing of one chunk of positions in `token_logps`: its fp32 logits stay under this.
 CHUNK_BYTES = 64 * 2**20

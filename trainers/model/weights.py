@@ -1,7 +1,7 @@
 """Pre-trained weights read a slice at a time, straight into what a rank keeps.
 
 A 70B base is 140 GB in bf16: no rank may hold all of it unless its plan keeps all of
-it. So the model is first built as a *skeleton* (`trainers/model.py`): every weight that
+it. So the model is first built as a *skeleton* (`trainers/model/load.py`): every weight that
 comes from the checkpoint is a zero-byte placeholder, and only what is created fresh
 (LoRA adapters, prompt embeddings) is real. Each plan then fills in its own share:
 
@@ -205,7 +205,7 @@ def fill_placeholders(model: nn.Module, files: CheckpointFiles, device: torch.de
                       within: nn.Module | None = None, quantize=None) -> None:
     """Each placeholder of `within` (default: the whole model) becomes its full tensor from
     the files, on `device`, one tensor at a time. A 4-bit placeholder is quantized as it
-    arrives, by `quantize(name, value)` (trainers/model.py: transformers' own quantize op),
+    arrives, by `quantize(name, value)` (trainers/model/load.py: transformers' own quantize op),
     so its bf16 tensor is alive only until the next one is read."""
     keys = checkpoint_names(model, files)
     mine = {id(p) for p in (within if within is not None else model).parameters()}

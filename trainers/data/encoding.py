@@ -1,9 +1,9 @@
 """One chunk of raw rows -> validated, tokenized, loss-masked examples as flat arrays.
 
-Each row is staged by its kind (SFT rows in trainers/rows.py, preference rows in
-trainers/preference_rows.py); the whole chunk is then encoded in one batched tokenizer
+Each row is staged by its kind (SFT rows in trainers/data/rows.py, preference rows in
+trainers/data/preference_rows.py); the whole chunk is then encoded in one batched tokenizer
 call per flavour, and the encoded texts are assembled into examples, truncated or
-refused. The token cache (trainers/token_cache.py) appends the result."""
+refused. The token cache (trainers/data/token_cache.py) appends the result."""
 from __future__ import annotations
 
 from collections import Counter
@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from trainers.preference_rows import check_preference, stage_cpo_style, stage_dpo_style
-from trainers.rows import BadRow, Staged, assemble, check_kind, decode, row_pieces
+from trainers.data.preference_rows import check_preference, stage_cpo_style, stage_dpo_style
+from trainers.data.rows import BadRow, Staged, assemble, check_kind, decode, row_pieces
 
 
 def stage_row(tokenizer, row: Any, kind: str, fmt_wanted: str) -> Staged:
