@@ -101,7 +101,7 @@ def after_srun(folder: Path, srun_exit: int) -> None:
 
 
 def _requeue_dead_task(cfg, job_id: str, restart: int, failure: dict) -> None:
-    from trainers.checkpoint import latest_checkpoint
+    from trainers.checkpoint_files import latest_checkpoint
 
     run_dir = Path(cfg.run_dir)
     resume = latest_checkpoint(run_dir / "checkpoints")

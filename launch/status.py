@@ -21,7 +21,7 @@ from trainers.files import read_json
 def run_status(run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
-    from trainers.checkpoint import latest_checkpoint
+    from trainers.checkpoint_files import latest_checkpoint
     from trainers.metrics import read_metrics
 
     state = read_state(run_dir)

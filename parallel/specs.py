@@ -277,9 +277,11 @@ class PipelineSpec(PlanSpec):
 
     @staticmethod
     def _refuse_model(cfg, chunks: int) -> str | None:
-        from trainers.model.load import config_for_checks
+        from trainers.model.config_json import config_for_checks
 
         config = config_for_checks(cfg.model)
+        if config is None:  # a hub id without a preset: the stages check it when they load
+            return None
         mtype = getattr(config, "model_type", None)
         if mtype not in SUPPORTED_MODEL_TYPES:
             return (f"model_type {mtype!r} is not one of the Llama-family backbones the pipeline "

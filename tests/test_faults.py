@@ -136,7 +136,8 @@ def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
     each checkpoint's damaged file; a directory without a manifest (older runs) is loaded."""
     import json
 
-    from trainers.checkpoint import MANIFEST, MARKER, Checkpointer, describe_files
+    from trainers.checkpoint import Checkpointer
+    from trainers.checkpoint_files import MANIFEST, MARKER, describe_files
     from trainers.distributed import DistEnv
     from trainers.errors import TrainingError
 

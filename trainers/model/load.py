@@ -58,19 +58,6 @@ def load_config(model_cfg):
         raise UserError(f"Could not load a model config from model.path={model_cfg.path!r}: {e}") from None
 
 
-def config_for_checks(model_cfg):
-    """The model config that pre-launch checks read: built from the preset's `model.arch`
-    when there is one (no download, no network: dry runs and suggestions stay offline),
-    else the model directory's config.json."""
-    arch = model_cfg.get("arch")
-    if not arch:
-        return load_config(model_cfg)
-    from omegaconf import OmegaConf
-
-    values = OmegaConf.to_container(arch, resolve=True)
-    return AutoConfig.for_model(values.pop("model_type", "llama"), **values)
-
-
 def quantization_config(method_cfg):
     from transformers import BitsAndBytesConfig
 

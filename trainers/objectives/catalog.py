@@ -28,21 +28,8 @@ from typing import Callable
 import torch
 
 from trainers.objectives import preference as P
-from trainers.errors import UserError
 from trainers.objectives.lm_loss import lm_ce_sum
-
-# objective name -> kind of data row it reads (trainers.data.rows.ROW_KINDS). simpo and orpo
-# follow TRL's CPO/ORPO tokenization, dpo/ipo/kto TRL's DPO/KTO one.
-OBJECTIVE_ROWS = {"sft": "sft", "dpo": "pairs", "ipo": "pairs", "simpo": "pairs_text", "orpo": "pairs_text",
-                  "kto": "unpaired"}
-# objectives that compare with a reference model
-NEEDS_REFERENCE = ("dpo", "ipo", "kto")
-
-
-def check_objective_name(name: str) -> None:
-    if name not in OBJECTIVE_ROWS:
-        raise UserError(f"objective={name!r} is not accepted; use one of: {', '.join(OBJECTIVE_ROWS)}.")
-
+from trainers.objectives.settings import NEEDS_REFERENCE, OBJECTIVE_ROWS, check_objective_name, knobs_of
 
 def forward_inputs(batch: dict, device: torch.device) -> dict:
     keys = ("input_ids", "position_ids", "attention_mask")
@@ -244,17 +231,9 @@ def kto_prepare(model, micro_batches: list[dict], device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------ registry
-def _knobs(cfg) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return dict(cfg)
-
-
 def get_objective(cfg) -> Objective:
     """`cfg` is the objective config (conf/objective/*.yaml) or just a name (defaults)."""
-    knobs = {"name": cfg} if isinstance(cfg, str) else _knobs(cfg)
+    knobs = {"name": cfg} if isinstance(cfg, str) else knobs_of(cfg)
     name = knobs["name"]
     check_objective_name(name)
     if name == "sft":
@@ -262,26 +241,3 @@ def get_objective(cfg) -> Objective:
     if name == "kto":
         return kto_objective(knobs)
     return pair_objective(name, knobs)
-
-
-def check_knobs(cfg) -> None:
-    """Pre-launch checks of the objective's settings (one paragraph per bad value)."""
-    knobs = _knobs(cfg)
-    name = knobs["name"]
-    check_objective_name(name)
-    for key in ("beta", "gamma", "desirable_weight", "undesirable_weight"):
-        if key in knobs:
-            v = knobs[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise UserError(f"objective.{key}={v!r} must be a positive number (objective={name}).")
-    if name == "dpo":
-        lt = knobs.get("loss_type", "sigmoid")
-        if lt not in P.DPO_LOSS_TYPES:
-            raise UserError(f"objective.loss_type={lt!r} is not accepted; use one of TRL's DPO loss types: "
-                            f"{', '.join(P.DPO_LOSS_TYPES)} (aot, aot_unpaired and sft are not sums over pairs, "
-                            f"so not split-invariant).")
-        ls = knobs.get("label_smoothing", 0.0)
-        if not isinstance(ls, (int, float)) or not 0 <= ls < 0.5:
-            raise UserError(f"objective.label_smoothing={ls!r} must be in [0, 0.5) (robust, exo_pair).")
-        if lt == "exo_pair" and ls <= 0:
-            raise UserError("objective.loss_type=exo_pair needs objective.label_smoothing > 0 (TRL refuses 0).")
