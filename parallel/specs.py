@@ -182,8 +182,7 @@ class DeepSpeedZeroSpec(PlanSpec):
             offload.add("params")
         if p.get("offload_optimizer"):
             offload |= {"optim", "grads"}
-        quantized = bool(cfg.method.get("quantize"))
-        transient = ("whole" if quantized else "module") if stage == 3 else "tensor"
+        transient = ("whole" if loads_4bit_whole(cfg) else "module") if stage == 3 else "tensor"
         buffers = 2 if p.get("overlap_comm") and stage < 3 else 1
         bucket = deepspeed_size(p, "reduce_bucket_size") * buffers if p.get("contiguous_gradients") else Elements()
         # ZeRO-3 steps its flat partition in sub-groups of sub_group_size (DeepSpeed's default 1e9)

@@ -85,7 +85,7 @@ def test_sigkill_during_async_write_resumes_from_previous_commit(tmp_path, tiny_
     assert_resumed_exactly(run, ref, STEPS)
 
 
-RESHARDS = [(plan, 2, 1) for plan in ("fsdp2", "zero1", "zero2", "zero3", "zero3_offload")] + [
+RESHARDS = [(plan, 2, 1) for plan in ("ddp", "fsdp2", "zero1", "zero2", "zero3", "zero3_offload")] + [
     (plan, 1, 2) for plan in ("fsdp2", "zero2", "zero3")]
 
 

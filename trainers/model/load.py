@@ -189,8 +189,10 @@ class ModelSource:
         replace_parameters(model, lambda _, p: None if is_4bit(p) else make_placeholder(p.shape, p.dtype))
         return self.apply_method(model)
 
-    def fill(self, model: torch.nn.Module, device: torch.device, within: torch.nn.Module | None = None) -> None:
-        """Read the placeholders of `within` (default: all of `model`) onto `device`; 4-bit
+    def fill(self, model: torch.nn.Module, device: torch.device, within: torch.nn.Module | None = None,
+             recurse: bool = True) -> None:
+        """Read the placeholders of `within` (default: all of `model`; its own parameters only
+        with `recurse=False`) onto `device`; 4-bit
         weights are quantized by transformers' op as each arrives: a rank holds one tensor
         in bf16 at a time, never a bf16 (or 4-bit) copy of weights it does not keep."""
         from trainers.model.weights import fill_placeholders
@@ -206,7 +208,7 @@ class ModelSource:
             def quantize(name: str, value: torch.Tensor) -> torch.nn.Parameter:
                 name = name.removeprefix(prefix)  # the op looks the weight up in the transformers model
                 return op.convert({name: [value]}, model=hf)[name]
-        fill_placeholders(model, self.files(), device, within, quantize)
+        fill_placeholders(model, self.files(), device, within, quantize, recurse)
 
     def files(self):
         """The checkpoint's tensors (a hub id is resolved to its local snapshot first)."""
