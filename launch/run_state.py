@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from launch.scheduler import TERMINAL
+from slurm.scheduler import TERMINAL
 from trainers.files import read_json, update_json
 
 STATE = Path("slurm") / "state.json"  # relative to a run dir

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from launch.run_state import IN_PROGRESS, derive_status, read_state
-from launch.scheduler import job_state, sacct
+from slurm.scheduler import job_state, sacct
 from trainers.files import read_json
 
 

@@ -15,10 +15,10 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from launch.scheduler import wait_for
-from launch.slurm import submit_array
+from launch.on_slurm import submit_sweep
 from launch.sweep import MANIFEST, SUMMARY, Point, current, markdown, refresh_sweep_summary, registered_points, \
     update_manifest
+from slurm.scheduler import wait_for
 from trainers.errors import UserError
 
 
@@ -52,7 +52,7 @@ class SweepCallback(Callback):
                   f"were refused (messages above).", file=sys.stderr)
             sys.exit(2)
         try:
-            ids = submit_array(points, sweep_dir)
+            ids = submit_sweep(points, sweep_dir)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

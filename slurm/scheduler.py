@@ -8,7 +8,7 @@ import re
 import subprocess
 import time
 
-log = logging.getLogger("launch")
+log = logging.getLogger("slurm")
 
 # States after which a job will not run again (PREEMPTED/REQUEUED may come back).
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
