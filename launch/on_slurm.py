@@ -33,3 +33,9 @@ def submit_sweep(points: list[sweep.Point], sweep_dir: Path) -> list[str]:
     from slurm.submit import submit_array
 
     return submit_array(points, sweep_dir, HANDS)
+
+
+def wait_sweep(points: list[sweep.Point], ids: list[str]) -> None:
+    from slurm.submit import wait_array
+
+    wait_array(points, ids, HANDS)

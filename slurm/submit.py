@@ -23,7 +23,7 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from slurm.hands import Hands
 from slurm.sbatch import log_paths, make_executor, new_folder, render_script, sbatch_parameters
-from slurm.scheduler import wait_for
+from slurm.wait import NeverStarts, refuse_if_never, wait_for
 from slurm.secrets import refuse_secrets
 from slurm.task import SlurmTask
 from trainers.errors import TrainingError, UserError
@@ -39,9 +39,17 @@ def _record(hands: Hands, cfg: DictConfig, run_dir: Path, job_id: str, folder: P
                             int(cfg.launcher.max_requeues))
 
 
+def _record_never(hands: Hands, run_dirs: list[Path], error: NeverStarts) -> None:
+    """state.json of each run remembers the verdict (`python -m launch.status` shows it)."""
+    for run_dir in run_dirs:
+        hands.update_state(run_dir, lambda s: s.update(
+            never_starts={"job_id": s.get("job_id"), "at": hands.now(), "message": str(error)}))
+
+
 def submit_run(cfg: DictConfig, config_path: Path, hands: Hands) -> int:
     """Submit the run whose resolved config is `config_path`; with launcher.wait, wait for
-    it (following requeues) and return its exit code."""
+    it (following requeues) and return its exit code. A job that can never start (see
+    slurm/wait.py) is cancelled and refused at submission or while waiting."""
     run_dir = Path(cfg.run_dir)
     folder = new_folder(run_dir)
     executor = make_executor(cfg, folder, hands.repo_root)
@@ -52,6 +60,11 @@ def submit_run(cfg: DictConfig, config_path: Path, hands: Hands) -> int:
     except SBATCH_REFUSED as e:  # bad partition, account, ...
         raise UserError(f"sbatch refused the job: {e}") from None
     _record(hands, cfg, run_dir, job.job_id, folder)
+    try:
+        refuse_if_never(job.job_id)
+    except NeverStarts as e:
+        _record_never(hands, [run_dir], e)
+        raise
     logs = log_paths(folder, job.job_id, 1)["rank0"]
     print(f"submitted job {job.job_id}: {cfg.launcher.nodes} node(s) x {cfg.launcher.gpus_per_node} task(s)\n"
           f"  run dir  {run_dir}\n  log      {logs['stderr']}\n"
@@ -60,6 +73,9 @@ def submit_run(cfg: DictConfig, config_path: Path, hands: Hands) -> int:
         return 0
     try:
         wait_for([job.job_id])
+    except NeverStarts as e:
+        _record_never(hands, [run_dir], e)
+        raise
     except KeyboardInterrupt:
         print(f"\nstopped waiting; job {job.job_id} keeps running (scancel {job.job_id} to stop it)", file=sys.stderr)
         return 130
@@ -98,4 +114,19 @@ def submit_array(points: list, sweep_dir: Path, hands: Hands) -> list[str]:
         for p, job in zip(group, jobs):
             _record(hands, p.cfg, Path(p.run_dir), job.job_id, folder)
             ids[p.num] = job.job_id
+        try:
+            refuse_if_never(jobs[0].job_id)  # the elements of an array share one request
+        except NeverStarts as e:
+            _record_never(hands, [Path(p.run_dir) for p in points], e)
+            raise
     return [ids[p.num] for p in points]
+
+
+def wait_array(points: list, ids: list[str], hands: Hands) -> dict[str, str]:
+    """Wait for a sweep's jobs (submit_array's ids, in point order) like submit_run waits."""
+    try:
+        return wait_for(ids)
+    except NeverStarts as e:
+        array = e.job_id.split("_")[0]
+        _record_never(hands, [Path(p.run_dir) for p, i in zip(points, ids) if i.split("_")[0] == array], e)
+        raise
