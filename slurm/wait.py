@@ -225,7 +225,8 @@ def wait_for(job_ids: list[str], poll_s: float = 2.0, report_every_s: float = 60
             key = (s, p.reason if p else None)
             if key != last.get(j) or (p and time.monotonic() - reported.get(j, 0.0) >= report_every_s):
                 if p:
-                    log.info("job %s: PENDING (%s), waited %s", j, p.reason, waited(p.waited_s))
+                    why = "" if p.reason == "None" else f" ({p.reason})"  # (not yet considered)
+                    log.info("job %s: PENDING%s, waited %s", j, why, waited(p.waited_s))
                 else:
                     log.info("job %s: %s", j, s)
                 reported[j] = time.monotonic()
