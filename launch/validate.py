@@ -106,17 +106,10 @@ def check_spike_guard(train: DictConfig) -> None:
             f"train.spike_guard.window={guard.get('window')}: the median never gets that many "
             f"steps. Use a min_history of at most the window."
         )
-    planted = train.get("debug_corrupt_steps") or []
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in planted):
-        raise UserError(f"train.debug_corrupt_steps={list(planted)!r} must be a list of step numbers (1 or more).")
     shard = train.get("export_shard_mib", 2048)
     if not isinstance(shard, (int, float)) or isinstance(shard, bool) or shard <= 0:
         raise UserError(f"train.export_shard_mib={shard!r} must be a positive number of MiB (the largest "
                         f"safetensors file the export writes; e.g. 2048).")
-    delay = train.get("debug_commit_delay_s") or 0
-    if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
-        raise UserError(f"train.debug_commit_delay_s={delay!r} must be a number of seconds, 0 or more (testing only; "
-                        f"leave it 0).")
 
 
 def check_objective(cfg: DictConfig) -> None:
