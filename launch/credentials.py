@@ -41,28 +41,30 @@ def env_for_key(key: str) -> str:
     return "an environment variable (HF_TOKEN for the Hugging Face hub, WANDB_API_KEY for W&B)"
 
 
-def credential_in(key: str, value) -> str | None:
-    """Why `key=value` looks like a credential (without the value), or None."""
+def credential_in(key: str, value) -> tuple[str, str] | None:
+    """(why `key=value` looks like a credential, without the value; the environment
+    variable to use instead), or None."""
     if value is None or value == "" or value == [] or value == {}:
         return None
-    last = key.rsplit(".", 1)[-1].lstrip("+~")
+    last = key.split("[")[0].rsplit(".", 1)[-1].lstrip("+~")
     if SECRET_KEY.search(last):
-        return f"`{key}` is named like a credential"
+        return f"`{key}` is named like a credential", env_for_key(key)
     text = str(value)
     for pattern, what, env in SHAPES:
         if pattern.search(text):
-            return f"the value of `{key}` looks like {what} (use {env})"
+            return f"the value of `{key}` looks like {what}", env
     if "wandb" in key.lower() and WANDB_KEY.search(text):
-        return f"the value of `{key}` looks like a W&B API key (use WANDB_API_KEY)"
+        return f"the value of `{key}` looks like a W&B API key", "WANDB_API_KEY"
     return None
 
 
-def refuse(key: str, why: str) -> None:
+def refuse(key: str, found: tuple[str, str]) -> None:
+    why, env = found
     raise UserError(
         f"{why}. Credentials are not accepted in the config: it is printed (--cfg job, dry_run=true) and "
         f"saved with the run (RUN_DIR/config.yaml, SLURM job folders), files that outlive the run and are "
-        f"shared. Remove `{key}` from the command line or conf/ and export the secret instead: "
-        f"{env_for_key(key)} (the libraries read it from the environment, and SLURM jobs inherit it)."
+        f"shared. Remove `{key}` from the command line or conf/ and export the secret in the environment "
+        f"instead: {env} (the libraries read it from there, and SLURM jobs inherit it)."
     )
 
 
@@ -74,9 +76,9 @@ def check_overrides(argv: list[str]) -> None:
             continue
         key, value = arg.split("=", 1)
         key = key.lstrip("+~")
-        why = credential_in(key, value if value not in ("null", "") else None)
-        if why:
-            refuse(key, why)
+        found = credential_in(key, value if value not in ("null", "") else None)
+        if found:
+            refuse(key, found)
 
 
 def check_config(cfg) -> None:
@@ -94,6 +96,6 @@ def check_config(cfg) -> None:
             yield prefix, node
 
     for key, value in walk(OmegaConf.to_container(cfg, resolve=False), ""):
-        why = credential_in(key.split("[")[0], value)
-        if why:
-            refuse(key, why)
+        found = credential_in(key, value)
+        if found:
+            refuse(key, found)

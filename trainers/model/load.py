@@ -58,19 +58,6 @@ def load_config(model_cfg):
         raise UserError(f"Could not load a model config from model.path={model_cfg.path!r}: {e}") from None
 
 
-def config_for_checks(model_cfg):
-    """The model config that pre-launch checks read: built from the preset's `model.arch`
-    when there is one (no download, no network: dry runs and suggestions stay offline),
-    else the model directory's config.json."""
-    arch = model_cfg.get("arch")
-    if not arch:
-        return load_config(model_cfg)
-    from omegaconf import OmegaConf
-
-    values = OmegaConf.to_container(arch, resolve=True)
-    return AutoConfig.for_model(values.pop("model_type", "llama"), **values)
-
-
 def quantization_config(method_cfg):
     from transformers import BitsAndBytesConfig
 
@@ -156,7 +143,7 @@ class ModelSource:
 
     @property
     def quantized(self) -> bool:
-        return bool(self.method_cfg.get("quantize"))
+        return bool(self.method_cfg.quantize)
 
     def config(self):
         return load_config(self.model_cfg)
@@ -172,7 +159,7 @@ class ModelSource:
             from trainers.data.neftune import add_neftune
 
             apply_memory_options(model, self.train_cfg)
-            add_neftune(hf_model(model), self.train_cfg.get("neftune_alpha"))
+            add_neftune(hf_model(model), self.train_cfg.neftune_alpha)
         return model
 
     def skeleton(self) -> torch.nn.Module:
@@ -234,7 +221,8 @@ class ModelSource:
         """Whether plans can fill the skeleton part by part. Not for QDoRA (a 4-bit base with
         method.use_dora): PEFT initialises DoRA's magnitudes from the quantized weights
         while it wraps them, so that base is loaded whole first (`whole`)."""
-        return not (self.quantized and self.method_cfg.get("use_dora"))
+        m = self.method_cfg
+        return not (self.quantized and m.peft == "lora" and m.use_dora)
 
     def whole(self, device: torch.device) -> torch.nn.Module:
         """Every weight on `device`: what none, ddp and zero1/2 keep. A 4-bit base comes

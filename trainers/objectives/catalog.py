@@ -150,7 +150,7 @@ def all_targets(batch: dict, device: torch.device) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- pairs
 def pair_objective(name: str, knobs: dict) -> Objective:
-    beta = float(knobs.get("beta", 0.1))
+    beta = float(knobs["beta"])
 
     def loss(model, batch: dict, device: torch.device):
         labels, segments = batch["labels"].to(device), batch["segments"]
@@ -172,10 +172,10 @@ def pair_objective(name: str, knobs: dict) -> Objective:
         if name in ("dpo", "ipo"):
             rc, rr = pairs(ref)
             loss, metrics = P.dpo_loss(lc, lr, rc, rr, nc, nr, beta=beta,
-                                       loss_type="ipo" if name == "ipo" else knobs.get("loss_type", "sigmoid"),
-                                       label_smoothing=float(knobs.get("label_smoothing", 0.0)))
+                                       loss_type="ipo" if name == "ipo" else knobs["loss_type"],
+                                       label_smoothing=float(knobs["label_smoothing"]))
         elif name == "simpo":
-            loss, metrics = P.simpo_loss(lc, nc, lr, nr, beta=beta, gamma=float(knobs.get("gamma", 0.5)))
+            loss, metrics = P.simpo_loss(lc, nc, lr, nr, beta=beta, gamma=float(knobs["gamma"]))
         else:
             nll = -P.per_sequence(per_token, segments)[:half][keep]
             loss, metrics = P.orpo_loss(lc, nc, lr, nr, nll, nll_tokens_per_pair=batch["nll_tokens_per_pair"],
@@ -206,9 +206,9 @@ def orpo_prepare(model, micro_batches: list[dict], device: torch.device) -> None
 
 # ----------------------------------------------------------------------------- KTO
 def kto_objective(knobs: dict) -> Objective:
-    beta = float(knobs.get("beta", 0.1))
-    weights = dict(desirable_weight=float(knobs.get("desirable_weight", 1.0)),
-                   undesirable_weight=float(knobs.get("undesirable_weight", 1.0)))
+    beta = float(knobs["beta"])
+    weights = dict(desirable_weight=float(knobs["desirable_weight"]),
+                   undesirable_weight=float(knobs["undesirable_weight"]))
 
     def loss(model, batch: dict, device: torch.device):
         keep = batch["keep"].to(device)
@@ -275,12 +275,12 @@ def check_knobs(cfg) -> None:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise UserError(f"objective.{key}={v!r} must be a positive number (objective={name}).")
     if name == "dpo":
-        lt = knobs.get("loss_type", "sigmoid")
+        lt = knobs["loss_type"]
         if lt not in P.DPO_LOSS_TYPES:
             raise UserError(f"objective.loss_type={lt!r} is not accepted; use one of TRL's DPO loss types: "
                             f"{', '.join(P.DPO_LOSS_TYPES)} (aot, aot_unpaired and sft are not sums over pairs, "
                             f"so not split-invariant).")
-        ls = knobs.get("label_smoothing", 0.0)
+        ls = knobs["label_smoothing"]
         if not isinstance(ls, (int, float)) or not 0 <= ls < 0.5:
             raise UserError(f"objective.label_smoothing={ls!r} must be in [0, 0.5) (robust, exo_pair).")
         if lt == "exo_pair" and ls <= 0:
