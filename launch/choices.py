@@ -34,4 +34,5 @@ AUTO_OR_NUMBER = ("data.num_proc", "train.loss_chunk_tokens", "parallel.reduce_b
                   "parallel.stage3_max_live_parameters", "parallel.stage3_max_reuse_distance",
                   "parallel.stage3_prefetch_bucket_size")
 FREE_TEXT = ("run_name", "model.name", "model.path", "model.arch.model_type", "data.name", "data.train", "data.eval",
-             "data.cache_dir", "method.target_modules")
+             "data.cache_dir", "method.target_modules", "launcher.partition", "launcher.account", "launcher.qos",
+             "launcher.constraint")
