@@ -25,4 +25,7 @@ def app(cfg: DictConfig) -> int:
 
 
 if __name__ == "__main__":
+    from launch.command_line import refuse_or_continue
+
+    refuse_or_continue(sys.argv[1:])  # a credential or an unusable run dir, before Hydra prints or writes
     app()

@@ -35,8 +35,14 @@ def world_size(cfg: DictConfig) -> int:
     """Processes in the run: launcher=local names them per node, launcher=slurm per node
     (one task per GPU) times nodes."""
     launcher = cfg.launcher
-    per_node = launcher.get("nproc_per_node") or launcher.get("gpus_per_node") or 1
-    return int(per_node) * int(launcher.get("nodes", 1) or 1)
+    if launcher.name == "local":
+        return int(launcher.nproc_per_node)
+    return int(launcher.gpus_per_node) * nodes(cfg)
+
+
+def nodes(cfg: DictConfig) -> int:
+    """Machines the run spans: launcher=slurm's `nodes`, this one for launcher=local."""
+    return int(cfg.launcher.nodes) if cfg.launcher.name == "slurm" else 1
 
 
 def load(path: str | Path) -> DictConfig:

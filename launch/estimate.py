@@ -212,10 +212,10 @@ def _sharded(part: str, s: Setup) -> str:
 
 # ----------------------------------------------------------------------- inputs
 def arch_of(model_cfg) -> Arch | None:
-    """From a local model directory's config.json, else `model.arch` (no weights)."""
-    from trainers.model.config_json import model_config_values
+    """From the config.json of a local model directory (no weights), else `model.arch`."""
+    from trainers.model.config_json import architecture
 
-    src = model_config_values(model_cfg)
+    src = architecture(model_cfg)
     if src is None:
         return None
     heads = int(src["num_attention_heads"])
@@ -233,10 +233,10 @@ def layout_of(cfg: DictConfig, world: int) -> StateLayout:
 
 
 def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
-    from launch.validate import world_size
+    from launch.config import nodes, world_size
 
     m = cfg.method
-    targets = m.get("target_modules")
+    targets = m.target_modules if m.peft in ("lora", "ia3") else None
     if targets is None or targets == "all-linear":
         targets = LINEARS
     elif isinstance(targets, str):
@@ -246,18 +246,18 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
     precision = cfg.train.precision
     bf16 = precision == "bf16" or (precision == "auto" and device == "gpu")
     rows = layout.rows_per_forward or int(cfg.train.micro_batch_size)
-    chunk = cfg.train.get("loss_chunk_tokens", 0)
+    chunk = cfg.train.loss_chunk_tokens
     if chunk == "auto":  # trainers/objectives/lm_loss.py: chunks whose fp32 logits stay under 128 MiB
         a = arch_of(cfg.model)
         chunk = max(1, (128 * 2**20) // (4 * a.vocab)) if a else 0
     return Setup(
-        method=m.name, peft=m.get("peft"), quantized=m.get("quantize") == "nf4",
-        lora_r=int(m.get("r") or 0), lora_targets=tuple(t for t in targets if t in LINEARS),
-        dora=bool(m.get("use_dora")), virtual_tokens=int(m.get("num_virtual_tokens") or 0),
-        plan=cfg.parallel.name, layout=layout, world=world,
-        nodes=int(cfg.launcher.get("nodes", 1) or 1),
+        method=m.name, peft=m.peft, quantized=m.quantize == "nf4",
+        lora_r=int(m.r) if m.peft == "lora" else 0, lora_targets=tuple(t for t in targets if t in LINEARS),
+        dora=m.peft == "lora" and bool(m.use_dora),
+        virtual_tokens=int(m.num_virtual_tokens) if m.peft in ("prefix", "prompt") else 0,
+        plan=cfg.parallel.name, layout=layout, world=world, nodes=nodes(cfg),
         tokens=rows * int(cfg.data.max_seq_len), act_bytes=2 if bf16 else 4,
-        activation_checkpointing=bool(cfg.train.get("activation_checkpointing", False)),
+        activation_checkpointing=bool(cfg.train.activation_checkpointing),
         loss_chunk_tokens=int(chunk) if chunk else None, device=device,
         forwards_per_step=max(1, int(cfg.train.micro_batch_size) * int(cfg.train.grad_accum) // rows),
     )
@@ -381,7 +381,7 @@ def for_config(cfg: DictConfig, device: str = "gpu") -> Estimate | None:
 
 
 def gpu_budget(cfg: DictConfig) -> float | None:
-    value = cfg.launcher.get("gpu_mem_gb")
+    value = cfg.launcher.gpu_mem_gb if cfg.launcher.name == "slurm" else None  # local: nothing to check against
     return float(value) if value else None
 
 
@@ -404,6 +404,7 @@ def suggestions(cfg: DictConfig, est: Estimate, budget: float) -> list[str]:
     """Nearby configurations that fit, as command-line overrides: every plan that accepts
     the method (fewest nodes first, then one row per micro-batch), the 4-bit base, and
     activation checkpointing."""
+    from launch.config import nodes as nodes_of
     from parallel import PLANS, plan_spec
 
     a, s = arch_of(cfg.model), est.setup
@@ -413,7 +414,7 @@ def suggestions(cfg: DictConfig, est: Estimate, budget: float) -> list[str]:
     out: list[str] = []
 
     def fitting(c: DictConfig) -> Estimate | None:
-        world = per_node * int(c.launcher.get("nodes", 1) or 1)
+        world = per_node * nodes_of(c)
         try:
             if plan_spec(c.parallel.name).refuse(c, world) is not None:
                 return None
@@ -471,7 +472,7 @@ def check(cfg: DictConfig) -> Estimate | None:
     """Refuse (UserError) a configuration whose estimate exceeds launcher.gpu_mem_gb."""
     est = for_config(cfg)
     budget = gpu_budget(cfg)
-    if est is None or budget is None or not cfg.launcher.get("check_memory", True):
+    if est is None or budget is None or not cfg.launcher.check_memory:
         return est
     if est.fits(budget):
         return est

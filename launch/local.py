@@ -44,7 +44,7 @@ def run_local(cfg, config_path: Path) -> int:
         run_id=f"run-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d",
         rdzv_endpoint=f"127.0.0.1:{port}",
-        max_restarts=int(cfg.launcher.get("max_restarts") or 0),
+        max_restarts=int(cfg.launcher.max_restarts),
         monitor_interval=0.5,
         start_method="spawn",
     )
@@ -57,7 +57,7 @@ def run_local(cfg, config_path: Path) -> int:
               file=sys.stderr)
         return 128 + int(e.sigval)
     except ChildFailedError as e:
-        raise TrainingError(failure_message(e, Path(cfg.run_dir), cfg.launcher.get("max_restarts") or 0)) from None
+        raise TrainingError(failure_message(e, Path(cfg.run_dir), cfg.launcher.max_restarts)) from None
     return 0
 
 

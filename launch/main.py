@@ -9,7 +9,10 @@ from omegaconf import DictConfig
 
 from launch import config as config_io
 from launch import sweep
+from launch.command_line import check_run_dir
+from launch.credentials import check_config as check_credentials
 from launch.estimate import check as memory_check
+from launch.schema import check_closed
 from launch.validate import check, check_data_suits_model, prepare_data
 from trainers.errors import TrainingError, UserError
 from trainers.registry import resolve
@@ -29,6 +32,9 @@ def launcher_for(name: str):
 
 
 def run(cfg: DictConfig, run_dir: str) -> int:
+    check_credentials(cfg)  # before anything is printed or written
+    check_closed(cfg)  # a key conf/ does not define (`+train.num_epochs=3`) would be ignored
+    check_run_dir(run_dir)  # Hydra's entry point checked it before creating it (launch/command_line.py)
     cfg = config_io.finalize(cfg, run_dir)
     check(cfg)
     memory_check(cfg)  # refuses what cannot fit launcher.gpu_mem_gb (SLURM), before anything runs

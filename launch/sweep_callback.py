@@ -59,7 +59,7 @@ class SweepCallback(Callback):
         refresh_sweep_summary(sweep_dir)
         print(f"submitted {len(points)} point(s) as job(s) {', '.join(ids)}\n"
               f"  sweep dir  {sweep_dir}\n  status     python -m launch.status {sweep_dir}", flush=True)
-        if not any(p.cfg.launcher.get("wait") for p in points):
+        if not any(p.cfg.launcher.wait for p in points):
             return
         try:
             wait_sweep(points, ids)

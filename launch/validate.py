@@ -6,47 +6,67 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from launch.config import world_size
+from launch.choices import CHOICES, NAMED_GROUPS
+from launch.config import group_option, world_size
 from parallel import refusal, resume_refusal
 from trainers.data.source_specs import parse_sources
 from trainers.errors import UserError
 from trainers.data.neftune import check_alpha
 from trainers.memory import chunk_tokens_for
-from trainers.optim import SCHEDULES
-from trainers.data.rows import FORMATS, KIND_FORMATS
+from trainers.data.rows import KIND_FORMATS
 
-CHOICES = {
-    "data.on_bad_row": ("error", "skip"),
-    "data.format": FORMATS,
-    "optim.schedule": SCHEDULES,
-    "train.precision": ("auto", "fp32", "bf16"),
-    "train.checkpoint.mode": ("async", "sync"),
-    "train.host_memory": ("fast", "compact"),
-}
 POSITIVE_INTS = (
     "train.max_steps", "train.micro_batch_size", "train.grad_accum", "train.save_every",
     "train.eval_every", "train.keep_last", "train.log_every", "data.max_seq_len",
+    "launcher.nproc_per_node", "launcher.nodes", "launcher.gpus_per_node",
 )
+_ABSENT = object()
 
 
 def _get(cfg: DictConfig, dotted: str):
+    """cfg's value at `dotted`, or _ABSENT where the chosen options do not define it
+    (parallel.schedule outside parallel=pipeline)."""
     node = cfg
     for part in dotted.split("."):
+        if part not in node:
+            return _ABSENT
         node = node[part]
     return node
 
 
-def check_values(cfg: DictConfig) -> None:
+def _accepted(values) -> str:
+    return ", ".join("null" if v is None else str(v) for v in values)
+
+
+def check_choices(cfg: DictConfig) -> None:
+    """Every enumerated setting holds a value this launcher implements (launch/choices.py)."""
     for key, accepted in CHOICES.items():
         value = _get(cfg, key)
-        if value not in accepted:
-            raise UserError(f"{key}={value!r} is not accepted; use one of: {', '.join(accepted)}.")
+        if value is not _ABSENT and value not in accepted:
+            raise UserError(f"{key}={value!r} is not accepted; use one of: {_accepted(accepted)}. Other values "
+                            f"are not implemented, and a value taken but not honoured would train something "
+                            f"else than asked.")
+    from launch.schema import options
+
+    for group in NAMED_GROUPS:
+        names = sorted({group_option(group, o)["name"] for o in options(group)})
+        if cfg[group].name not in names:
+            raise UserError(f"{group}.name={cfg[group].name!r} is not accepted; it names the {group} and must be "
+                            f"one of: {', '.join(names)} (choose the {group} with `{group}=OPTION`).")
+
+
+def check_values(cfg: DictConfig) -> None:
+    check_choices(cfg)
+    seed = cfg.seed
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise UserError(f"seed={seed!r} is not accepted: the seed of every random draw (data order, adapter "
+                        f"initialisation, dropout) must be a whole number from 0 to 2**32-1 (e.g. seed=1234).")
     for key in POSITIVE_INTS:
         value = _get(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if value is not _ABSENT and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise UserError(f"{key}={value!r} must be a positive integer.")
     if cfg.launcher.name == "local":
-        restarts = cfg.launcher.get("max_restarts", 0)
+        restarts = cfg.launcher.max_restarts
         if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:
             raise UserError(
                 f"launcher.max_restarts={restarts!r} is not accepted: it is how many times the local "
@@ -54,7 +74,7 @@ def check_values(cfg: DictConfig) -> None:
                 f"the job, the default) or more (e.g. launcher.max_restarts=3)."
             )
     for key in ("step_timeout_s", "startup_timeout_s"):
-        value = cfg.train.get(key)
+        value = cfg.train[key]
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
             raise UserError(
                 f"train.{key}={value!r} is not accepted: the hang watchdog needs a number of "
@@ -62,17 +82,17 @@ def check_values(cfg: DictConfig) -> None:
                 f"or null to turn the watchdog off."
             )
     check_spike_guard(cfg.train)
-    ac = cfg.train.get("activation_checkpointing", False)
+    ac = cfg.train.activation_checkpointing
     if not isinstance(ac, bool):
         raise UserError(f"train.activation_checkpointing={ac!r} must be true or false.")
-    chunk_tokens_for(cfg.train.get("loss_chunk_tokens", "auto"), 1)
+    chunk_tokens_for(cfg.train.loss_chunk_tokens, 1)
     if not parse_sources(cfg.data.train, "data.train"):
         raise UserError("data.train is empty: give a data file (data.train=PATH).")
-    parse_sources(cfg.data.get("eval"), "data.eval")
-    num_proc = cfg.data.get("num_proc", "auto")
+    parse_sources(cfg.data.eval, "data.eval")
+    num_proc = cfg.data.num_proc
     if num_proc != "auto" and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
         raise UserError(f"data.num_proc={num_proc!r} must be auto or a positive integer (tokenizer processes).")
-    check_alpha(cfg.train.get("neftune_alpha"))
+    check_alpha(cfg.train.neftune_alpha)
     check_objective(cfg)
     lr = cfg.optim.lr
     if not isinstance(lr, (int, float)) or not 0 < lr < 1:
@@ -86,37 +106,30 @@ def check_values(cfg: DictConfig) -> None:
 
 
 def check_spike_guard(train: DictConfig) -> None:
-    guard = train.get("spike_guard") or {}
-    enabled = guard.get("enabled", False)
+    guard = train.spike_guard
+    enabled = guard.enabled
     if not isinstance(enabled, bool):
         raise UserError(f"train.spike_guard.enabled={enabled!r} must be true or false.")
-    factor = guard.get("factor", 3.0)
+    factor = guard.factor
     if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 1:
         raise UserError(
             f"train.spike_guard.factor={factor!r} is not accepted: a step is skipped when its loss or "
             f"grad norm exceeds factor x the recent median, so it must be a number above 1 (e.g. 3)."
         )
     for key, low in (("window", 1), ("min_history", 1), ("max_skips", 1)):
-        value = guard.get(key, low)
+        value = guard[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise UserError(f"train.spike_guard.{key}={value!r} must be a positive integer.")
-    if guard.get("min_history", 1) > guard.get("window", 1):
+    if guard.min_history > guard.window:
         raise UserError(
-            f"train.spike_guard.min_history={guard.get('min_history')} is larger than "
-            f"train.spike_guard.window={guard.get('window')}: the median never gets that many "
+            f"train.spike_guard.min_history={guard.min_history} is larger than "
+            f"train.spike_guard.window={guard.window}: the median never gets that many "
             f"steps. Use a min_history of at most the window."
         )
-    planted = train.get("debug_corrupt_steps") or []
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in planted):
-        raise UserError(f"train.debug_corrupt_steps={list(planted)!r} must be a list of step numbers (1 or more).")
-    shard = train.get("export_shard_mib", 2048)
+    shard = train.export_shard_mib
     if not isinstance(shard, (int, float)) or isinstance(shard, bool) or shard <= 0:
         raise UserError(f"train.export_shard_mib={shard!r} must be a positive number of MiB (the largest "
                         f"safetensors file the export writes; e.g. 2048).")
-    delay = train.get("debug_commit_delay_s") or 0
-    if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
-        raise UserError(f"train.debug_commit_delay_s={delay!r} must be a number of seconds, 0 or more (testing only; "
-                        f"leave it 0).")
 
 
 def check_objective(cfg: DictConfig) -> None:
@@ -137,7 +150,10 @@ def check_objective(cfg: DictConfig) -> None:
 
 def check(cfg: DictConfig) -> None:
     """Everything that can be checked without loading weights."""
+    from trainers.model.config_json import local_config_json
+
     check_values(cfg)
+    local_config_json(cfg.model)  # a local model.path's config.json must name its model_type
     reason = refusal(cfg, world_size(cfg))
     if reason:
         raise UserError(f"parallel={cfg.parallel.name} with method={cfg.method.name}: {reason}")
@@ -151,7 +167,7 @@ def check_data_suits_model(cfg: DictConfig) -> None:
     strings with 2k-token rows: ask for the user's data instead."""
     from launch.config import REPO_ROOT
 
-    if cfg.model.get("toy", True):
+    if cfg.model.toy:
         return
     bundled = str(REPO_ROOT / "data")
     train = next((s.path for s in parse_sources(cfg.data.train, "data.train") if s.path.startswith(bundled)), None)

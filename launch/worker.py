@@ -60,7 +60,7 @@ def run(cfg, on_hang=None) -> int:
     from parallel import build_plan
     from trainers.loop import train
 
-    set_host_allocator(cfg.train.get("host_memory", "fast"))
+    set_host_allocator(cfg.train.host_memory)
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
     if restart and int(os.environ.get("RANK", 0)) == 0:  # set by torch's elastic agent
         logging.getLogger("train").info(

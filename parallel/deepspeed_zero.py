@@ -135,7 +135,8 @@ class DeepSpeedZero(Plan):
         if self.stage < 3:
             zero["allgather_bucket_size"] = int(p.allgather_bucket_size)
         else:
-            zero["stage3_param_persistence_threshold"] = int(p.get("stage3_param_persistence_threshold", 100_000))
+            zero["stage3_param_persistence_threshold"] = int(p.stage3_param_persistence_threshold)
+            zero["sub_group_size"] = int(p.sub_group_size)
         if p.offload_optimizer:
             zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bool(p.pin_memory)}
         if p.offload_param:
@@ -153,7 +154,7 @@ class DeepSpeedZero(Plan):
             # JIT compile on first use).
             "zero_force_ds_cpu_optimizer": False,
         }
-        extra = p.get("extra_config")
+        extra = p.extra_config
         if extra:
             _deep_merge(config, OmegaConf.to_container(extra, resolve=True))
         return config
@@ -269,7 +270,7 @@ class DeepSpeedZero(Plan):
     # ------------------------------------------------------------------ checkpoints
     @property
     def _exclude_frozen(self) -> bool:
-        return self.cfg.method.peft is not None or bool(self.cfg.method.get("quantize"))
+        return self.cfg.method.peft is not None or bool(self.cfg.method.quantize)
 
     def save(self, directory: Path) -> None:
         from parallel.deepspeed_checkpoint import universal_checkpoint_info

@@ -108,7 +108,7 @@ class FSDP2(Plan):
         self._shard(model, mesh)
         # With CPU offload the sharded state lives in host memory (FSDP2 moves each unit's
         # parameters to the device for compute); buffers are used on the device as they are.
-        offload = bool(self.cfg.parallel.get("cpu_offload", False))
+        offload = bool(self.cfg.parallel.cpu_offload)
         model.to_empty(device=torch.device("cpu") if offload else self.env.device)
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -161,13 +161,13 @@ class FSDP2(Plan):
 
         p = self.cfg.parallel
         kwargs: dict = {}
-        if p.get("mixed_precision", True):
+        if p.mixed_precision:
             # Parameters are all-gathered in the compute dtype (no cast when it is fp32:
             # a cast would also rewrite the bf16-stored NF4 weights); gradients are
             # reduced in fp32.
             param_dtype = None if self.compute_dtype == torch.float32 else self.compute_dtype
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-        if p.get("cpu_offload", False):
+        if p.cpu_offload:
             if self.env.device.type == "cpu" and self.env.is_main:
                 log.info("parallel.cpu_offload=true on a CPU run: the state is in CPU memory already")
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.env.device.type == "cuda")
@@ -189,7 +189,7 @@ class FSDP2(Plan):
                 f"parallel=fsdp2 found no repeated decoder layers in {type(model).__name__} to shard; "
                 f"use parallel=ddp for this model."
             )
-        reshard = bool(self.cfg.parallel.get("reshard_after_forward", True))
+        reshard = bool(self.cfg.parallel.reshard_after_forward)
         for layer in layers:
             before(layer)
             fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, **kwargs)

@@ -62,7 +62,8 @@ def loads_4bit_whole(cfg) -> bool:
     """QDoRA (a 4-bit base with method.use_dora) loads the whole 4-bit model before a plan
     shards or prunes it: PEFT initialises DoRA from the quantized weights while it wraps
     them (ModelSource.loads_in_parts, trainers/model/load.py)."""
-    return bool(cfg.method.get("quantize")) and bool(cfg.method.get("use_dora"))
+    m = cfg.method
+    return bool(m.quantize) and m.peft == "lora" and bool(m.use_dora)
 
 
 class SingleDeviceSpec(PlanSpec):
@@ -92,7 +93,7 @@ class FSDP2Spec(PlanSpec):
         # Measured with 2 ranks: full lora qlora dora rslora loraplus prefix prompt ia3 all
         # train, evaluate, checkpoint, resume and export under fsdp2. What fails:
         m = cfg.method
-        if m.get("quantize") and m.get("peft") is None:
+        if m.quantize and m.peft is None:
             return (
                 f"full fine-tuning of a 4-bit base (method.quantize={m.quantize}) does not work under "
                 f"FSDP2: its sharded NF4 weights carry only packed data, without their quantization "
@@ -103,9 +104,9 @@ class FSDP2Spec(PlanSpec):
         return None
 
     def layout(self, cfg, world_size: int) -> StateLayout:
-        offload = frozenset(STATE_PARTS) if cfg.parallel.get("cpu_offload") else frozenset()
+        offload = frozenset(STATE_PARTS) if cfg.parallel.cpu_offload else frozenset()
         # a 4-bit base is quantized from whole tensors, one FSDP unit at a time
-        transient = ("whole" if loads_4bit_whole(cfg) else "module") if cfg.method.get("quantize") else "tensor"
+        transient = ("whole" if loads_4bit_whole(cfg) else "module") if cfg.method.quantize else "tensor"
         return StateLayout(shards=frozenset(STATE_PARTS), offload=offload, gathers_units=True,
                            load_transient=transient)
 
@@ -128,7 +129,7 @@ ZERO3_ONLY = ("stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stag
 
 def deepspeed_size(p, key: str) -> Elements:
     """parallel.<key> as elements: a number the user set, or `auto`'s multiple of h^2."""
-    value = p.get(key, "auto")
+    value = p[key]
     return Elements(per_hidden_sq=DEEPSPEED_AUTO_PER_HIDDEN_SQ[key]) if value == "auto" else Elements(int(value))
 
 
@@ -140,8 +141,12 @@ def deepspeed_sizes(p, stage: int, hidden: int) -> dict[str, int]:
 
 def _bad_deepspeed_size(p, stage: int) -> str | None:
     for key, per in DEEPSPEED_AUTO_PER_HIDDEN_SQ.items():
-        value = p.get(key, "auto")
-        if (stage == 3 or key not in ZERO3_ONLY) and value != "auto" and not (
+        if stage != 3 and key in ZERO3_ONLY:
+            continue
+        if key not in p:  # parallel=zero1 parallel.stage=3: zero3's own settings are missing
+            return f"parallel.stage={stage} needs parallel=zero3 (or zero3_offload), which defines parallel.{key}."
+        value = p[key]
+        if value != "auto" and not (
                 isinstance(value, int) and not isinstance(value, bool) and value >= 0):
             return (
                 f"parallel.{key}={value!r} must be auto (scaled to the model's hidden size h: "
@@ -162,10 +167,10 @@ class DeepSpeedZeroSpec(PlanSpec):
 
     def refuse(self, cfg, world_size: int) -> str | None:
         p = cfg.parallel
-        stage = p.get("stage")
+        stage = p.stage
         if stage not in (1, 2, 3):
             return f"parallel.stage={stage!r} must be 1, 2 or 3 (use parallel=zero1, zero2, zero3 or zero3_offload)."
-        if p.get("offload_param") and stage != 3:
+        if p.offload_param and stage != 3:
             return (
                 f"parallel.offload_param=true needs ZeRO stage 3, but parallel.stage={stage}: only "
                 f"stage 3 partitions parameters, so there is nothing to offload. Use "
@@ -178,15 +183,15 @@ class DeepSpeedZeroSpec(PlanSpec):
         p = cfg.parallel
         stage = int(p.stage)
         offload = set()
-        if p.get("offload_param"):
+        if p.offload_param:
             offload.add("params")
-        if p.get("offload_optimizer"):
+        if p.offload_optimizer:
             offload |= {"optim", "grads"}
         transient = ("whole" if loads_4bit_whole(cfg) else "module") if stage == 3 else "tensor"
-        buffers = 2 if p.get("overlap_comm") and stage < 3 else 1
-        bucket = deepspeed_size(p, "reduce_bucket_size") * buffers if p.get("contiguous_gradients") else Elements()
-        # ZeRO-3 steps its flat partition in sub-groups of sub_group_size (DeepSpeed's default 1e9)
-        group = int(p.get("sub_group_size", 1_000_000_000)) if stage == 3 else 0
+        buffers = 2 if p.overlap_comm and stage < 3 else 1
+        bucket = deepspeed_size(p, "reduce_bucket_size") * buffers if p.contiguous_gradients else Elements()
+        # ZeRO-3 steps its flat partition in sub-groups of parallel.sub_group_size
+        group = int(p.sub_group_size) if stage == 3 else 0
         # From the second step ZeRO-3 prefetches along the recorded module order and keeps
         # gathered parameters alive up to max live + one prefetch bucket
         live = (deepspeed_size(p, "stage3_max_live_parameters") + deepspeed_size(p, "stage3_prefetch_bucket_size")
@@ -223,7 +228,7 @@ class PipelineSpec(PlanSpec):
 
     def refuse(self, cfg, world_size: int) -> str | None:
         p = cfg.parallel
-        stages, micro, schedule = p.get("stages"), p.get("microbatches"), p.get("schedule")
+        stages, micro, schedule = p.stages, p.microbatches, p.schedule
         if schedule not in PIPELINE_SCHEDULES:
             return f"parallel.schedule={schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}."
         for key, value in (("stages", stages), ("microbatches", micro)):
@@ -252,7 +257,7 @@ class PipelineSpec(PlanSpec):
                         f"max(1, microbatches // stages) = {rounds}; got {micro}. Use a multiple of "
                         f"{stages}.")
         m = cfg.method
-        if m.name in REFUSED_METHODS or m.get("peft") in REFUSED_METHODS:
+        if m.name in REFUSED_METHODS or m.peft in REFUSED_METHODS:
             why = REFUSED_METHODS.get(m.name) or REFUSED_METHODS[m.peft]
             return (f"{why}. Use method=lora (or dora, rslora, loraplus, ia3, full) with the pipeline, "
                     f"or parallel=ddp / fsdp2 for method={m.name}.")
@@ -276,11 +281,17 @@ class PipelineSpec(PlanSpec):
 
     @staticmethod
     def _refuse_model(cfg, chunks: int) -> str | None:
-        from trainers.model.config_json import config_for_checks
+        from types import SimpleNamespace
 
-        config = config_for_checks(cfg.model)
-        if config is None:  # a hub id without a preset: the stages check it when they load
-            return None
+        from trainers.model.config_json import architecture
+
+        values = architecture(cfg.model)  # a local config.json or the preset's arch: plain JSON
+        if values is None:  # a hub id without a preset arch: transformers fetches its config
+            from trainers.model.load import load_config
+
+            config = load_config(cfg.model)
+        else:
+            config = SimpleNamespace(**values)
         mtype = getattr(config, "model_type", None)
         if mtype not in SUPPORTED_MODEL_TYPES:
             return (f"model_type {mtype!r} is not one of the Llama-family backbones the pipeline "

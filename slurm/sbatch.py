@@ -56,17 +56,17 @@ def sbatch_parameters(cfg: DictConfig, repo_root: str, job_name: str | None = No
         "setup": setup_lines(cfg, repo_root),
         "srun_args": ["--kill-on-bad-exit=1"],
     }
-    if L.get("request_gpus", True):
+    if L.request_gpus:
         params["gpus_per_node"] = tasks
     for key in ("partition", "account", "qos", "constraint"):
-        if L.get(key):
+        if L[key]:
             params[key] = _plain(f"launcher.{key}", L[key])
-    if L.get("mem_gb"):
+    if L.mem_gb:
         from submitit.slurm.slurm import _convert_mem
 
         params["mem"] = _convert_mem(float(L.mem_gb))
     extra: dict = {"requeue": True}  # node failures and `scontrol requeue` bring it back
-    for key, value in (L.get("sbatch") or {}).items():
+    for key, value in L.sbatch.items():
         key = str(key)
         if not _OPTION_KEY.match(key):
             raise UserError(f"launcher.sbatch key {key!r} is not an sbatch option name (letters, digits, - and _).")
@@ -90,7 +90,7 @@ def setup_lines(cfg: DictConfig, repo_root: str) -> list[str]:
         "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
     ]
     user = []
-    for i, line in enumerate(cfg.launcher.get("setup") or []):
+    for i, line in enumerate(cfg.launcher.setup):
         if not isinstance(line, str):
             raise UserError(f"launcher.setup[{i}]={line!r} must be a shell line (a string).")
         user.append(line)

@@ -57,7 +57,7 @@ def restart_count() -> int:
 
 
 def master_port(cfg: DictConfig, job_id: str, restart: int) -> int:
-    if cfg.launcher.get("master_port"):
+    if cfg.launcher.master_port:
         return int(cfg.launcher.master_port)
     # Like submitit's (seeded by the job id: every task agrees), plus the restart count
     # so a requeued attempt never meets the previous attempt's socket.

@@ -243,9 +243,16 @@ def compose(*overrides: str):
 
     from launch.config import register_resolvers
 
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
     register_resolvers()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return hydra_compose("config", overrides=list(overrides))
+        cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # as Hydra's entry point does: runtime.choices
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def launch_in_process(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:

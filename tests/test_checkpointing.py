@@ -65,9 +65,9 @@ def test_sigkill_during_async_write_resumes_from_previous_commit(tmp_path, tiny_
     args = common(tiny_model, plan) + ["train.save_every=3"]
     ref = reference(plan)
     run = tmp_path / "run"
-    # Fault injection (documented debug option): each write waits 30 s before its commit,
+    # Fault injection (a testing-only environment variable): each write waits 30 s before its commit,
     # so the kill lands mid-write.
-    proc = start(run, *args, "train.debug_commit_delay_s=30")
+    proc = start(run, *args, env={"LAUNCH_DEBUG_COMMIT_DELAY_S": "30"})
     ckpts = run / "checkpoints"
     try:
         wait_until(lambda: (ckpts / "step_3" / "COMMITTED").exists() and (ckpts / "step_6.tmp").exists(), proc)

@@ -118,8 +118,8 @@ def test_architecture_of_a_local_model_is_read_from_its_config_json(tmp_path):
 
     from launch.estimate import arch_of
 
-    (tmp_path / "config.json").write_text('{"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, '
-                                          '"intermediate_size": 16, "vocab_size": 10}')
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2", "hidden_size": 8, "num_hidden_layers": 2, '
+                                          '"num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 10}')
     a = arch_of(OmegaConf.create({"path": str(tmp_path)}))
     assert (a.kv_heads, a.kv_dim, a.tied) == (2, 8, False)  # no num_key_value_heads: multi-head attention
     assert arch_of(OmegaConf.create({"path": str(tmp_path / "absent")})) is None  # a hub id: nothing to estimate
@@ -269,8 +269,10 @@ def test_deepspeed_auto_sizes_scale_with_the_hidden_size_and_bad_ones_are_refuse
                                            "stage3_max_reuse_distance": 12 * 10**6,
                                            "stage3_prefetch_bucket_size": 900_000}
     assert deepspeed_sizes(p, 1, 1000) == {"reduce_bucket_size": 10**6}
-    cfg = OmegaConf.create({"parallel": {**OmegaConf.to_container(p), "offload_param": False,
-                                         "contiguous_gradients": True}, "method": {}})
+    from launch.config import group_option
+
+    cfg = OmegaConf.create({"parallel": {**group_option("parallel", "zero3"), **OmegaConf.to_container(p)},
+                            "method": group_option("method", "lora")})  # conf/'s zero3 and lora, sizes as above
     layout = plan_spec("zero3").layout(cfg, 2)
     assert layout.live_gathered == Elements(5, 0.9) and layout.buckets.at(1000) == 10**6
     cfg.parallel.stage3_max_live_parameters = "lots"

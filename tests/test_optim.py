@@ -85,13 +85,13 @@ class TwoAdapters(torch.nn.Module):
 
 def test_loraplus_puts_b_matrices_in_a_group_at_lr_times_ratio():
     model = TwoAdapters()
-    groups = param_groups(model, optim_cfg(lr=2e-4), OmegaConf.create({"loraplus_lr_ratio": 16}))
+    groups = param_groups(model, optim_cfg(lr=2e-4), OmegaConf.create({"peft": "lora", "loraplus_lr_ratio": 16}))
     assert [g["lr"] for g in groups] == [2e-4, pytest.approx(32e-4)]
     assert [id(p) for p in groups[0]["params"]] == [id(model.lora_A.weight)]
     assert {id(p) for p in groups[1]["params"]} == {id(model.lora_B.weight), id(model.lora_embedding_B)}
     # without the ratio: one group of the trainable parameters only
-    (plain,) = param_groups(model, optim_cfg(lr=2e-4), OmegaConf.create({}))
+    (plain,) = param_groups(model, optim_cfg(lr=2e-4), OmegaConf.create({"peft": None}))
     assert len(plain["params"]) == 3 and plain["lr"] == 2e-4
     model.requires_grad_(False)
     with pytest.raises(UserError, match="no trainable parameter"):
-        param_groups(model, optim_cfg(), OmegaConf.create({}))
+        param_groups(model, optim_cfg(), OmegaConf.create({"peft": None}))

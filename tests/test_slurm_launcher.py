@@ -334,7 +334,8 @@ def test_dry_runs_estimate_memory_and_refuse_what_cannot_fit(tmp_path, monkeypat
     assert "parallel=fsdp2 launcher.nodes=" in stderr and "method=qlora" in stderr, stderr
 
     code, _, stderr = out["secret_in_setup"]
-    assert code == 2 and "$HF_TOKEN" in stderr and "through the environment" in stderr, stderr
+    # refused as a credential typed into the config (launch/credentials.py), before anything is printed
+    assert code == 2 and "`launcher.setup[0]`" in stderr and "HF_TOKEN" in stderr and "environment" in stderr, stderr
 
 
 def test_script_quotes_config_values_and_refuses_injection(tmp_path):

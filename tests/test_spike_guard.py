@@ -1,5 +1,5 @@
-"""The loss spike guard against planted bad batches (train.debug_corrupt_steps: random
-target tokens), on the bundled pre-trained tiny model, where a bad batch's loss is ~30x a
+"""The loss spike guard against planted bad batches (LAUNCH_DEBUG_CORRUPT_STEPS, a
+testing-only environment variable: random target tokens), on the bundled pre-trained tiny model, where a bad batch's loss is ~30x a
 real one's. One run with the guard, the same run without, and the guarded run under
 DeepSpeed ZeRO-2 on 2 processes."""
 from __future__ import annotations
@@ -13,14 +13,14 @@ from tests.helpers import launch, metrics, rel, summary
 pytestmark = pytest.mark.slow
 
 ARGS = ["train.max_steps=30", "train.save_every=5", "train.eval_every=1000", "data.metric_rows=8",
-        "method.dropout=0", "train.spike_guard.min_history=5", "train.spike_guard.max_skips=2",
-        "train.debug_corrupt_steps=[14,18,19]"]
+        "method.dropout=0", "train.spike_guard.min_history=5", "train.spike_guard.max_skips=2"]
+PLANTED = {"LAUNCH_DEBUG_CORRUPT_STEPS": "14,18,19"}
 
 
 def test_guard_skips_bad_batches_and_rolls_back_where_the_unguarded_run_takes_them(tmp_path):
     guarded, unguarded = tmp_path / "guarded", tmp_path / "unguarded"
-    out = launch(*ARGS, "train.spike_guard.enabled=true", f"hydra.run.dir={guarded}")
-    launch(*ARGS, f"hydra.run.dir={unguarded}")
+    out = launch(*ARGS, "train.spike_guard.enabled=true", f"hydra.run.dir={guarded}", env=PLANTED)
+    launch(*ARGS, f"hydra.run.dir={unguarded}", env=PLANTED)
 
     rows = {r["step"]: r for r in metrics(guarded) if "loss" in r}
     assert sorted(s for s, r in rows.items() if r.get("skipped")) == [14, 18, 19]
@@ -50,7 +50,7 @@ def test_guard_skips_bad_batches_and_rolls_back_where_the_unguarded_run_takes_th
     # the same decisions, the same rollback, and then the same numbers as one process.
     zero2 = tmp_path / "zero2"
     launch(*ARGS, "train.spike_guard.enabled=true", "parallel=zero2", "launcher.nproc_per_node=2",
-           "train.grad_accum=1", f"hydra.run.dir={zero2}")
+           "train.grad_accum=1", f"hydra.run.dir={zero2}", env=PLANTED)
     got = {r["step"]: r for r in metrics(zero2) if "loss" in r}
     assert sorted(s for s, r in got.items() if r.get("skipped")) == [14, 18, 19]
     assert [r for r in metrics(zero2) if "rolled_back_to" in r][0]["rolled_back_to"] == 15

@@ -33,6 +33,8 @@ from trainers.errors import TrainingError
 from trainers.files import atomic_write
 from trainers.rng import rng_state, set_rng_state
 
+COMMIT_DELAY_ENV = "LAUNCH_DEBUG_COMMIT_DELAY_S"
+
 log = logging.getLogger(__name__)
 
 
@@ -63,12 +65,12 @@ class Checkpointer:
     wait for it. mode="sync" writes in the foreground.
     """
 
-    def __init__(self, run_dir: Path, plan, env: DistEnv, keep_last: int, mode: str = "async",
-                 commit_delay_s: float = 0.0):
+    def __init__(self, run_dir: Path, plan, env: DistEnv, keep_last: int, mode: str):
         self.root = Path(run_dir) / "checkpoints"
-        # train.debug_commit_delay_s (testing only): every rank holds its finished write
-        # this long before the ranks agree to commit, so a test's kill lands mid-write.
-        self.commit_delay_s = float(commit_delay_s or 0)
+        # Testing only (an environment variable, no user setting): every rank holds its
+        # finished write this many seconds before the ranks agree to commit, so a test's
+        # kill lands mid-write.
+        self.commit_delay_s = float(os.environ.get(COMMIT_DELAY_ENV) or 0)
         self.plan = plan
         self.env = env
         self.keep_last = max(1, int(keep_last))

@@ -36,7 +36,7 @@ from trainers.objectives.catalog import get_objective
 from trainers.model.peft_methods import method_summary
 from trainers.objectives.reference import precompute_kl_reference, precompute_reference
 from trainers.rng import seed_everything
-from trainers.spike_guard import SpikeGuard, corrupt_targets
+from trainers.spike_guard import SpikeGuard, corrupt_targets, planted_steps
 from trainers.watchdog import Watchdog, allowances
 
 log = logging.getLogger("train")
@@ -113,16 +113,15 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
             read, whole = source.read_report
             log.info("weights: rank 0 read %.1f MiB of the checkpoint's %.1f MiB", read / 2**20, whole / 2**20)
 
-    ckpt = Checkpointer(run_dir, plan, env, cfg.train.keep_last, cfg.train.checkpoint.mode,
-                        cfg.train.get("debug_commit_delay_s") or 0)
+    ckpt = Checkpointer(run_dir, plan, env, cfg.train.keep_last, cfg.train.checkpoint.mode)
     resumed = ckpt.restore()
     start = resumed["step"] if resumed else 0
     tokens_seen = resumed["tokens_seen"] if resumed else 0
     if resumed and env.is_main:
         log.info("resumed from %s (step %d)", resumed["path"], start)
-    guard = SpikeGuard(cfg.train.get("spike_guard"))
+    guard = SpikeGuard(cfg.train.spike_guard)
     guard.load_state(resumed.get("spike_guard") if resumed else None)
-    planted = set(cfg.train.get("debug_corrupt_steps") or ())
+    planted = planted_steps()  # fault injection for tests (environment), empty otherwise
 
     evaluator = Evaluator(cfg, plan, tokenizer, data.eval, data.packed) if data.eval else None
     metrics = MetricsLogger(run_dir, env.is_main, start, cfg.train.max_steps)

@@ -64,8 +64,8 @@ def apply_memory_options(model: torch.nn.Module, train_cfg) -> None:
     hf = hf_model(model)
     if hf is None:
         raise UserError(f"{type(model).__name__} holds no transformers model to apply train.* memory options to.")
-    if train_cfg.get("activation_checkpointing", False):
+    if train_cfg.activation_checkpointing:
         enable_activation_checkpointing(hf)
     from trainers.objectives.lm_loss import install_chunked_head
 
-    install_chunked_head(hf, train_cfg.get("loss_chunk_tokens", "auto"))
+    install_chunked_head(hf, train_cfg.loss_chunk_tokens)

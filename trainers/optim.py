@@ -21,7 +21,7 @@ def param_groups(model: torch.nn.Module, optim_cfg, method_cfg) -> list[dict]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise UserError("The model has no trainable parameter: check method.* settings.")
-    ratio = method_cfg.get("loraplus_lr_ratio")
+    ratio = method_cfg.loraplus_lr_ratio if method_cfg.peft == "lora" else None  # LoRA+ (lora family only)
     if not ratio:
         return [{"params": [p for _, p in named], "lr": optim_cfg.lr}]
     b = [p for n, p in named if "lora_B" in n or "lora_embedding_B" in n]

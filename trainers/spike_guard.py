@@ -16,6 +16,7 @@ checks them first), since skipping would hide a broken configuration.
 """
 from __future__ import annotations
 
+import os
 import statistics
 from collections import deque
 
@@ -24,14 +25,27 @@ import torch
 from trainers.data.rows import IGNORE
 
 
+# Testing only (fault injection for the spike guard's tests), an environment variable so
+# that it is no user setting: the batches of these steps (1-based, comma-separated) get
+# random target tokens. Workers inherit it (torch's elastic agent, sbatch's --export=ALL).
+CORRUPT_STEPS_ENV = "LAUNCH_DEBUG_CORRUPT_STEPS"
+
+
+def planted_steps() -> set[int]:
+    text = os.environ.get(CORRUPT_STEPS_ENV, "").strip()
+    steps = {int(s) for s in text.split(",") if s.strip()}
+    if any(s < 1 for s in steps):
+        raise ValueError(f"{CORRUPT_STEPS_ENV}={text!r}: step numbers start at 1")
+    return steps
+
+
 class SpikeGuard:
     def __init__(self, cfg):
-        cfg = cfg or {}
-        self.enabled = bool(cfg.get("enabled", False))
-        self.factor = float(cfg.get("factor", 3.0))
-        self.window = int(cfg.get("window", 20))
-        self.min_history = int(cfg.get("min_history", 10))
-        self.max_skips = int(cfg.get("max_skips", 3))
+        self.enabled = bool(cfg.enabled)
+        self.factor = float(cfg.factor)
+        self.window = int(cfg.window)
+        self.min_history = int(cfg.min_history)
+        self.max_skips = int(cfg.max_skips)
         self.losses: deque[float] = deque(maxlen=self.window)
         self.norms: deque[float] = deque(maxlen=self.window)
         self.reason: str | None = None  # why the last step was skipped (None: applied)
@@ -85,7 +99,7 @@ class SpikeGuard:
 
 
 def corrupt_targets(micro_batches: list[dict], vocab_size: int, seed: int) -> list[dict]:
-    """train.debug_corrupt_steps (testing only): the batch keeps its inputs but every
+    """LAUNCH_DEBUG_CORRUPT_STEPS (testing only): the batch keeps its inputs but every
     target token becomes a random one, a planted bad batch with a loss spike far above
     any real batch's. Each row's random targets are drawn from its own content, so the
     planted batch is the same however the step is split over micro-batches and ranks."""

@@ -64,10 +64,10 @@ BACKSTOP_MARGIN_S = 60.0
 
 def allowances(train_cfg) -> tuple[float | None, float | None]:
     """(step timeout, long-phase timeout) in seconds; None turns the watchdog off."""
-    step = train_cfg.get("step_timeout_s")
+    step = train_cfg.step_timeout_s
     if step is None:
         return None, None
-    long = train_cfg.get("startup_timeout_s")
+    long = train_cfg.startup_timeout_s
     return float(step), float(max(long, step) if long is not None else step)
 
 

@@ -80,7 +80,7 @@ def prepare_data(cfg, tokenizer) -> tuple[dict, list[DataReport]]:
     prepared: dict = {"train": [], "eval": []}
     reports = []
     for split in ("train", "eval"):
-        for spec in parse_sources(cfg.data.get(split), f"data.{split}"):
+        for spec in parse_sources(cfg.data[split], f"data.{split}"):
             folder, built = ensure(spec.path, tokenizer, cfg.data, root, kind)
             if packs_bins(cfg):
                 _ensure_bins(folder, int(cfg.data.max_seq_len))

@@ -191,7 +191,7 @@ def _encode_in_worker(chunk, data_cfg, kind) -> EncodedChunk:
 def _processes(data_cfg, path: str) -> int:
     p = Path(path)
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
-    wanted = data_cfg.get("num_proc", "auto")
+    wanted = data_cfg.num_proc
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if wanted == "auto":
         return cores if size >= PARALLEL_MIN_BYTES else 1

@@ -135,7 +135,7 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> None
     for mname, module in model.named_modules():
         if hasattr(module, "merge") and hasattr(module, "get_base_layer"):
             owner[checkpoint_key(f"{mname}.base_layer.weight")] = module
-    four_bit = quantized_keys(model) if cfg.method.get("quantize") else set()
+    four_bit = quantized_keys(model) if cfg.method.quantize else set()
     wanted = set(names.values())
     writer = SafetensorsShards(out, shard_bytes(cfg))
     for key in files.keys():
@@ -144,7 +144,7 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> None
         value = files.read(key, torch.float32)
         if key in four_bit:
             value = nf4_roundtrip(value)
-        elif cfg.method.get("quantize"):  # the 4-bit model holds the rest in bf16
+        elif cfg.method.quantize:  # the 4-bit model holds the rest in bf16
             value = value.to(torch.bfloat16).float()
         module = owner.get(key)
         writer.add(key, value if module is None else merged_weight(module, value))
@@ -158,7 +158,7 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> None
 
 
 def shard_bytes(cfg) -> int:
-    return int(float(cfg.train.get("export_shard_mib", 2048)) * 2**20)
+    return int(float(cfg.train.export_shard_mib) * 2**20)
 
 
 def write_full_model(plan, out: Path) -> None:

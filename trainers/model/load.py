@@ -143,7 +143,7 @@ class ModelSource:
 
     @property
     def quantized(self) -> bool:
-        return bool(self.method_cfg.get("quantize"))
+        return bool(self.method_cfg.quantize)
 
     def config(self):
         return load_config(self.model_cfg)
@@ -159,7 +159,7 @@ class ModelSource:
             from trainers.data.neftune import add_neftune
 
             apply_memory_options(model, self.train_cfg)
-            add_neftune(hf_model(model), self.train_cfg.get("neftune_alpha"))
+            add_neftune(hf_model(model), self.train_cfg.neftune_alpha)
         return model
 
     def skeleton(self) -> torch.nn.Module:
@@ -223,7 +223,8 @@ class ModelSource:
         """Whether plans can fill the skeleton part by part. Not for QDoRA (a 4-bit base with
         method.use_dora): PEFT initialises DoRA's magnitudes from the quantized weights
         while it wraps them, so that base is loaded whole first (`whole`)."""
-        return not (self.quantized and self.method_cfg.get("use_dora"))
+        m = self.method_cfg
+        return not (self.quantized and m.peft == "lora" and m.use_dora)
 
     def whole(self, device: torch.device) -> torch.nn.Module:
         """Every weight on `device`: what none, ddp and zero1/2 keep. A 4-bit base comes

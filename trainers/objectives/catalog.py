@@ -137,7 +137,7 @@ def all_targets(batch: dict, device: torch.device) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- pairs
 def pair_objective(name: str, knobs: dict) -> Objective:
-    beta = float(knobs.get("beta", 0.1))
+    beta = float(knobs["beta"])
 
     def loss(model, batch: dict, device: torch.device):
         labels, segments = batch["labels"].to(device), batch["segments"]
@@ -159,10 +159,10 @@ def pair_objective(name: str, knobs: dict) -> Objective:
         if name in ("dpo", "ipo"):
             rc, rr = pairs(ref)
             loss, metrics = P.dpo_loss(lc, lr, rc, rr, nc, nr, beta=beta,
-                                       loss_type="ipo" if name == "ipo" else knobs.get("loss_type", "sigmoid"),
-                                       label_smoothing=float(knobs.get("label_smoothing", 0.0)))
+                                       loss_type="ipo" if name == "ipo" else knobs["loss_type"],
+                                       label_smoothing=float(knobs["label_smoothing"]))
         elif name == "simpo":
-            loss, metrics = P.simpo_loss(lc, nc, lr, nr, beta=beta, gamma=float(knobs.get("gamma", 0.5)))
+            loss, metrics = P.simpo_loss(lc, nc, lr, nr, beta=beta, gamma=float(knobs["gamma"]))
         else:
             nll = -P.per_sequence(per_token, segments)[:half][keep]
             loss, metrics = P.orpo_loss(lc, nc, lr, nr, nll, nll_tokens_per_pair=batch["nll_tokens_per_pair"],
@@ -193,9 +193,9 @@ def orpo_prepare(model, micro_batches: list[dict], device: torch.device) -> None
 
 # ----------------------------------------------------------------------------- KTO
 def kto_objective(knobs: dict) -> Objective:
-    beta = float(knobs.get("beta", 0.1))
-    weights = dict(desirable_weight=float(knobs.get("desirable_weight", 1.0)),
-                   undesirable_weight=float(knobs.get("undesirable_weight", 1.0)))
+    beta = float(knobs["beta"])
+    weights = dict(desirable_weight=float(knobs["desirable_weight"]),
+                   undesirable_weight=float(knobs["undesirable_weight"]))
 
     def loss(model, batch: dict, device: torch.device):
         keep = batch["keep"].to(device)

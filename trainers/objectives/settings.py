@@ -46,12 +46,12 @@ def check_knobs(cfg) -> None:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise UserError(f"objective.{key}={v!r} must be a positive number (objective={name}).")
     if name == "dpo":
-        lt = knobs.get("loss_type", "sigmoid")
+        lt = knobs["loss_type"]
         if lt not in DPO_LOSS_TYPES:
             raise UserError(f"objective.loss_type={lt!r} is not accepted; use one of TRL's DPO loss types: "
                             f"{', '.join(DPO_LOSS_TYPES)} (aot, aot_unpaired and sft are not sums over pairs, "
                             f"so not split-invariant).")
-        ls = knobs.get("label_smoothing", 0.0)
+        ls = knobs["label_smoothing"]
         if not isinstance(ls, (int, float)) or not 0 <= ls < 0.5:
             raise UserError(f"objective.label_smoothing={ls!r} must be in [0, 0.5) (robust, exo_pair).")
         if lt == "exo_pair" and ls <= 0:
