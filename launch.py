@@ -16,9 +16,13 @@ register_resolvers()
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def app(cfg: DictConfig) -> int:
-    from launch.main import main
+    from launch.command_line import composed_refusal
 
-    code = main(cfg, HydraConfig.get().runtime.output_dir)
+    code = composed_refusal(cfg)  # an unknown key or a credential: refused before the torch import
+    if not code:
+        from launch.main import main
+
+        code = main(cfg, HydraConfig.get().runtime.output_dir)
     if code and HydraConfig.get().mode.name != "MULTIRUN":
         sys.exit(code)
     return code

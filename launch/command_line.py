@@ -54,3 +54,18 @@ def refuse_or_continue(argv: list[str]) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def composed_refusal(cfg) -> int:
+    """The composed config's credentials and unknown keys, refused before the launcher's
+    heavier imports (launch.main checks them again for in-process callers): exit code 2
+    and one paragraph, or 0."""
+    from launch.schema import check_closed
+
+    try:
+        credentials.check_config(cfg)
+        check_closed(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

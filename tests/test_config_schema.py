@@ -201,6 +201,9 @@ def test_the_command_line_refuses_a_run_dir_hydra_could_not_create(tmp_path):
     proc = launch(f"hydra.run.dir={a_file}", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"hydra.run.dir='{a_file}' is an existing file" in proc.stderr, proc.stderr
+    # an unknown key on the real command line: one paragraph, exit code 2 (refused before the torch import)
+    proc = launch("+train.num_epochs=3", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: `train.num_epochs` is not a setting"), proc.stderr
 
 
 # ------------------------------------------------------------ credentials
