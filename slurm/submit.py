@@ -69,7 +69,7 @@ def submit_run(cfg: DictConfig, config_path: Path, hands: Hands) -> int:
     print(f"submitted job {job.job_id}: {cfg.launcher.nodes} node(s) x {cfg.launcher.gpus_per_node} task(s)\n"
           f"  run dir  {run_dir}\n  log      {logs['stderr']}\n"
           f"  status   python -m launch.status {run_dir}", flush=True)
-    if not cfg.launcher.get("wait"):
+    if not cfg.launcher.wait:
         return 0
     try:
         wait_for([job.job_id])

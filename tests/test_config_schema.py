@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from tests.helpers import REPO, launch, launch_in_process, refused
 
-CODE = ("launch", "parallel", "trainers")
+CODE = ("launch", "parallel", "slurm", "trainers")
 # `.get("key", ...)` on dicts that are not the config but happen to share a key name with it:
 # JSON read from files (a model's config.json, data rows and mixture entries, checkpoint
 # metadata written by the plans, run state and summaries, a checkpoint's saved state).
