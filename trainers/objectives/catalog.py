@@ -151,6 +151,7 @@ def all_targets(batch: dict, device: torch.device) -> torch.Tensor:
 # --------------------------------------------------------------------------- pairs
 def pair_objective(name: str, knobs: dict) -> Objective:
     beta = float(knobs.get("beta", 0.1))
+    rpo_alpha = float(knobs.get("rpo_alpha") or 0.0)  # dpo only (conf/objective/dpo.yaml)
 
     def loss(model, batch: dict, device: torch.device):
         labels, segments = batch["labels"].to(device), batch["segments"]
@@ -174,6 +175,8 @@ def pair_objective(name: str, knobs: dict) -> Objective:
             loss, metrics = P.dpo_loss(lc, lr, rc, rr, nc, nr, beta=beta,
                                        loss_type="ipo" if name == "ipo" else knobs.get("loss_type", "sigmoid"),
                                        label_smoothing=float(knobs.get("label_smoothing", 0.0)))
+            if rpo_alpha:
+                loss, metrics["nll_loss"] = P.rpo_nll(loss, lc, batch["nll_tokens_per_pair"], rpo_alpha)
         elif name == "simpo":
             loss, metrics = P.simpo_loss(lc, nc, lr, nr, beta=beta, gamma=float(knobs.get("gamma", 0.5)))
         else:
@@ -186,18 +189,32 @@ def pair_objective(name: str, knobs: dict) -> Objective:
         metrics["logps/accuracies"] = (lc.detach() > lr.detach()).float().sum()
         return loss, metrics
 
-    return Objective(name, "rows", loss, orpo_prepare if name == "orpo" else None, knobs)
+    prepare = orpo_prepare if name == "orpo" else rpo_prepare if rpo_alpha else None
+    return Objective(name, "rows", loss, prepare, knobs)
 
 
 def orpo_prepare(model, micro_batches: list[dict], device: torch.device) -> None:
     """ORPO's NLL is a token mean over the chosen sequences of the global batch: count
     their targets (every position but the last) over all ranks."""
+    _chosen_tokens_per_pair(micro_batches, device, lambda b: b["seq_lengths"][: b["keep"].numel()] - 1)
+
+
+def rpo_prepare(model, micro_batches: list[dict], device: torch.device) -> None:
+    """DPO's `rpo_alpha` NLL is a token mean over the chosen completions of the global
+    batch: count their targets over all ranks."""
+    def completion_targets(b):
+        per_seq = P.per_sequence((b["labels"] != P.IGNORE).long(), b["segments"])
+        return per_seq[: b["keep"].numel()]
+
+    _chosen_tokens_per_pair(micro_batches, device, completion_targets)
+
+
+def _chosen_tokens_per_pair(micro_batches: list[dict], device: torch.device, chosen_targets) -> None:
     from trainers.distributed import all_reduce_sum
 
     tokens = pairs = 0.0
     for b in micro_batches:
-        chosen = b["seq_lengths"][: b["keep"].numel()] - 1
-        tokens += float(chosen[b["keep"]].sum())
+        tokens += float(chosen_targets(b)[b["keep"]].sum())
         pairs += float(b["keep"].sum())
     tokens, pairs = all_reduce_sum([tokens, pairs], device)
     for b in micro_batches:
@@ -283,5 +300,9 @@ def check_knobs(cfg) -> None:
         ls = knobs.get("label_smoothing", 0.0)
         if not isinstance(ls, (int, float)) or not 0 <= ls < 0.5:
             raise UserError(f"objective.label_smoothing={ls!r} must be in [0, 0.5) (robust, exo_pair).")
+        rpo = knobs.get("rpo_alpha", 0.0)
+        if rpo is None or isinstance(rpo, bool) or not isinstance(rpo, (int, float)) or rpo < 0:
+            raise UserError(f"objective.rpo_alpha={rpo!r} must be a number >= 0: the weight of the chosen answers' "
+                            f"NLL added to the DPO loss (0: plain DPO, TRL's default; e.g. 1.0 as in the RPO paper).")
         if lt == "exo_pair" and ls <= 0:
             raise UserError("objective.loss_type=exo_pair needs objective.label_smoothing > 0 (TRL refuses 0).")
