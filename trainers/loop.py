@@ -89,7 +89,7 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
     objective = get_objective(cfg.objective)
     batches, data = training_batches(cfg, tokenizer, plan.dp_world)
     seed_everything(cfg.seed)  # every rank builds identical initial weights
-    source = ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed, cfg.train)
+    source = ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed, cfg.train, objective.head)
     plan.prepare(source)
     if objective.reference and cfg.method.peft is None:
         # before a resume loads a checkpoint: the reference is the initial model

@@ -34,7 +34,7 @@ from trainers.objectives.lm_loss import lm_ce_sum
 # objective name -> kind of data row it reads (trainers.data.rows.ROW_KINDS). simpo and orpo
 # follow TRL's CPO/ORPO tokenization, dpo/ipo/kto TRL's DPO/KTO one.
 OBJECTIVE_ROWS = {"sft": "sft", "dpo": "pairs", "ipo": "pairs", "simpo": "pairs_text", "orpo": "pairs_text",
-                  "kto": "unpaired"}
+                  "kto": "unpaired", "reward": "pairs"}
 # objectives that compare with a reference model
 NEEDS_REFERENCE = ("dpo", "ipo", "kto")
 
@@ -64,6 +64,17 @@ class Objective:
     @property
     def reference(self) -> bool:
         return self.name in NEEDS_REFERENCE
+
+    @property
+    def head(self) -> str:
+        """The model head it trains (trainers.model.load.HEADS): a reward model scores
+        sequences (trainers/objectives/reward_model.py); every other objective is a causal LM."""
+        return "score" if self.name == "reward" else "lm"
+
+    @property
+    def generates(self) -> bool:
+        """Whether evaluation generates text (exact match): not a reward model."""
+        return self.head == "lm"
 
     def __call__(self, model, batch: dict, device: torch.device):
         return self.loss(model, batch, device)
@@ -278,6 +289,10 @@ def get_objective(cfg) -> Objective:
         return Objective("sft", "targets", sft, None, knobs)
     if name == "kto":
         return kto_objective(knobs)
+    if name == "reward":
+        from trainers.objectives.reward_model import reward_objective
+
+        return reward_objective(knobs)
     return pair_objective(name, knobs)
 
 
@@ -286,6 +301,10 @@ def check_knobs(cfg) -> None:
     knobs = _knobs(cfg)
     name = knobs["name"]
     check_objective_name(name)
+    if name == "reward":
+        from trainers.objectives.reward_model import check_reward_knobs
+
+        check_reward_knobs(knobs)
     for key in ("beta", "gamma", "desirable_weight", "undesirable_weight"):
         if key in knobs:
             v = knobs[key]
