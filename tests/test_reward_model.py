@@ -1,0 +1,118 @@
+"""objective=reward (issue 22): a reward model on the bundled preference pairs.
+
+- TRL parity: the same pairs and the same initial weights (our fresh score head and LoRA
+  adapter, loaded into TRL's model) give our loop's first-step loss, accuracy and margin
+  equal to TRL 1.16's RewardTrainer, with LoRA and with full fine-tuning (the latter with
+  center_rewards_coefficient, so its term is covered). Both sides run in this process.
+- A short run's export loads with AutoModelForSequenceClassification and scores the
+  held-out pairs exactly as the run's last evaluation did (accuracy and margin).
+- The pipeline plan refuses objective=reward before launch.
+The plans (ddp, fsdp2, zero2 against the single process) are in tests/test_reward_plans.py.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.trl_preference_reference import REPO, read_jsonl
+
+MODEL = REPO / "assets/tiny-llama"
+PREF = REPO / "data/reverse_pref"
+ROWS, BATCH = 8, 4
+
+
+def our_cfg(run_dir, train_file, *extra):
+    from hydra import compose, initialize_config_dir
+
+    from launch.config import finalize, register_resolvers
+
+    register_resolvers()
+    overrides = ["objective=reward", "data=reverse_pref", f"data.train={train_file}", f"model.path={MODEL}",
+                 "data.eval=null", "train.max_steps=1", f"train.micro_batch_size={BATCH}", "train.grad_accum=1",
+                 "train.save_every=1000", "train.eval_every=1000", "train.precision=fp32", *extra]
+    with initialize_config_dir(str(REPO / "conf"), version_base=None):
+        return finalize(compose("config", overrides=overrides), str(run_dir))
+
+
+def first_rows(cfg) -> list[dict]:
+    """The rows of our first global batch, in order (TRL reads them sequentially)."""
+    from trainers.data.sources import training_batches
+    from trainers.model.load import load_tokenizer
+
+    batches, _ = training_batches(cfg, load_tokenizer(cfg.model), 1)
+    rows = read_jsonl(cfg.data.train)
+    out = []
+    for k, r in batches.rows(0):
+        src = batches.sources[k]
+        out.append(rows[int(src.store.rows[int(src.examples(r)[0])]) - 1])
+    return out
+
+
+def initial_trainable(cfg) -> dict[str, torch.Tensor]:
+    """Our initial trainable weights (the loop's ModelSource: fresh score head, adapter)."""
+    from trainers.model.load import ModelSource
+    from trainers.rng import seed_everything
+
+    seed_everything(cfg.seed)
+    model = ModelSource(cfg.model, cfg.method, torch.float32, cfg.seed, cfg.train, head="score").whole(
+        torch.device("cpu"))
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def trl_first_step(rows, method: str, init: dict, cfg, center) -> dict:
+    """TRL's RewardTrainer on `rows` (one batch), starting from `init`: its step-1 logs."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import RewardConfig, RewardTrainer
+
+    torch.use_deterministic_algorithms(False)
+    peft = None
+    if method == "lora":
+        m = cfg.method
+        peft = LoraConfig(task_type="SEQ_CLS", r=m.r, lora_alpha=m.alpha, lora_dropout=0.0,
+                          target_modules=m.target_modules)
+    args = RewardConfig(output_dir=str(cfg.run_dir) + "-trl", per_device_train_batch_size=len(rows), max_steps=1,
+                        learning_rate=1e-4, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                        bf16=False, fp16=False, train_sampling_strategy="sequential", disable_dropout=True,
+                        center_rewards_coefficient=center, model_init_kwargs={"dtype": torch.float32})
+    trainer = RewardTrainer(model=str(MODEL), args=args, train_dataset=Dataset.from_list(rows),
+                            processing_class=AutoTokenizer.from_pretrained(MODEL), peft_config=peft)
+    params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert set(params) == set(init), sorted(set(params) ^ set(init))[:4]
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(init[n])
+    logs: list[dict] = []
+
+    class Record(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                records.append(dict(logs))
+
+    records = logs
+    trainer.add_callback(Record())
+    trainer.train()
+    return logs[0]
+
+
+@pytest.mark.parametrize("method,center", [("lora", None), ("full", 0.01)])
+def test_first_step_loss_and_accuracy_equal_trl(tmp_path, method, center):
+    from parallel import build_plan
+    from tests.helpers import metrics
+    from trainers.loop import train
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join((PREF / "train.jsonl").read_text().splitlines(keepends=True)[:ROWS]))
+    extra = [f"method={method}"] + (["method.dropout=0"] if method == "lora" else ["data.packing=false"])
+    extra += [f"objective.center_rewards_coefficient={center}"] if center else []
+    cfg = our_cfg(tmp_path / "ours", data, *extra)
+    trl = trl_first_step(first_rows(cfg), method, initial_trainable(cfg), cfg, center)
+    train(cfg, build_plan)
+    ours = next(r for r in metrics(tmp_path / "ours") if "loss" in r)
+    for key in ("loss", "accuracy", "margin"):
+        assert abs(ours[key] - trl[key]) <= 1e-5 * max(1.0, abs(trl[key])), (method, key, ours[key], trl[key])
+    print(f"reward/{method}: loss ours {ours['loss']:.7f} TRL {trl['loss']:.7f}, accuracy {ours['accuracy']} / "
+          f"{trl['accuracy']}, margin {ours['margin']:.6g} / {trl['margin']:.6g}")
