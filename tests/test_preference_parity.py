@@ -42,8 +42,12 @@ CASES = [(objective, method) for method in ("lora", "full") for objective in ("d
 # Variants of an objective: (objective, our extra overrides, TRL keyword arguments).
 # dpo+rpo: objective.rpo_alpha, TRL's loss_type=["sigmoid", "sft"] with loss_weights=[1, alpha]
 # (issue 25); at the bundled SFT demo's alpha, so the NLL term weighs as in docs/dpo-after-sft.md.
-VARIANTS = {"dpo+rpo": ("dpo", ["objective.rpo_alpha=1.0"], {"rpo_alpha": 1.0})}
-CASES += [("dpo+rpo", "lora")]
+# kto+file_order: TRL's own setting, reproduced (issue 25): the file read in order
+# (data.shuffle=false, so TRL's sequential sampler reads the same rows, not our order handed
+# to it) and each row's KL completion from its file neighbour (objective.kl_pairs=file_order).
+VARIANTS = {"dpo+rpo": ("dpo", ["objective.rpo_alpha=1.0"], {"rpo_alpha": 1.0}),
+            "kto+file_order": ("kto", ["objective.kl_pairs=file_order", "data.shuffle=false"], {})}
+CASES += [("dpo+rpo", "lora"), ("kto+file_order", "lora")]
 
 
 def our_cfg(objective: str, method: str, run_dir, train_file, extra=()):

@@ -310,6 +310,10 @@ def check_knobs(cfg) -> None:
             v = knobs[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise UserError(f"objective.{key}={v!r} must be a positive number (objective={name}).")
+    if name == "kto" and knobs.get("kl_pairs", "batch") not in ("batch", "file_order"):
+        raise UserError(f"objective.kl_pairs={knobs.get('kl_pairs')!r} is not accepted; use batch (each row's KL "
+                        f"completion from the step's own batch, the default) or file_order (from its neighbour in "
+                        f"the file, as TRL's KTOTrainer pairs them).")
     if name == "dpo":
         lt = knobs.get("loss_type", "sigmoid")
         if lt not in P.DPO_LOSS_TYPES:
