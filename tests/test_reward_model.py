@@ -20,7 +20,31 @@ from tests.trl_preference_reference import REPO, read_jsonl
 
 MODEL = REPO / "assets/tiny-llama"
 PREF = REPO / "data/reverse_pref"
-ROWS, BATCH = 8, 4
+ROWS, BATCH, EVAL_ROWS = 8, 4, 24
+
+
+def assert_export_scores_like_last_eval(run_dir, held_out) -> None:
+    """export/merged loads with AutoModelForSequenceClassification (what a GRPO run's
+    `objective.rewards=[{model: PATH}]` loads) and, scoring each held-out pair one
+    sequence at a time as TRL tokenizes it, gives the run's last eval_accuracy and eval_margin."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.helpers import metrics
+
+    merged = run_dir / "export" / "merged"
+    model = AutoModelForSequenceClassification.from_pretrained(merged, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(merged)
+    assert model.config.num_labels == 1
+    diffs = []
+    with torch.no_grad():
+        for row in read_jsonl(held_out):
+            r = [model(input_ids=torch.tensor([tok.apply_chat_template(row["prompt"] + row[k], tokenize=True,
+                                                                       return_dict=True)["input_ids"]])).logits[0, 0]
+                 for k in ("chosen", "rejected")]
+            diffs.append(float(r[0] - r[1]))
+    last = [r for r in metrics(run_dir) if "eval_accuracy" in r][-1]
+    assert sum(d > 0 for d in diffs) / len(diffs) == last["eval_accuracy"]
+    assert sum(diffs) / len(diffs) == pytest.approx(last["eval_margin"], rel=1e-4, abs=1e-6)
 
 
 def our_cfg(run_dir, train_file, *extra):
@@ -30,7 +54,7 @@ def our_cfg(run_dir, train_file, *extra):
 
     register_resolvers()
     overrides = ["objective=reward", "data=reverse_pref", f"data.train={train_file}", f"model.path={MODEL}",
-                 "data.eval=null", "train.max_steps=1", f"train.micro_batch_size={BATCH}", "train.grad_accum=1",
+                 "train.max_steps=1", f"train.micro_batch_size={BATCH}", "train.grad_accum=1",
                  "train.save_every=1000", "train.eval_every=1000", "train.precision=fp32", *extra]
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
         return finalize(compose("config", overrides=overrides), str(run_dir))
@@ -104,9 +128,10 @@ def test_first_step_loss_and_accuracy_equal_trl(tmp_path, method, center):
     from tests.helpers import metrics
     from trainers.loop import train
 
-    data = tmp_path / "pairs.jsonl"
+    data, held_out = tmp_path / "pairs.jsonl", tmp_path / "held_out.jsonl"
     data.write_text("".join((PREF / "train.jsonl").read_text().splitlines(keepends=True)[:ROWS]))
-    extra = [f"method={method}"] + (["method.dropout=0"] if method == "lora" else ["data.packing=false"])
+    held_out.write_text("".join((PREF / "eval.jsonl").read_text().splitlines(keepends=True)[:EVAL_ROWS]))
+    extra = [f"method={method}", f"data.eval={held_out}"] + (["method.dropout=0"] if method == "lora" else ["data.packing=false"])
     extra += [f"objective.center_rewards_coefficient={center}"] if center else []
     cfg = our_cfg(tmp_path / "ours", data, *extra)
     trl = trl_first_step(first_rows(cfg), method, initial_trainable(cfg), cfg, center)
@@ -114,5 +139,18 @@ def test_first_step_loss_and_accuracy_equal_trl(tmp_path, method, center):
     ours = next(r for r in metrics(tmp_path / "ours") if "loss" in r)
     for key in ("loss", "accuracy", "margin"):
         assert abs(ours[key] - trl[key]) <= 1e-5 * max(1.0, abs(trl[key])), (method, key, ours[key], trl[key])
+    assert_export_scores_like_last_eval(tmp_path / "ours", held_out)
     print(f"reward/{method}: loss ours {ours['loss']:.7f} TRL {trl['loss']:.7f}, accuracy {ours['accuracy']} / "
           f"{trl['accuracy']}, margin {ours['margin']:.6g} / {trl['margin']:.6g}")
+
+
+def test_bad_reward_settings_and_the_pipeline_are_refused_before_launch(tmp_path):
+    from tests.helpers import refused
+
+    text = refused(tmp_path / "a", "objective=reward", "data=reverse_pref", "objective.center_rewards_coefficient=-1")
+    assert "objective.center_rewards_coefficient=-1" in text
+    text = refused(tmp_path / "b", "objective=reward", "data=reverse_pref", "parallel=pipeline",
+                   "launcher.nproc_per_node=2")
+    assert "objective=reward is not trained by the pipeline" in text
+    text = refused(tmp_path / "c", "objective=reward", "data=reverse")  # chat rows: no pairs to compare
+    assert "(objective=dpo, ipo, simpo, orpo, reward)" in text

@@ -34,7 +34,7 @@ KIND_FORMATS = {"sft": ("messages", "prompt_completion"), "pairs": ("preference"
                 "pairs_text": ("preference",), "unpaired": ("unpaired_preference",)}
 KIND_ROWS = {
     "sft": "`messages` or `prompt`/`completion` rows (objective=sft)",
-    "pairs": "`prompt`/`chosen`/`rejected` rows (objective=dpo, ipo, simpo, orpo)",
+    "pairs": "`prompt`/`chosen`/`rejected` rows (objective=dpo, ipo, simpo, orpo, reward)",
     "unpaired": "`prompt`/`completion`/`label` rows (objective=kto)",
 }
 KIND_ROWS["pairs_text"] = KIND_ROWS["pairs"]
