@@ -2,8 +2,8 @@
 
 - TRL parity: the same pairs and the same initial weights (our fresh score head and LoRA
   adapter, loaded into TRL's model) give our loop's first-step loss, accuracy and margin
-  equal to TRL 1.16's RewardTrainer, with LoRA and with full fine-tuning (the latter with
-  center_rewards_coefficient, so its term is covered). Both sides run in this process.
+  equal to TRL 1.16's RewardTrainer, with LoRA (pairs with a `margin` column) and with full
+  fine-tuning (with center_rewards_coefficient), so both optional terms are covered. Both sides run in this process.
 - A short run's export loads with AutoModelForSequenceClassification and scores the
   held-out pairs exactly as the run's last evaluation did (accuracy and margin).
 - The pipeline plan refuses objective=reward before launch.
@@ -122,14 +122,17 @@ def trl_first_step(rows, method: str, init: dict, cfg, center) -> dict:
     return logs[0]
 
 
-@pytest.mark.parametrize("method,center", [("lora", None), ("full", 0.01)])
-def test_first_step_loss_and_accuracy_equal_trl(tmp_path, method, center):
+@pytest.mark.parametrize("method,center,margin", [("lora", None, True), ("full", 0.01, False)])
+def test_first_step_loss_and_accuracy_equal_trl(tmp_path, method, center, margin):
     from parallel import build_plan
     from tests.helpers import metrics
     from trainers.loop import train
 
     data, held_out = tmp_path / "pairs.jsonl", tmp_path / "held_out.jsonl"
-    data.write_text("".join((PREF / "train.jsonl").read_text().splitlines(keepends=True)[:ROWS]))
+    pairs = read_jsonl(PREF / "train.jsonl")[:ROWS]
+    if margin:  # TRL's optional column: -logsigmoid(r_c - r_r - margin)
+        pairs = [{**row, "margin": 0.5 * (i % 3)} for i, row in enumerate(pairs)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in pairs))
     held_out.write_text("".join((PREF / "eval.jsonl").read_text().splitlines(keepends=True)[:EVAL_ROWS]))
     extra = [f"method={method}", f"data.eval={held_out}"] + (["method.dropout=0"] if method == "lora" else ["data.packing=false"])
     extra += [f"objective.center_rewards_coefficient={center}"] if center else []

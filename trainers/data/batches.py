@@ -356,6 +356,8 @@ def collate_preference(sources: list[Source], items: list[tuple[int, int]], pad_
     examples = [(k, int(sources[k].examples(r)[j])) for j in range(per_row) for k, r in items]
     batch = collate_sequences([sources[k].store.example(e) for k, e in examples], pad_id, packed, max_len)
     batch["keep"] = torch.tensor(keep if keep is not None else [True] * len(items), dtype=torch.bool)
+    if per_row == 2:  # pairs: the row's `margin` column (0 without one), stored with each of its examples
+        batch["margin"] = torch.tensor([float(sources[k].store.margin[e]) for k, e in examples[: len(items)]])
     if all(sources[k].reference is not None for k, _ in examples):
         batch["ref_logps"] = torch.tensor([float(sources[k].reference[e]) for k, e in examples], dtype=torch.float32)
     if partners is not None:

@@ -287,6 +287,7 @@ class Staged:
     special: bool
     finish: Any  # (list of encoded texts) -> list[(ids, mask)]
     desirable: int = 0
+    margin: float = 0.0  # a preference pair's optional `margin` column (objective=reward)
 
 
 def labels_of(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
