@@ -212,6 +212,8 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
         }
         if "eval_rewards/accuracies" in last:  # preference objectives: held-out preference accuracy
             summary["final_eval_preference_accuracy"] = last["eval_rewards/accuracies"]
+        elif "eval_accuracy" in last:  # a reward model's (objective=reward)
+            summary["final_eval_preference_accuracy"] = last["eval_accuracy"]
         if env.is_main:
             plot_losses(run_dir)
             write_summary(run_dir, summary)
