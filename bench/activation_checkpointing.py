@@ -202,7 +202,8 @@ def run_loss_mode(chunked: bool, args) -> dict:
     import torch.nn.functional as F
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from trainers.objectives.lm_loss import chunk_tokens_for, chunked_ce_sum, token_ce_sum
+    from trainers.memory import chunk_tokens_for
+    from trainers.objectives.lm_loss import chunked_ce_sum, token_ce_sum
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, args.loss_tokens, args.loss_hidden, generator=g).bfloat16().requires_grad_(True)

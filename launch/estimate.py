@@ -70,9 +70,7 @@ say what would. bench/memory_estimate.py holds it to measurement on CPU.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -214,13 +212,12 @@ def _sharded(part: str, s: Setup) -> str:
 
 # ----------------------------------------------------------------------- inputs
 def arch_of(model_cfg) -> Arch | None:
-    """From `model.arch`, else the config.json of a local model directory (no weights)."""
-    src = model_cfg.get("arch")
+    """From a local model directory's config.json, else `model.arch` (no weights)."""
+    from trainers.model.config_json import model_config_values
+
+    src = model_config_values(model_cfg)
     if src is None:
-        path = Path(str(model_cfg.path)).expanduser() / "config.json"
-        if not path.is_file():
-            return None
-        src = json.loads(path.read_text())
+        return None
     heads = int(src["num_attention_heads"])
     return Arch(
         hidden=int(src["hidden_size"]), layers=int(src["num_hidden_layers"]), heads=heads,

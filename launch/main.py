@@ -20,7 +20,7 @@ log = logging.getLogger("launch")
 # launcher name -> "module:function(cfg, config_path) -> exit code"
 LAUNCHERS = {
     "local": "launch.local:run_local",
-    "slurm": "launch.slurm:run_slurm",
+    "slurm": "launch.on_slurm:run_slurm",
 }
 
 

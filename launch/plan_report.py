@@ -5,7 +5,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from launch.config import world_size
+from launch.config import REPO_ROOT, world_size
 
 
 def dry_run_report(cfg: DictConfig) -> str:
@@ -43,10 +43,10 @@ def memory(cfg: DictConfig) -> str:
 
 
 def slurm_script(cfg: DictConfig) -> list[str]:
-    from launch.sbatch import new_folder, render_script
-    from launch.secrets import refuse_secrets
+    from slurm.sbatch import new_folder, render_script
+    from slurm.secrets import refuse_secrets
 
     folder = new_folder(Path(cfg.run_dir))
-    script = render_script(cfg, folder)
+    script = render_script(cfg, folder, str(REPO_ROOT))
     refuse_secrets({"sbatch script": script, "config": OmegaConf.to_yaml(cfg)})
     return [f"sbatch script (submitted by submitit from {folder}):", "-" * 60, script.rstrip(), "-" * 60]

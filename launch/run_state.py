@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from launch.scheduler import TERMINAL
+from slurm.scheduler import TERMINAL
 from trainers.files import read_json, update_json
 
 STATE = Path("slurm") / "state.json"  # relative to a run dir
@@ -76,6 +76,8 @@ def derive_status(summary: dict, state: dict, scheduler_state: str | None = None
         return f"killed ({scheduler_state})" if over else "requeued"
     if last is not None and last.get("status"):
         return last["status"]
+    if state.get("job_id") and (state.get("never_starts") or {}).get("job_id") == state["job_id"]:
+        return "cannot start"  # cancelled at once: slurm/wait.py
     if summary:
         return summary.get("status") or "unknown"
     if state.get("job_id"):

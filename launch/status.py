@@ -1,7 +1,8 @@
 """State of a run or a sweep: `python -m launch.status RUN_DIR|SWEEP_DIR [--json]`.
 
 For a run: job id, SLURM state (slurmctld, else sacct), attempts and requeues, last
-logged step, last committed checkpoint, summary status and log paths. Works for
+logged step, last committed checkpoint, summary status and log paths; for a pending job,
+why it waits and how long, or why it can never start (slurm/wait.py). Works for
 launcher=local runs too (without the SLURM part).
 For a sweep (a directory with sweep.json): refreshes and prints sweep_summary.md.
 Exit code: 0 when the run/sweep completed, 3 while it is pending or running, 1 otherwise.
@@ -14,14 +15,15 @@ import sys
 from pathlib import Path
 
 from launch.run_state import IN_PROGRESS, derive_status, read_state
-from launch.scheduler import job_state, sacct
+from slurm.scheduler import job_state, sacct
+from slurm.wait import check, waited
 from trainers.files import read_json
 
 
 def run_status(run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
-    from trainers.checkpoint import latest_checkpoint
+    from trainers.checkpoint_files import latest_checkpoint
     from trainers.metrics import read_metrics
 
     state = read_state(run_dir)
@@ -51,6 +53,15 @@ def run_status(run_dir: Path) -> dict:
             submissions=len(state.get("submissions", [])),
         )
     out["status"] = derive_status(summary, state, slurm_state)
+    if out["status"] == "cannot start":
+        out["cannot_start"] = state["never_starts"].get("message")
+    elif slurm_state == "PENDING":
+        pending = check(state["job_id"])
+        if pending is not None:
+            out["pending"] = {"reason": pending.reason, "waited_s": pending.waited_s}
+            if pending.never:  # nobody waited for it (launcher.wait=false): the same verdict
+                out["status"] = "cannot start"
+                out["cannot_start"] = f"{pending.never} Cancel it: scancel {state['job_id']}."
     return out
 
 
@@ -66,7 +77,12 @@ def format_run(s: dict) -> str:
             lines.append(f"  attempt    job {a.get('job_id')} restart {a.get('restart')}: {a.get('started')} -> {a.get('ended', '...')}"
                          f"  {a.get('status', 'running')} at step {a.get('step', '?')}"
                          + ("  requeued" if a.get("requeued") else "") + (f"  ({a['note']})" if a.get("note") else ""))
+    if s.get("pending") and s["status"] != "cannot start":
+        p = s["pending"]
+        lines.append(f"pending      {p['reason']}, waited {waited(p['waited_s'])}")
     status = s["status"]
+    if status == "cannot start":
+        status += f": {s.get('cannot_start')}"
     if status.startswith("killed ("):
         status += "; resumes from the last checkpoint when requeued or relaunched"
     lines.append(f"status       {status}")

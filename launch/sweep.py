@@ -6,7 +6,7 @@ SWEEP_DIR/<num>, and is an ordinary run: own checkpoints, resumable on its own).
   launcher=local  the points run one after another in this process;
   launcher=slurm  each point is validated and its config saved, then SweepCallback
                   (launch/sweep_callback.py) submits all of them as one SLURM job
-                  array when Hydra is done.
+                  array when Hydra is done (launch/on_slurm.py -> slurm/submit.py).
 
 This module holds the sweep's files, which the submitter, every point's job and
 `python -m launch.status` read and write: the points are found in sweep.json, never in
@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from launch.config import load
 from launch.run_state import IN_PROGRESS, derive_status, needs_scheduler, read_state
-from launch.scheduler import job_state
+from slurm.scheduler import job_state
 from trainers.files import atomic_write, locked, read_json, update_json, write_json
 
 MANIFEST = "sweep.json"

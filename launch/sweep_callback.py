@@ -15,8 +15,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from launch.scheduler import wait_for
-from launch.slurm import submit_array
+from launch.on_slurm import submit_sweep, wait_sweep
 from launch.sweep import MANIFEST, SUMMARY, Point, current, markdown, refresh_sweep_summary, registered_points, \
     update_manifest
 from trainers.errors import UserError
@@ -52,7 +51,7 @@ class SweepCallback(Callback):
                   f"were refused (messages above).", file=sys.stderr)
             sys.exit(2)
         try:
-            ids = submit_array(points, sweep_dir)
+            ids = submit_sweep(points, sweep_dir)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
@@ -62,7 +61,11 @@ class SweepCallback(Callback):
               f"  sweep dir  {sweep_dir}\n  status     python -m launch.status {sweep_dir}", flush=True)
         if not any(p.cfg.launcher.get("wait") for p in points):
             return
-        wait_for(ids)
+        try:
+            wait_sweep(points, ids)
+        except UserError as e:  # a job that can never start (cancelled)
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         data = refresh_sweep_summary(sweep_dir)
         _print_summary(sweep_dir, data)
         if any(r["status"] != "completed" for r in data["points"]):

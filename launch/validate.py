@@ -8,10 +8,10 @@ from omegaconf import DictConfig
 
 from launch.config import world_size
 from parallel import refusal, resume_refusal
-from trainers.data.sources import parse_sources
+from trainers.data.source_specs import parse_sources
 from trainers.errors import UserError
 from trainers.data.neftune import check_alpha
-from trainers.objectives.lm_loss import chunk_tokens_for
+from trainers.memory import chunk_tokens_for
 from trainers.optim import SCHEDULES
 from trainers.data.rows import FORMATS, KIND_FORMATS
 
@@ -124,7 +124,7 @@ def check_spike_guard(train: DictConfig) -> None:
 
 def check_objective(cfg: DictConfig) -> None:
     """The objective's knobs, and whether the data format suits it."""
-    from trainers.objectives.catalog import OBJECTIVE_ROWS, check_knobs
+    from trainers.objectives.settings import OBJECTIVE_ROWS, check_knobs
 
     check_knobs(cfg.objective)
     name, fmt = cfg.objective.name, cfg.data.format

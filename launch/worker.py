@@ -52,8 +52,10 @@ def set_host_allocator(mode: str) -> None:
         pass
 
 
-def run(cfg) -> int:
-    """Train, turning expected failures into a message and an exit code (no traceback)."""
+def run(cfg, on_hang=None) -> int:
+    """Train, turning expected failures into a message and an exit code (no traceback).
+    `on_hang(summary)`: what the launcher does when the hang watchdog stops the run (the
+    SLURM task requeues the job), called before the rank exits."""
     from trainers.errors import TrainingError, UserError
     from parallel import build_plan
     from trainers.loop import train
@@ -65,7 +67,7 @@ def run(cfg) -> int:
             "worker group restart %d of %s after a worker failed: resuming from the last committed checkpoint",
             restart, os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"))
     try:
-        summary = train(cfg, build_plan)
+        summary = train(cfg, build_plan, on_hang=on_hang)
     except (UserError, TrainingError) as e:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)

@@ -40,7 +40,7 @@ def resume_refusal(cfg) -> str | None:
     (None if there is none, or it can)."""
     from pathlib import Path
 
-    from trainers.checkpoint import readable_trainer_state, resume_candidates
+    from trainers.checkpoint_files import readable_trainer_state, resume_candidates
 
     # The checkpoint the resume will take (damaged ones are skipped there, with a warning).
     for checkpoint in resume_candidates(Path(cfg.run_dir) / "checkpoints"):

@@ -23,7 +23,40 @@ class DDP(Plan):
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False), optimizer
 
+    def _checkpoint_state(self) -> dict:
+        """Every rank holds the same state, so each stages and writes a disjoint share of it
+        (whole tensors, about 1/N of the bytes): no rank copies the whole model and optimizer
+        to CPU for a save (before: 2.7 GiB staged per rank for a 360M full fine-tune).
+        DCP's metadata still lists every tensor, so a load, at any world size and under any
+        plan that reads DCP, is unchanged."""
+        state = super()._checkpoint_state()
+        if not self.env.distributed:
+            return state
+        return rank_share(state, self.env.rank, self.env.world_size)
+
     def no_sync(self, accumulating: bool):
         if accumulating and isinstance(self.model, DistributedDataParallel):
             return self.model.no_sync()
         return contextlib.nullcontext()
+
+
+def rank_share(state: dict, rank: int, world: int) -> dict:
+    """This rank's part of a replicated {"model": {name: tensor}, "optim": {"state": {name:
+    {...}}, "param_groups": [...]}} state: each parameter (its weights and its optimizer
+    state together) goes to the rank with the fewest bytes so far, largest first, so every
+    rank computes the same split. The small param_groups stay on every rank (DCP writes a
+    replicated item once)."""
+    model, optim = state["model"], state["optim"]
+    per_param = optim.get("state", {})
+
+    def nbytes(name: str) -> int:
+        tensors = [model.get(name), *per_param.get(name, {}).values()]
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+    load, owner = [0] * world, {}
+    for name in sorted(set(model) | set(per_param), key=lambda n: (-nbytes(n), n)):
+        owner[name] = min(range(world), key=lambda r: (load[r], r))
+        load[owner[name]] += nbytes(name)
+    mine = {n for n, r in owner.items() if r == rank}
+    return {"model": {n: v for n, v in model.items() if n in mine},
+            "optim": {**optim, "state": {n: v for n, v in per_param.items() if n in mine}}}

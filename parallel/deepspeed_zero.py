@@ -74,23 +74,19 @@ def _deep_merge(base: dict, extra: dict) -> dict:
 
 def partitioned_model(source, ds_config: dict, device: torch.device) -> torch.nn.Module:
     """The skeleton with every checkpoint weight turned into a ZeRO-3 parameter, one module
-    at a time: a rank holds its partitions plus one module's full tensors, never the model."""
+    at a time: a rank holds its partitions plus one module's full tensors, never the model.
+    A 4-bit base the same way: each weight is quantized as it is read (transformers' op,
+    `ModelSource.fill`) and its packed storage (bnb_4bit_quant_storage, bf16) partitioned
+    like any other parameter, so no rank quantizes or holds the whole 4-bit model."""
     import deepspeed
 
-    from trainers.model.weights import checkpoint_names, init_dora_magnitudes, is_placeholder, replace_parameter
+    from trainers.model.weights import init_dora_magnitudes, is_placeholder
 
     model = source.skeleton()
-    files = source.files()
-    names = checkpoint_names(model, files)
-    name_of = {id(model.get_parameter(n)): n for n in names}
     for module in list(model.modules()):
-        todo = [p for p in module.parameters(recurse=False) if is_placeholder(p)]
-        if not todo:
+        if not any(is_placeholder(p) for p in module.parameters(recurse=False)):
             continue
-        for p in todo:
-            name = name_of[id(p)]
-            value = files.read(names[name], p.dtype).to(device)
-            replace_parameter(model, name, torch.nn.Parameter(value, requires_grad=p.requires_grad))
+        source.fill(model, device, within=module, recurse=False)
         deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
     init_dora_magnitudes(model, gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
     return model
@@ -176,8 +172,8 @@ class DeepSpeedZero(Plan):
         group first. ZeRO-1/2 keep every weight on every rank. ZeRO-3 partitions each weight
         as it is loaded: module by module, the module's tensors are read from the checkpoint
         and handed to `deepspeed.zero.Init(module=...)`, which keeps this rank's partition and
-        frees the rest before the next module is read (4-bit bases load whole, then
-        deepspeed.initialize partitions them)."""
+        frees the rest before the next module is read; 4-bit bases too, quantized as they
+        are read (QDoRA loads whole, then deepspeed.initialize partitions it)."""
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.ds_config = self.deepspeed_config(int(source.config().hidden_size))
         if self.env.is_main:
@@ -185,7 +181,7 @@ class DeepSpeedZero(Plan):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.ds_config, indent=2) + "\n")
         self._ensure_process_group()
-        if self.stage != 3 or source.quantized:
+        if self.stage != 3 or not source.loads_in_parts:
             return source.whole(self.env.device)
         model = partitioned_model(source, self.ds_config, self.env.device)
         # DeepSpeed casts a model to its bf16 working dtype (the ZeRO optimizer keeps the fp32
@@ -348,9 +344,12 @@ class DeepSpeedZero(Plan):
     def export_tensors(self, trainable_only: bool) -> Iterator[tuple[str, torch.Tensor | None]]:
         """The fp32 master weights one tensor at a time (collective: every rank iterates to
         the end), with the keys of the unwrapped (peft) model's state_dict; tied names are
-        given once."""
+        given once. A 4-bit base's packed weights keep their storage dtype: their bytes are
+        codes, not numbers."""
         from deepspeed import zero
         from deepspeed.utils import safe_get_full_fp32_param
+
+        from trainers.model.weights import is_4bit
 
         seen: set[int] = set()
         for key, t in self.inner.state_dict(keep_vars=True).items():
@@ -368,7 +367,7 @@ class DeepSpeedZero(Plan):
                 yield key, None
                 continue
             value = value.cpu()
-            yield key, (value.float() if value.is_floating_point() else value)
+            yield key, (value.float() if value.is_floating_point() and not is_4bit(t) else value)
 
     # ------------------------------------------------------------------------ exit
     def close(self) -> None:

@@ -182,8 +182,7 @@ class DeepSpeedZeroSpec(PlanSpec):
             offload.add("params")
         if p.get("offload_optimizer"):
             offload |= {"optim", "grads"}
-        quantized = bool(cfg.method.get("quantize"))
-        transient = ("whole" if quantized else "module") if stage == 3 else "tensor"
+        transient = ("whole" if loads_4bit_whole(cfg) else "module") if stage == 3 else "tensor"
         buffers = 2 if p.get("overlap_comm") and stage < 3 else 1
         bucket = deepspeed_size(p, "reduce_bucket_size") * buffers if p.get("contiguous_gradients") else Elements()
         # ZeRO-3 steps its flat partition in sub-groups of sub_group_size (DeepSpeed's default 1e9)
@@ -282,9 +281,11 @@ class PipelineSpec(PlanSpec):
 
     @staticmethod
     def _refuse_model(cfg, chunks: int) -> str | None:
-        from trainers.model.load import config_for_checks
+        from trainers.model.config_json import config_for_checks
 
         config = config_for_checks(cfg.model)
+        if config is None:  # a hub id without a preset: the stages check it when they load
+            return None
         mtype = getattr(config, "model_type", None)
         if mtype not in SUPPORTED_MODEL_TYPES:
             return (f"model_type {mtype!r} is not one of the Llama-family backbones the pipeline "

@@ -180,7 +180,7 @@ write_configs() {
 
     local host cpus mem_mb
     host=$(hostname -s)
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # (nproc obeys OMP_NUM_THREADS, which tests set to 1)
     # RealMemory a bit below the machine's memory (slurmd drains a node that
     # reports less memory than configured).
     mem_mb=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)

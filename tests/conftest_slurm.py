@@ -15,7 +15,8 @@ or directly from a test module (the same import). Tests then take the fixture::
     def test_x(slurm_cluster):
         subprocess.run(["srun", "-N2", "-p", slurm_cluster.partition, "hostname"])
 
-Skipped (with the reason) when not root or when ``LLM_LAUNCHER_SKIP_SLURM=1``.
+Skipped (with the reason) when not root or when ``LLM_LAUNCHER_SKIP_SLURM=1``; under
+``CI=true`` those fail instead (tests.helpers.cannot_run): a green CI means the cluster ran.
 If this session started the cluster it stops it again at the end of the session,
 unless ``LLM_LAUNCHER_KEEP_SLURM=1``; a cluster that was already running is left
 running.
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from tests.helpers import cannot_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO_ROOT / "slurm" / "local_cluster.sh"
@@ -100,11 +103,9 @@ def _release() -> None:
 def slurm_cluster() -> Iterator[SlurmCluster]:
     """A running local SLURM cluster (nodes n1, n2; partition ``debug``)."""
     if os.environ.get("LLM_LAUNCHER_SKIP_SLURM") == "1":
-        pytest.skip("local SLURM cluster disabled by LLM_LAUNCHER_SKIP_SLURM=1")
+        cannot_run("local SLURM cluster disabled by LLM_LAUNCHER_SKIP_SLURM=1")
     if os.geteuid() != 0:
-        pytest.skip(
-            "local SLURM cluster needs root (installs packages, edits /etc/hosts, runs slurmd)"
-        )
+        cannot_run("local SLURM cluster needs root (installs packages, edits /etc/hosts, runs slurmd)")
     if not CLUSTER_SCRIPT.is_file():
         pytest.fail(f"missing {CLUSTER_SCRIPT}", pytrace=False)
     cluster = _acquire()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import errno
 import os
 
-from trainers.checkpoint import MARKER, committed_steps, is_disk_full, latest_checkpoint, resume_candidates
+from trainers.checkpoint import is_disk_full
+from trainers.checkpoint_files import MARKER, committed_steps, latest_checkpoint, resume_candidates
 
 
 def raised(make):

@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import (FAST, assert_resumed_exactly, kill_tree, launch, launched_once, losses, refused, start,
-                           summary, wait_until)
+from tests.helpers import (FAST, assert_resumed_exactly, cannot_run, kill_tree, launch, launched_once, losses, refused,
+                           start, summary, wait_until)
 
 pytestmark = pytest.mark.slow
 STEPS = 10
@@ -85,7 +85,7 @@ def test_sigkill_during_async_write_resumes_from_previous_commit(tmp_path, tiny_
     assert_resumed_exactly(run, ref, STEPS)
 
 
-RESHARDS = [(plan, 2, 1) for plan in ("fsdp2", "zero1", "zero2", "zero3", "zero3_offload")] + [
+RESHARDS = [(plan, 2, 1) for plan in ("ddp", "fsdp2", "zero1", "zero2", "zero3", "zero3_offload")] + [
     (plan, 1, 2) for plan in ("fsdp2", "zero2", "zero3")]
 
 
@@ -132,7 +132,7 @@ def small_disk():
         r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                            capture_output=True, text=True)
         if r.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
+            cannot_run(f"cannot mount a small tmpfs here (needs root): {r.stderr.strip()}")
         mounted.append(path)
 
     yield mount

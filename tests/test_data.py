@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainers.data.batches import BatchLayout, GlobalBatches, Mixture, Shuffle, Source, collate
-from trainers.data.sources import parse_sources
+from trainers.data.source_specs import parse_sources
 from trainers.errors import UserError
 from trainers.data.packing import best_fit_decreasing
 from trainers.data.rows import IGNORE, tokenize_messages

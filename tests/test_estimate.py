@@ -56,13 +56,14 @@ def test_activation_checkpointing_and_chunked_loss_shrink_activations(tmp_path):
     assert on.activations < off.activations / 5
 
 
-def test_loading_peak_counts_a_whole_4bit_model_before_sharding(tmp_path):
-    """transformers quantizes the whole base on every rank before ZeRO-3 partitions it;
-    fsdp2 and the pipeline quantize unit by unit (stage by stage) what they keep, except
-    QDoRA, whose adapters PEFT initialises from the whole quantized model."""
-    est = for_config(cfg_for(tmp_path, "model=70b", "method=qlora", "parallel=zero3"))
-    assert est.load > est.train and est.total == est.load
-    for plan in ("fsdp2", "pipeline"):
+def test_loading_peak_counts_a_whole_4bit_model_only_for_qdora(tmp_path):
+    """zero3, fsdp2 and the pipeline quantize module by module (unit, stage) what they keep;
+    QDoRA loads the whole quantized model first (PEFT initialises its magnitudes from it).
+    The headline command's loading stays within 1.5x its training figure (issue 25)."""
+    headline = for_config(cfg_for(tmp_path, "model=70b", "method=qlora", "parallel=zero3", "launcher=slurm",
+                                  "launcher.nodes=2", "launcher.gpus_per_node=8"))
+    assert headline.load <= 1.5 * headline.train
+    for plan in ("zero3", "fsdp2", "pipeline"):
         parts = for_config(cfg_for(tmp_path, "model=70b", "method=qlora", f"parallel={plan}"))
         qdora = for_config(cfg_for(tmp_path, "model=70b", "method=qlora", f"parallel={plan}", "method.use_dora=true"))
         assert parts.load < parts.train < qdora.load, plan

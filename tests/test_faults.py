@@ -136,7 +136,8 @@ def test_no_intact_checkpoint_is_a_clear_error(tmp_path):
     each checkpoint's damaged file; a directory without a manifest (older runs) is loaded."""
     import json
 
-    from trainers.checkpoint import MANIFEST, MARKER, Checkpointer, describe_files
+    from trainers.checkpoint import Checkpointer
+    from trainers.checkpoint_files import MANIFEST, MARKER, describe_files
     from trainers.distributed import DistEnv
     from trainers.errors import TrainingError
 
@@ -174,12 +175,13 @@ def test_a_hang_past_launcher_max_requeues_is_recorded_and_not_requeued(tmp_path
     no cluster here: a `scontrol requeue` would fail with another note)."""
     from omegaconf import OmegaConf
 
+    from launch.on_slurm import HANDS
     from launch.run_state import read_state, update_state
-    from launch.slurm_task import SlurmTask
+    from slurm.task import SlurmTask
 
     cfg = OmegaConf.create({"run_dir": str(tmp_path), "launcher": {"max_requeues": 1}})
     update_state(tmp_path, lambda s: s.update(attempts=[{"restart": 1}], requeues=1))
-    task = SlurmTask(str(tmp_path / "config.yaml"))
+    task = SlurmTask(str(tmp_path / "config.yaml"), HANDS)
     task._requeue_after_hang(cfg, "42", 1, {"final_step": 7, "hang": {"stopped_ranks": [1]}})
     state = read_state(tmp_path)
     assert state["requeues"] == 1
@@ -189,16 +191,17 @@ def test_a_hang_past_launcher_max_requeues_is_recorded_and_not_requeued(tmp_path
 
 
 def test_after_srun_does_not_requeue_a_task_that_exited_with_an_error(tmp_path, monkeypatch, capsys):
-    """The batch script's teardown (launch.after_srun) when srun's first verdict of the
+    """The batch script's teardown (slurm.after_srun) when srun's first verdict of the
     attempt is an error exit, not a signal: the run's record is left as rank 0 wrote it, no
     requeue, and the log says why. (The requeue after a death by signal is proved on the
     real cluster in tests/test_slurm_launcher.py.)"""
     from submitit.core.utils import DelayedSubmission, JobPaths
 
-    from launch.after_srun import after_srun
+    from launch.on_slurm import HANDS
     from launch.run_state import read_state, update_state
-    from launch.sbatch import ATTEMPT_MARK
-    from launch.slurm_task import SlurmTask
+    from slurm.after_srun import after_srun
+    from slurm.sbatch import ATTEMPT_MARK
+    from slurm.task import SlurmTask
 
     for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "1"}.items():
         monkeypatch.setenv(key, value)
@@ -208,7 +211,7 @@ def test_after_srun_does_not_requeue_a_task_that_exited_with_an_error(tmp_path, 
     folder = tmp_path / "slurm" / "submission-1"
     folder.mkdir(parents=True)
     paths = JobPaths(folder, job_id="7", task_id=0)
-    DelayedSubmission(SlurmTask(str(config))).dump(paths.submitted_pickle)
+    DelayedSubmission(SlurmTask(str(config), HANDS)).dump(paths.submitted_pickle)
     paths.stderr.write_text("\n".join([
         f"{ATTEMPT_MARK} 0 of job 7", "srun: error: n2: task 1: Killed",  # the previous attempt's
         f"{ATTEMPT_MARK} 1 of job 7", "error: The loss became nan at step 12 ...",
@@ -240,12 +243,15 @@ def run_stuck_process(tmp_path, watchdog_args: str, stuck: str):
 
 def test_watchdog_in_one_process_dumps_the_stuck_main_thread(tmp_path):
     """No peers, no heartbeat files: the rank itself times out, writes its stacks and the
-    verdict, and exits with EXIT_HUNG (in a child process: the watchdog ends its process)."""
+    verdict, calls the launcher's on_hang with it, and exits with EXIT_HUNG (in a child
+    process: the watchdog ends its process)."""
     import json
 
-    proc, took = run_stuck_process(tmp_path, "", "def stuck_in_a_collective():\n    import time; time.sleep(60)\n"
+    on_hang = ", on_hang=lambda s: print('on_hang:', s['status'], s['final_step'], flush=True)"
+    proc, took = run_stuck_process(tmp_path, on_hang, "def stuck_in_a_collective():\n    import time; time.sleep(60)\n"
                                    "stuck_in_a_collective()\n")
     assert proc.returncode == 3 and took < 20, proc.stderr
+    assert proc.stdout.splitlines() == ["on_hang: hung 6"], proc.stdout
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["status"] == "hung" and s["final_step"] == 6 and s["hang"]["stopped_ranks"] == []
     assert "every rank is alive, so one of them is stuck" in s["error"] and "step 7" in s["error"]

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from trainers.data.rows import IGNORE
 from trainers.errors import UserError
-from trainers.objectives.lm_loss import (chunk_tokens_for, chunked_ce_sum, install_chunked_head, lm_ce_sum, plain_logits,
+from trainers.memory import chunk_tokens_for
+from trainers.objectives.lm_loss import (chunked_ce_sum, install_chunked_head, lm_ce_sum, plain_logits,
                               token_ce_sum)
 
 

@@ -25,12 +25,13 @@ CASES = {
 # what a bf16 ZeRO-3 LoRA run computes with (its export is DeepSpeed's fp32 masters)
 ZERO3_BF16 = {"zero3-lora-bf16": ["parallel=zero3", "method=lora", "train.precision=bf16",
                                   "parallel.stage3_param_persistence_threshold=0"]}
-# 4-bit bases: ddp loads through transformers' from_pretrained (the reference); fsdp2 and
-# the pipeline quantize from the skeleton, tensor by tensor, only what they keep.
+# 4-bit bases: ddp loads through transformers' from_pretrained (the reference); fsdp2, zero3
+# and the pipeline quantize from the skeleton, tensor by tensor, only what they keep.
 QLORA_CASES = {
     "ddp-qlora": ["parallel=ddp", "method=qlora"],
     "fsdp2-qlora": ["parallel=fsdp2", "method=qlora"],
     "pipeline-qlora": ["parallel=pipeline", "method=qlora"],
+    "zero3-qlora": ["parallel=zero3", "method=qlora"],
 }
 
 
@@ -106,9 +107,10 @@ def test_zero3_bf16_adapters_compute_in_bf16(loaded):
 
 @pytest.mark.slow
 def test_4bit_bases_load_in_parts_and_quantize_exactly_as_transformers(loaded):
-    """fsdp2 shards each unit as soon as it is quantized, a pipeline stage quantizes only its
-    own layers: both end with the very bytes (packed weights) that transformers'
-    from_pretrained quantization gives the whole model under ddp."""
+    """fsdp2 shards each unit as soon as it is quantized, ZeRO-3 partitions each module as soon
+    as it is quantized, a pipeline stage quantizes only its own layers: all end with the very
+    bytes (packed weights) that transformers' from_pretrained quantization gives the whole
+    model under ddp."""
     # every weight (4-bit packed or bf16) and adapter; ddp's export also lists the 4-bit
     # weights' quantization state (absmax, quant_map: "<weight>.absmax", ...)
     reference = {k: v for k, v in loaded[0]["ddp-qlora"]["digests"].items() if ".weight." not in k}
@@ -116,9 +118,16 @@ def test_4bit_bases_load_in_parts_and_quantize_exactly_as_transformers(loaded):
     for case in ("fsdp2-qlora", "pipeline-qlora"):
         got = {k: v for k, v in loaded[0][case]["digests"].items() if ".weight." not in k}
         assert got == reference, case
+    # ZeRO-3 exports its other frozen weights as fp32 (its masters' dtype): the packed 4-bit
+    # weights are the bytes to compare.
+    got = loaded[0]["zero3-qlora"]["digests"]
+    assert {k for k in got if ".weight." not in k} == set(reference)
+    assert {k: got[k] for k in reference if k.endswith("base_layer.weight")} == {
+        k: v for k, v in reference.items() if k.endswith("base_layer.weight")}
     whole = loaded[0]["ddp-qlora"]["held"]["frozen"]
     for rank in loaded:
         assert rank["fsdp2-qlora"]["held"]["frozen"] <= 0.55 * whole, rank["fsdp2-qlora"]
+        assert rank["zero3-qlora"]["held"]["frozen"] <= 0.55 * whole, rank["zero3-qlora"]
     reads = [r["pipeline-qlora"]["read"] for r in loaded]
     total = loaded[0]["pipeline-qlora"]["checkpoint"]
     assert sum(reads) == total and max(reads) <= 0.6 * total, (reads, total)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from trainers.objectives import preference as P
+from trainers.objectives.settings import DPO_LOSS_TYPES
 
 from trl.experimental.cpo.cpo_trainer import CPOTrainer
 from trl.experimental.orpo.orpo_trainer import ORPOTrainer
@@ -172,7 +173,7 @@ def dpo_batch(rows):
     return chosen, rejected, cmask, rmask
 
 
-@pytest.mark.parametrize("loss_type", P.DPO_LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 def test_dpo_loss_types_equal_trl(loss_type):
     rows = rand_pairs(6, seed=3)
     policy, ref = Bigram(0), Bigram(1)

@@ -258,8 +258,8 @@ def test_first_task_failure_reads_srun_verdicts_of_the_latest_attempt():
     """after_srun's evidence, from srun's own lines: the first verdict after the latest
     attempt's mark is the cause (srun ends the others itself after it); a task's own error
     exit is not a death by signal."""
-    from launch.after_srun import first_task_failure
-    from launch.sbatch import ATTEMPT_MARK
+    from slurm.after_srun import first_task_failure
+    from slurm.sbatch import ATTEMPT_MARK
 
     log = "\n".join([
         f"{ATTEMPT_MARK} 0 of job 7", "srun: error: n2: task 1: Exited with exit code 1",
@@ -342,8 +342,8 @@ def test_script_quotes_config_values_and_refuses_injection(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from launch.config import finalize, register_resolvers
-    from launch.sbatch import render_script
+    from launch.config import REPO_ROOT, finalize, register_resolvers
+    from slurm.sbatch import render_script
     from trainers.errors import UserError
 
     register_resolvers()
@@ -353,8 +353,9 @@ def test_script_quotes_config_values_and_refuses_injection(tmp_path):
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
             return finalize(compose("config", overrides=["launcher=slurm", *overrides]), str(tmp_path / "run dir"))
 
-    text = render_script(cfg_for("launcher.account='acct; touch /tmp/pwned'", "+launcher.sbatch.comment='$(id) x'",
-                                 "+launcher.sbatch.exclusive=true", "launcher.setup=['module load cuda/12']"), folder)
+    cfg = cfg_for("launcher.account='acct; touch /tmp/pwned'", "+launcher.sbatch.comment='$(id) x'",
+                  "+launcher.sbatch.exclusive=true", "launcher.setup=['module load cuda/12']")
+    text = render_script(cfg, folder, str(REPO_ROOT))
     assert "#SBATCH --account='acct; touch /tmp/pwned'" in text
     assert "#SBATCH --comment='$(id) x'" in text and "#SBATCH --exclusive" in text
     assert f"export PYTHONPATH={REPO}" in text and "\nmodule load cuda/12\n" in text
@@ -364,7 +365,7 @@ def test_script_quotes_config_values_and_refuses_injection(tmp_path):
         ("+launcher.sbatch.nodes=4", "use launcher.nodes"),
     ]:
         with pytest.raises(UserError, match=needle):
-            render_script(cfg_for(bad), folder)
+            render_script(cfg_for(bad), folder, str(REPO_ROOT))
     for key, value, needle in [
         ("sbatch", {"a b": 1}, "not an sbatch option name"),
         ("partition", "gpu\n#SBATCH --wrap=rm", "newline"),
@@ -374,4 +375,4 @@ def test_script_quotes_config_values_and_refuses_injection(tmp_path):
         with open_dict(cfg):
             cfg.launcher[key] = value
         with pytest.raises(UserError, match=needle):
-            render_script(cfg, folder)
+            render_script(cfg, folder, str(REPO_ROOT))

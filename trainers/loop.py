@@ -45,7 +45,7 @@ log = logging.getLogger("train")
 class StopRequest:
     """SIGTERM / SIGUSR1 / SIGUSR2 set a flag; ranks agree on it at the next step boundary,
     save and exit as `preempted` (the scheduler requeues; the next launch resumes).
-    SIGUSR2 is what SLURM sends before a time limit (sbatch --signal, see launch/sbatch.py)."""
+    SIGUSR2 is what SLURM sends before a time limit (sbatch --signal, see slurm/sbatch.py)."""
 
     def __init__(self):
         self.requested = False
@@ -59,19 +59,20 @@ class StopRequest:
         self.requested = True
 
 
-def train(cfg, build_plan, leave_process_group: bool = False) -> dict:
+def train(cfg, build_plan, leave_process_group: bool = False, on_hang=None) -> dict:
     """Run (or resume) one training job under the plan `build_plan(cfg, env)` returns (the
     runtime plan, parallel/base.py's interface: the loop never names a plan and imports
     nothing from parallel/); `leave_process_group` keeps the process group for a caller
     that runs several jobs in the same workers. A hang watchdog covers the whole job,
-    start-up included (trainers/watchdog.py)."""
+    start-up included (trainers/watchdog.py); `on_hang(summary)` is the launcher's part
+    of a hang (a SLURM job requeues), called by the rank that reports it before it exits."""
     run_dir = Path(cfg.run_dir)
     step_timeout, long_timeout = allowances(cfg.train)
     # Collectives time out a little after the watchdog's longest allowance: it fires first.
     env = init_distributed(long_timeout + 120 if long_timeout else None, run_dir / "hangs")
     run_dir.mkdir(parents=True, exist_ok=True)
     attempt = agree(time.strftime("%Y-%m-%d_%H-%M-%S"))
-    watchdog = Watchdog(run_dir, env.rank, env.world_size, attempt, step_timeout, long_timeout)
+    watchdog = Watchdog(run_dir, env.rank, env.world_size, attempt, step_timeout, long_timeout, on_hang=on_hang)
     try:
         return run_job(cfg, build_plan(cfg, env), watchdog, leave_process_group)
     finally:

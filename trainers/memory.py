@@ -13,10 +13,29 @@ it, so every plan (none, ddp, zero*, fsdp2, pipeline) trains the same modified m
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from trainers.errors import UserError
-from trainers.objectives.lm_loss import install_chunked_head
+
+if TYPE_CHECKING:  # the launcher checks these options without importing torch
+    import torch
+
+# `train.loss_chunk_tokens=auto`: chunks whose fp32 logits take at most this much
+AUTO_LOGITS_BYTES = 128 * 2**20
+
+
+def chunk_tokens_for(setting, vocab_size: int) -> int:
+    """Tokens per chunk for `train.loss_chunk_tokens` (0: never chunk)."""
+    if setting == "auto":
+        return max(1, AUTO_LOGITS_BYTES // (4 * vocab_size))
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise UserError(
+            f"train.loss_chunk_tokens={setting!r} must be auto, 0 (never chunk the loss) or a "
+            f"positive number of tokens per chunk."
+        )
+    return setting
+
+
 
 
 def hf_model(model: torch.nn.Module):
@@ -47,4 +66,6 @@ def apply_memory_options(model: torch.nn.Module, train_cfg) -> None:
         raise UserError(f"{type(model).__name__} holds no transformers model to apply train.* memory options to.")
     if train_cfg.get("activation_checkpointing", False):
         enable_activation_checkpointing(hf)
+    from trainers.objectives.lm_loss import install_chunked_head
+
     install_chunked_head(hf, train_cfg.get("loss_chunk_tokens", "auto"))

@@ -1,12 +1,17 @@
-"""AdamW (with LoRA+ parameter groups) and the warmup-then-decay LR schedule."""
+"""AdamW (with LoRA+ parameter groups) and the warmup-then-decay LR schedule.
+
+torch is imported where an optimizer or schedule is built: the launcher reads
+`SCHEDULES` and `lr_factor` without it."""
 from __future__ import annotations
 
 import math
-
-import torch
-from torch.optim.lr_scheduler import LambdaLR
+from typing import TYPE_CHECKING
 
 from trainers.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -28,6 +33,8 @@ def param_groups(model: torch.nn.Module, optim_cfg, method_cfg) -> list[dict]:
 
 
 def build_optimizer(params_or_groups, optim_cfg) -> torch.optim.Optimizer:
+    import torch
+
     return torch.optim.AdamW(
         params_or_groups,
         lr=optim_cfg.lr,
@@ -52,6 +59,8 @@ def lr_factor(step: int, optim_cfg, max_steps: int) -> float:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, max_steps: int) -> LambdaLR:
+    from torch.optim.lr_scheduler import LambdaLR
+
     if optim_cfg.schedule not in SCHEDULES:
         raise UserError(f"optim.schedule={optim_cfg.schedule!r} is unknown; use one of {', '.join(SCHEDULES)}.")
     return LambdaLR(optimizer, lambda s: lr_factor(s, optim_cfg, max_steps))

@@ -18,7 +18,8 @@ which peer or where. Here a thread per rank does two things every few seconds:
   with EXIT_HUNG. The lowest rank that is still beating waits a short grace for the others'
   stack files, then writes summary.json (status `hung`, the ranks whose heartbeat went
   stale, each rank's last step, the stack files). Relaunching resumes from the last
-  committed checkpoint; the launcher restarts or requeues as it would for a dead rank.
+  committed checkpoint; the launcher restarts or requeues as it would for a dead rank
+  (its `on_hang` callback, given when the watchdog is built, runs just before the exit).
 
 The process group timeout is set above the watchdog's longest allowance (trainers/
 distributed.py), so the watchdog, which leaves stacks, fires first; NCCL's own watchdog
@@ -50,6 +51,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from trainers.files import atomic_write
 
@@ -58,9 +60,6 @@ log = logging.getLogger(__name__)
 EXIT_HUNG = 3
 # How long past a deadline the C-level backstop waits for the Python watchdog to act.
 BACKSTOP_MARGIN_S = 60.0
-# Called (in the watchdog thread, on the rank that writes summary.json) with the summary
-# just before the process exits: lets a launcher requeue a job that hung (launch/slurm_task.py).
-HANG_HANDLERS: list = []
 
 
 def allowances(train_cfg) -> tuple[float | None, float | None]:
@@ -75,8 +74,13 @@ def allowances(train_cfg) -> tuple[float | None, float | None]:
 class Watchdog:
     def __init__(self, run_dir: Path, rank: int, world_size: int, attempt: str,
                  step_timeout_s: float | None, long_timeout_s: float | None, start_step: int = 0,
-                 backstop_margin_s: float = BACKSTOP_MARGIN_S):
+                 backstop_margin_s: float = BACKSTOP_MARGIN_S,
+                 on_hang: Callable[[dict], None] | None = None):
         self.run_dir = Path(run_dir)
+        # The launcher's part of a hang (slurm/task.py requeues the job): called in the
+        # watchdog thread, on the rank that writes summary.json, with that summary, just
+        # before the process exits.
+        self.on_hang = on_hang
         self.rank, self.world_size, self.attempt = rank, world_size, attempt
         self.step_timeout, self.long_timeout = step_timeout_s, long_timeout_s
         self.enabled = step_timeout_s is not None
@@ -261,6 +265,6 @@ class Watchdog:
                              "folder": str(self.folder)})
         atomic_write(summary_path, json.dumps(summary, indent=1))
         print(f"error: {message}", file=sys.stderr, flush=True)
-        for handler in HANG_HANDLERS:
+        if self.on_hang is not None:
             with contextlib.suppress(Exception):
-                handler(summary)
+                self.on_hang(summary)

@@ -5,9 +5,12 @@ no noise. The noise comes from each rank's RNG, so like LoRA dropout it makes ra
 draw differently: plan-parity claims hold with it off."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from trainers.errors import UserError
+
+if TYPE_CHECKING:  # the launcher checks the alpha without importing torch
+    import torch
 
 
 def check_alpha(alpha) -> None:

@@ -9,74 +9,22 @@ directly (tests, benchmarks) gets the same caches prepared on first use, under a
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from trainers.data.batches import BatchLayout, GlobalBatches, Source
+from trainers.data.source_specs import parse_sources
 from trainers.errors import UserError
 from trainers.files import atomic_write, locked
 from trainers.data.packing import best_fit_decreasing
 from trainers.model.peft_methods import SUPPORTS_PACKING
 from trainers.data.token_cache import DataReport, TokenStore, ensure
 
-SPEC_HELP = (
-    "Accepted: a path (JSONL, parquet or a datasets folder); a list of paths; or a list of "
-    "{path: ..., weight: ..., name: ...} entries (weight and name optional), e.g. "
-    "data.train='[{path: task.jsonl, weight: 0.8}, {path: replay.jsonl, weight: 0.2}]'"
-)
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    name: str
-    path: str
-    weight: float = 1.0
-
-
-def _default_name(path: str) -> str:
-    p = Path(path)
-    stem = p.stem if p.suffix else p.name
-    return f"{p.parent.name}/{stem}" if stem in ("train", "eval", "test", "validation") else stem
-
-
-def parse_sources(value, key: str) -> list[SourceSpec]:
-    """data.train / data.eval -> named sources; a clear error for anything else."""
-    if value is None:
-        return []
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, str):
-        value = [value]
-    if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
-        value = [{"name": k, "path": v} for k, v in value.items()]
-    if not isinstance(value, list) or not value:
-        raise UserError(f"{key}={value!r} is not a data source. {SPEC_HELP}.")
-    specs = []
-    for entry in value:
-        if isinstance(entry, str):
-            entry = {"path": entry}
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or set(entry) - {"path", "weight", "name"}:
-            raise UserError(f"{key} entry {entry!r} is not a data source. {SPEC_HELP}.")
-        weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise UserError(f"{key} entry {entry['path']!r} has weight {weight!r}; a weight must be a positive number.")
-        specs.append(SourceSpec(str(entry.get("name") or _default_name(entry["path"])), entry["path"], float(weight)))
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise UserError(f"{key} has two sources named alike ({names}); give them distinct `name:` fields.")
-    bad = [s.name for s in specs if not re.fullmatch(r"[\w./-]+", s.name)]
-    if bad:
-        raise UserError(f"{key} source names {bad} may use only letters, digits, '_', '-', '.', '/'.")
-    return specs
-
-
 def row_kind(cfg) -> str:
     """The kind of row the objective reads (trainers.data.rows.ROW_KINDS)."""
-    from trainers.objectives.catalog import OBJECTIVE_ROWS, check_objective_name
+    from trainers.objectives.settings import OBJECTIVE_ROWS, check_objective_name
 
     check_objective_name(cfg.objective.name)
     return OBJECTIVE_ROWS[cfg.objective.name]

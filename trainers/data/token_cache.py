@@ -34,7 +34,7 @@ import numpy as np
 
 from trainers.data.encoding import EncodedChunk, encode_chunk
 from trainers.errors import UserError
-from trainers.files import atomic_write, locked, read_json, update_json
+from trainers.files import atomic_write, file_digest, locked, read_json, update_json
 from trainers.data.rows import missing_file_error, read_raw
 
 log = logging.getLogger("data")
@@ -69,11 +69,6 @@ class DataReport:
 
 
 # ------------------------------------------------------------------------------ keys
-def _file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "blake2b").hexdigest()[:32]
-
-
 def content_digest(path: str, cache_root: Path) -> str:
     """Hash of a data file's bytes (or a datasets folder's files). Remembered per
     (path, size, mtime, inode) in the cache root, so a relaunch does not re-read a
@@ -89,7 +84,7 @@ def content_digest(path: str, cache_root: Path) -> str:
     h = hashlib.blake2b()
     for f in files:
         h.update(str(f.relative_to(p) if p.is_dir() else "").encode())
-        h.update(_file_digest(f).encode())
+        h.update(file_digest(f, "blake2b")[:32].encode())
     digest = h.hexdigest()[:32]
     update_json(memo_path, lambda memo: memo.__setitem__(memo_key, digest))
     return digest

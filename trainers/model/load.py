@@ -58,19 +58,6 @@ def load_config(model_cfg):
         raise UserError(f"Could not load a model config from model.path={model_cfg.path!r}: {e}") from None
 
 
-def config_for_checks(model_cfg):
-    """The model config that pre-launch checks read: built from the preset's `model.arch`
-    when there is one (no download, no network: dry runs and suggestions stay offline),
-    else the model directory's config.json."""
-    arch = model_cfg.get("arch")
-    if not arch:
-        return load_config(model_cfg)
-    from omegaconf import OmegaConf
-
-    values = OmegaConf.to_container(arch, resolve=True)
-    return AutoConfig.for_model(values.pop("model_type", "llama"), **values)
-
-
 def quantization_config(method_cfg):
     from transformers import BitsAndBytesConfig
 
@@ -243,8 +230,10 @@ class ModelSource:
         model.score.weight = torch.nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype).normal_(0.0, std))
         return model.score.weight
 
-    def fill(self, model: torch.nn.Module, device: torch.device, within: torch.nn.Module | None = None) -> None:
-        """Read the placeholders of `within` (default: all of `model`) onto `device`; 4-bit
+    def fill(self, model: torch.nn.Module, device: torch.device, within: torch.nn.Module | None = None,
+             recurse: bool = True) -> None:
+        """Read the placeholders of `within` (default: all of `model`; its own parameters only
+        with `recurse=False`) onto `device`; 4-bit
         weights are quantized by transformers' op as each arrives: a rank holds one tensor
         in bf16 at a time, never a bf16 (or 4-bit) copy of weights it does not keep."""
         from trainers.model.weights import fill_placeholders
@@ -260,7 +249,7 @@ class ModelSource:
             def quantize(name: str, value: torch.Tensor) -> torch.nn.Parameter:
                 name = name.removeprefix(prefix)  # the op looks the weight up in the transformers model
                 return op.convert({name: [value]}, model=hf)[name]
-        fill_placeholders(model, self.files(), device, within, quantize)
+        fill_placeholders(model, self.files(), device, within, quantize, recurse)
 
     def files(self):
         """The checkpoint's tensors (a hub id is resolved to its local snapshot first)."""

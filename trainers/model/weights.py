@@ -207,13 +207,13 @@ def is_4bit(p: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def fill_placeholders(model: nn.Module, files: CheckpointFiles, device: torch.device,
-                      within: nn.Module | None = None, quantize=None) -> None:
+                      within: nn.Module | None = None, quantize=None, recurse: bool = True) -> None:
     """Each placeholder of `within` (default: the whole model) becomes its full tensor from
     the files, on `device`, one tensor at a time. A 4-bit placeholder is quantized as it
     arrives, by `quantize(name, value)` (trainers/model/load.py: transformers' own quantize op),
     so its bf16 tensor is alive only until the next one is read."""
     keys = checkpoint_names(model, files)
-    mine = {id(p) for p in (within if within is not None else model).parameters()}
+    mine = {id(p) for p in (within if within is not None else model).parameters(recurse=recurse)}
     for name, key in keys.items():
         p = model.get_parameter(name)
         if id(p) not in mine:

@@ -28,21 +28,8 @@ from typing import Callable
 import torch
 
 from trainers.objectives import preference as P
-from trainers.errors import UserError
 from trainers.objectives.lm_loss import lm_ce_sum
-
-# objective name -> kind of data row it reads (trainers.data.rows.ROW_KINDS). simpo and orpo
-# follow TRL's CPO/ORPO tokenization, dpo/ipo/kto TRL's DPO/KTO one.
-OBJECTIVE_ROWS = {"sft": "sft", "dpo": "pairs", "ipo": "pairs", "simpo": "pairs_text", "orpo": "pairs_text",
-                  "kto": "unpaired", "reward": "pairs"}
-# objectives that compare with a reference model
-NEEDS_REFERENCE = ("dpo", "ipo", "kto")
-
-
-def check_objective_name(name: str) -> None:
-    if name not in OBJECTIVE_ROWS:
-        raise UserError(f"objective={name!r} is not accepted; use one of: {', '.join(OBJECTIVE_ROWS)}.")
-
+from trainers.objectives.settings import NEEDS_REFERENCE, OBJECTIVE_ROWS, check_objective_name, knobs_of
 
 def forward_inputs(batch: dict, device: torch.device) -> dict:
     keys = ("input_ids", "position_ids", "attention_mask")
@@ -272,17 +259,9 @@ def kto_prepare(model, micro_batches: list[dict], device: torch.device) -> None:
 
 
 # ------------------------------------------------------------------------ registry
-def _knobs(cfg) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return dict(cfg)
-
-
 def get_objective(cfg) -> Objective:
     """`cfg` is the objective config (conf/objective/*.yaml) or just a name (defaults)."""
-    knobs = {"name": cfg} if isinstance(cfg, str) else _knobs(cfg)
+    knobs = {"name": cfg} if isinstance(cfg, str) else knobs_of(cfg)
     name = knobs["name"]
     check_objective_name(name)
     if name == "sft":
@@ -294,38 +273,3 @@ def get_objective(cfg) -> Objective:
 
         return reward_objective(knobs)
     return pair_objective(name, knobs)
-
-
-def check_knobs(cfg) -> None:
-    """Pre-launch checks of the objective's settings (one paragraph per bad value)."""
-    knobs = _knobs(cfg)
-    name = knobs["name"]
-    check_objective_name(name)
-    if name == "reward":
-        from trainers.objectives.reward_model import check_reward_knobs
-
-        check_reward_knobs(knobs)
-    for key in ("beta", "gamma", "desirable_weight", "undesirable_weight"):
-        if key in knobs:
-            v = knobs[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise UserError(f"objective.{key}={v!r} must be a positive number (objective={name}).")
-    if name == "kto" and knobs.get("kl_pairs", "batch") not in ("batch", "file_order"):
-        raise UserError(f"objective.kl_pairs={knobs.get('kl_pairs')!r} is not accepted; use batch (each row's KL "
-                        f"completion from the step's own batch, the default) or file_order (from its neighbour in "
-                        f"the file, as TRL's KTOTrainer pairs them).")
-    if name == "dpo":
-        lt = knobs.get("loss_type", "sigmoid")
-        if lt not in P.DPO_LOSS_TYPES:
-            raise UserError(f"objective.loss_type={lt!r} is not accepted; use one of TRL's DPO loss types: "
-                            f"{', '.join(P.DPO_LOSS_TYPES)} (aot, aot_unpaired and sft are not sums over pairs, "
-                            f"so not split-invariant).")
-        ls = knobs.get("label_smoothing", 0.0)
-        if not isinstance(ls, (int, float)) or not 0 <= ls < 0.5:
-            raise UserError(f"objective.label_smoothing={ls!r} must be in [0, 0.5) (robust, exo_pair).")
-        rpo = knobs.get("rpo_alpha", 0.0)
-        if rpo is None or isinstance(rpo, bool) or not isinstance(rpo, (int, float)) or rpo < 0:
-            raise UserError(f"objective.rpo_alpha={rpo!r} must be a number >= 0: the weight of the chosen answers' "
-                            f"NLL added to the DPO loss (0: plain DPO, TRL's default; e.g. 1.0 as in the RPO paper).")
-        if lt == "exo_pair" and ls <= 0:
-            raise UserError("objective.loss_type=exo_pair needs objective.label_smoothing > 0 (TRL refuses 0).")

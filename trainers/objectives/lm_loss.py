@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from trainers.errors import UserError
+from trainers.memory import chunk_tokens_for
 from trainers.data.rows import IGNORE
 
 # `train.loss_chunk_tokens=auto`: one chunk's fp32 logits stay under this many bytes
 # (261 tokens at a vocabulary of 128256; 1048 at 32000).
-AUTO_LOGITS_BYTES = 128 * 2**20
 
 # Logits transforms some models apply after lm_head (Gemma's soft-capping, Cohere's and
 # Granite's scaling): a head that returns the loss would have it transformed instead.
@@ -115,18 +115,6 @@ def plain_logits():
         yield
     finally:
         _TARGETS.reset(token)
-
-
-def chunk_tokens_for(setting, vocab_size: int) -> int:
-    """Tokens per chunk for `train.loss_chunk_tokens` (0: never chunk)."""
-    if setting == "auto":
-        return max(1, AUTO_LOGITS_BYTES // (4 * vocab_size))
-    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
-        raise UserError(
-            f"train.loss_chunk_tokens={setting!r} must be auto, 0 (never chunk the loss) or a "
-            f"positive number of tokens per chunk."
-        )
-    return setting
 
 
 def install_chunked_head(causal_lm, setting) -> bool:

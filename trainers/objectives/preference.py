@@ -40,18 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from trainers.data.rows import IGNORE
+from trainers.objectives.settings import DPO_LOSS_TYPES
 
 # Sizing of one chunk of positions in `token_logps`: its fp32 logits stay under this.
 CHUNK_BYTES = 64 * 2**20
-
-DPO_LOSS_TYPES = (
-    "sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-    "apo_zero", "apo_down", "discopop", "sigmoid_norm",
-)
-# TRL loss types left out, and why: "aot"/"aot_unpaired" sort the log-ratios across the
-# micro-batch and "sft" is a token mean over the micro-batch, so none of them is a sum
-# over pairs; they could only be split-invariant with a global pre-pass.
-
 
 # --------------------------------------------------------------------------------------
 # Per-sequence log-probabilities
@@ -256,13 +248,6 @@ def rpo_nll(loss_sum: torch.Tensor, chosen_logps: torch.Tensor, nll_tokens_per_p
     NLL term keeps the chosen answer likely (docs/dpo-after-sft.md)."""
     nll = -chosen_logps.sum() / nll_tokens_per_pair
     return loss_sum + rpo_alpha * nll, nll.detach()
-
-
-def ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_tokens, rejected_tokens,
-             *, beta: float = 0.1):
-    """`objective=ipo` is TRL's DPOTrainer with loss_type="ipo" (see `dpo_loss`)."""
-    return dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_tokens,
-                    rejected_tokens, beta=beta, loss_type="ipo")
 
 
 def simpo_loss(

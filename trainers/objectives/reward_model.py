@@ -92,12 +92,3 @@ def reward_objective(knobs: dict):
 
     return Objective("reward", "rows", loss, None, knobs)
 
-
-def check_reward_knobs(knobs: dict) -> None:
-    from trainers.errors import UserError
-
-    c = knobs.get("center_rewards_coefficient")
-    if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or c < 0):
-        raise UserError(f"objective.center_rewards_coefficient={c!r} must be null (off, TRL's default) or a number "
-                        f">= 0 (TRL recommends 0.01): the weight of mean((r_chosen + r_rejected)^2), which keeps "
-                        f"rewards centred on 0.")

@@ -2,9 +2,9 @@
 recorded and requeued.
 
 Every task takes RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT from SLURM
-(submitit's TorchDistributedEnvironment) and runs launch.worker.run(cfg): the same worker
-code as launcher=local, so every plan works unchanged. Rank 0 keeps the record of each
-attempt in RUN_DIR/slurm/state.json.
+(submitit's TorchDistributedEnvironment) and runs the entry point the launcher handed in
+(slurm/hands.py; the same worker code as launcher=local, so every plan works unchanged).
+Rank 0 keeps the record of each attempt in RUN_DIR/slurm/state.json.
 
 Preemption and time limits
   SLURM sends USR2 `signal_lead_s` before the time limit (sbatch --signal); a
@@ -22,9 +22,10 @@ Preemption and time limits
 
 Hangs and dead ranks
   A hung rank (trainers/watchdog.py): the lowest live rank writes summary.json `hung`,
-  then (SlurmTask._requeue_after_hang) requeues the job like a preemption, counted
+  then calls the callback this task handed down through the entry point
+  (SlurmTask._requeue_after_hang), which requeues the job like a preemption, counted
   against launcher.max_requeues, before the ranks exit. A task that dies without warning
-  is handled after srun by the batch script (launch/after_srun.py).
+  is handled after srun by the batch script (slurm/after_srun.py).
 """
 from __future__ import annotations
 
@@ -32,19 +33,18 @@ import logging
 import os
 import random
 import sys
+from functools import partial
 from pathlib import Path
 
 from omegaconf import DictConfig
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from launch import scheduler
-from launch.config import load
-from launch.run_state import now, update_state
-from launch.secrets import secret_env
-from launch.sweep import refresh_sweep_summary
+from slurm import scheduler
+from slurm.hands import Hands
+from slurm.secrets import secret_env
 from trainers.files import read_json
 
-log = logging.getLogger("launch")
+log = logging.getLogger("slurm")
 
 # The submitting shell's own torch variables (sbatch exports its environment) must not
 # reach the workers: SLURM's are the truth in the job.
@@ -82,7 +82,7 @@ def update_last_attempt(state: dict, ended: dict) -> None:
         state["attempts"][-1].update(ended)
 
 
-def end_attempt(run_dir: Path, job_id: str, ended: dict, record=update_last_attempt) -> bool:
+def end_attempt(hands: Hands, run_dir: Path, job_id: str, ended: dict, record=update_last_attempt) -> bool:
     """Record how this attempt ended (`record(state, ended)`) and requeue the job when
     ended["requeued"]; returns whether SLURM accepted the requeue. The record comes first:
     SLURM signals (then kills) the tasks as soon as it accepts. A refused requeue is
@@ -92,42 +92,41 @@ def end_attempt(run_dir: Path, job_id: str, ended: dict, record=update_last_atte
         s["requeues"] = s.get("requeues", 0) + count
 
     requeue = bool(ended.get("requeued"))
-    update_state(run_dir, lambda s: apply(s, 1 if requeue else 0))
+    hands.update_state(run_dir, lambda s: apply(s, 1 if requeue else 0))
     if not requeue:
         return False
     refused = scheduler.requeue(job_id)
     if refused is None:
         return True
     ended.update(requeued=False, note="; ".join(filter(None, [ended.get("note"), refused])))
-    update_state(run_dir, lambda s: apply(s, -1))
+    hands.update_state(run_dir, lambda s: apply(s, -1))
     return False
 
 
 class SlurmTask(Checkpointable):
-    """What every task of the job runs. Checkpointable for submitit (see module doc)."""
+    """What every task of the job runs. Checkpointable for submitit (see module doc).
+    `sweep_dir`: the sweep this run is a point of (hands.point_ended is called when it ends)."""
 
-    def __init__(self, config_path: str, sweep_dir: str | None = None):
+    def __init__(self, config_path: str, hands: Hands, sweep_dir: str | None = None):
         self.config_path = str(config_path)
+        self.hands = hands
         self.sweep_dir = sweep_dir
 
     def __call__(self) -> dict:
         from submitit import JobEnvironment
 
-        from launch.worker import run, setup_logging
-        from trainers.watchdog import HANG_HANDLERS
-
-        cfg = load(self.config_path)
+        hands = self.hands
+        cfg = hands.load_config(self.config_path)
         job = JobEnvironment()
         restart = restart_count()
         dist_env = self._export_torch_env(cfg, job.job_id, restart)
-        setup_logging()
+        hands.setup_logging()
         job.paths.result_pickle.unlink(missing_ok=True)  # a requeued attempt's old result
         rank0 = dist_env.rank == 0
         if rank0:
             self._record_start(cfg, job, dist_env, restart)
-        HANG_HANDLERS.append(lambda summary: self._requeue_after_hang(cfg, job.job_id, restart, summary))
         try:
-            code = run(cfg)
+            code = hands.entry(cfg, on_hang=partial(self._requeue_after_hang, cfg, job.job_id, restart))
         except BaseException as e:  # not an expected failure (those return a code): record, re-raise
             if rank0:
                 self._record_crash(cfg, f"{type(e).__name__}: {e}")
@@ -150,21 +149,22 @@ class SlurmTask(Checkpointable):
         os.environ["MASTER_PORT"] = str(master_port(cfg, job_id, restart))
         return TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
-    @staticmethod
-    def _record_start(cfg: DictConfig, job, dist_env, restart: int) -> None:
-        attempt = {"job_id": job.job_id, "restart": restart, "started": now(),
+    def _record_start(self, cfg: DictConfig, job, dist_env, restart: int) -> None:
+        attempt = {"job_id": job.job_id, "restart": restart, "started": self.hands.now(),
                    "nodes": list(job.hostnames), "world_size": dist_env.world_size,
                    "master": f"{dist_env.master_addr}:{dist_env.master_port}",
                    "secrets_in_env": sorted(secret_env())}  # names only
-        update_state(Path(cfg.run_dir), lambda s: s.setdefault("attempts", []).append(attempt))
+        self.hands.update_state(Path(cfg.run_dir), lambda s: s.setdefault("attempts", []).append(attempt))
 
     def _record_crash(self, cfg: DictConfig, note: str) -> None:
+        now = self.hands.now()
+
         def failed(s: dict) -> None:
             if "ended" not in s["attempts"][-1]:  # (checkpoint() may have recorded a requeue)
-                s["attempts"][-1].update(ended=now(), status="failed", requeued=False, note=note)
+                s["attempts"][-1].update(ended=now, status="failed", requeued=False, note=note)
 
-        update_state(Path(cfg.run_dir), failed)
-        self._refresh_sweep()
+        self.hands.update_state(Path(cfg.run_dir), failed)
+        self._point_ended()
 
     def _record_end(self, cfg: DictConfig, job_id: str, restart: int, code: int) -> dict:
         """Rank 0, once the worker returned: record the attempt from summary.json and, for
@@ -173,42 +173,44 @@ class SlurmTask(Checkpointable):
         summary = read_json(Path(cfg.run_dir) / "summary.json")
         status = summary.get("status", "failed" if code else "unknown")
         requeue, note = should_requeue(cfg, job_id, restart) if status == "preempted" else (False, "")
-        ended = {"ended": now(), "status": status, "step": summary.get("final_step"),
+        ended = {"ended": self.hands.now(), "status": status, "step": summary.get("final_step"),
                  "requeued": requeue, "note": note}
-        if end_attempt(Path(cfg.run_dir), job_id, ended):
+        if end_attempt(self.hands, Path(cfg.run_dir), job_id, ended):
             log.info("preempted at step %s: requeued job %s", summary.get("final_step"), job_id)
             sys.exit(-1)
         if ended["note"]:
             log.warning("preempted at step %s, not requeued: %s", summary.get("final_step"), ended["note"])
-        self._refresh_sweep()
+        self._point_ended()
         return summary
 
-    def _refresh_sweep(self) -> None:
+    def _point_ended(self) -> None:
         if self.sweep_dir:
-            refresh_sweep_summary(Path(self.sweep_dir))
+            self.hands.point_ended(Path(self.sweep_dir))
 
     def _requeue_after_hang(self, cfg: DictConfig, job_id: str, restart: int, summary: dict) -> None:
-        """Runs on the rank that reported a hang (any rank: rank 0 may be the one that hung),
-        just before every live rank exits: record the attempt and requeue like a preemption."""
+        """The watchdog's on_hang: runs on the rank that reported a hang (any rank: rank 0
+        may be the one that hung), just before every live rank exits: record the attempt
+        and requeue like a preemption."""
         requeue, note = should_requeue(cfg, job_id, restart)
-        ended = {"ended": now(), "status": "hung", "step": summary.get("final_step"), "requeued": requeue,
+        ended = {"ended": self.hands.now(), "status": "hung", "step": summary.get("final_step"), "requeued": requeue,
                  "note": note or f"hang watchdog: stopped ranks {summary['hang']['stopped_ranks']}"}
-        end_attempt(Path(cfg.run_dir), job_id, ended)
+        end_attempt(self.hands, Path(cfg.run_dir), job_id, ended)
 
     def checkpoint(self, *args, **kwargs):
         """submitit's USR2 handler (rank 0) calls this when the signal comes before the
         training loop took over the signals: nothing to save yet, requeue as is."""
         from submitit import JobEnvironment
 
-        cfg = load(self.config_path)
+        cfg = self.hands.load_config(self.config_path)
         if restart_count() >= int(cfg.launcher.max_requeues):
             return None  # submitit then ends the job ("checkpoint function returned None")
+        now = self.hands.now()
 
         def change(s: dict) -> None:
             s["requeues"] = s.get("requeues", 0) + 1
-            update_last_attempt(s, {"ended": now(), "status": "preempted", "requeued": True,
+            update_last_attempt(s, {"ended": now, "status": "preempted", "requeued": True,
                                     "note": "signal before training started"})
 
-        update_state(Path(cfg.run_dir), change)
+        self.hands.update_state(Path(cfg.run_dir), change)
         log.info("signal before training started: requeue %s", JobEnvironment().job_id)
         return DelayedSubmission(self, *args, **kwargs)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from launch.config import REPO_ROOT
 from trainers.errors import UserError
 
 # sbatch options the launcher sets itself (or takes from a launcher.* key).
@@ -42,8 +41,9 @@ def _plain(key: str, value) -> str:
     return text
 
 
-def sbatch_parameters(cfg: DictConfig, job_name: str | None = None) -> dict:
-    """submitit SlurmExecutor parameters (its own names) for this config."""
+def sbatch_parameters(cfg: DictConfig, repo_root: str, job_name: str | None = None) -> dict:
+    """submitit SlurmExecutor parameters (its own names) for this config; `repo_root` goes on
+    the job's PYTHONPATH (the launcher's code the job imports)."""
     L = cfg.launcher
     tasks = int(L.gpus_per_node)
     params: dict = {
@@ -53,7 +53,7 @@ def sbatch_parameters(cfg: DictConfig, job_name: str | None = None) -> dict:
         "cpus_per_task": int(L.cpus_per_task),
         "time": int(L.time_min),
         "signal_delay_s": int(L.signal_lead_s),
-        "setup": setup_lines(cfg),
+        "setup": setup_lines(cfg, repo_root),
         "srun_args": ["--kill-on-bad-exit=1"],
     }
     if L.get("request_gpus", True):
@@ -83,10 +83,10 @@ def sbatch_parameters(cfg: DictConfig, job_name: str | None = None) -> dict:
     return params
 
 
-def setup_lines(cfg: DictConfig) -> list[str]:
+def setup_lines(cfg: DictConfig, repo_root: str) -> list[str]:
     """Shell lines run before srun: ours (values quoted), then launcher.setup verbatim."""
     ours = [
-        f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
+        f"export PYTHONPATH={shlex.quote(str(repo_root))}${{PYTHONPATH:+:$PYTHONPATH}}",
         "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
     ]
     user = []
@@ -99,26 +99,26 @@ def setup_lines(cfg: DictConfig) -> list[str]:
 
 def job_script_lines(folder: Path) -> dict[str, list[str]]:
     """What the batch script runs around srun (submitit's setup and teardown): a mark in
-    the batch log where this attempt's srun output begins, and after srun, launch.after_srun's
+    the batch log where this attempt's srun output begins, and after srun, slurm.after_srun's
     decision about a task that died. The script then exits with srun's code, so a job
     that is not requeued still ends FAILED."""
     python = shlex.quote(sys.executable)
     return {
         "setup": [f'echo "{ATTEMPT_MARK} ${{SLURM_RESTART_COUNT:-0}} of job ${{SLURM_JOB_ID}}" >&2'],
         "teardown": ["srun_exit=$?",
-                     f"{python} -m launch.after_srun {shlex.quote(str(folder))} $srun_exit",
+                     f"{python} -m slurm.after_srun {shlex.quote(str(folder))} $srun_exit",
                      "exit $srun_exit"],
     }
 
 
-def _script_parameters(cfg: DictConfig, folder: Path, job_name: str | None) -> dict:
-    params = sbatch_parameters(cfg, job_name)
+def _script_parameters(cfg: DictConfig, folder: Path, repo_root: str, job_name: str | None) -> dict:
+    params = sbatch_parameters(cfg, repo_root, job_name)
     around = job_script_lines(folder)
     params.update(setup=params["setup"] + around["setup"], teardown=around["teardown"])
     return params
 
 
-def make_executor(cfg: DictConfig, folder: Path, job_name: str | None = None):
+def make_executor(cfg: DictConfig, folder: Path, repo_root: str, job_name: str | None = None):
     from submitit import SlurmExecutor
 
     try:
@@ -126,18 +126,19 @@ def make_executor(cfg: DictConfig, folder: Path, job_name: str | None = None):
     except RuntimeError as e:  # no srun on this machine
         raise UserError(f"launcher=slurm needs the SLURM client tools here ({e}).") from None
     try:
-        executor.update_parameters(**_script_parameters(cfg, folder, job_name))
+        executor.update_parameters(**_script_parameters(cfg, folder, repo_root, job_name))
     except ValueError as e:
         raise UserError(f"SLURM parameters refused by submitit: {e}") from None
     return executor
 
 
-def render_script(cfg: DictConfig, folder: Path, job_name: str | None = None, array: int | None = None) -> str:
+def render_script(cfg: DictConfig, folder: Path, repo_root: str, job_name: str | None = None,
+                  array: int | None = None) -> str:
     """The exact sbatch script submitit would submit (nothing is written or submitted):
     what dry runs show and what the secrets check reads."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    params = _script_parameters(cfg, folder, job_name)
+    params = _script_parameters(cfg, folder, repo_root, job_name)
     if array:
         params["map_count"] = array
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])

@@ -1,30 +1,45 @@
-"""What SLURM says about a job (scontrol while slurmctld knows it, sacct after), and the
-one thing we ask of it (requeue). Every query tolerates a missing or slow SLURM: status
+"""What SLURM says about a job (scontrol while slurmctld knows it, sacct after), its
+partition and nodes, and the two things we ask of it (requeue, cancel). Every query tolerates a missing or slow SLURM: status
 readers run on machines without one, and a job must not die because scontrol timed out."""
 from __future__ import annotations
 
-import logging
 import re
 import subprocess
-import time
-
-log = logging.getLogger("launch")
 
 # States after which a job will not run again (PREEMPTED/REQUEUED may come back).
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
             "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT"}
 
 
+# `scontrol show -o` prints one record per line as Key=Value pairs separated by spaces;
+# a value may itself hold spaces ("Reason=ReqNodeNotAvail, UnavailableNodes:n1") or "="
+# ("TRES=cpu=2,mem=1G"), so a key is a word that starts after a space and ends at "=".
+_KEY = re.compile(r"(?:^|\s)([A-Za-z][\w:/.]*)=")
+
+
+def parse_record(line: str) -> dict[str, str]:
+    keys = list(_KEY.finditer(line))
+    return {m[1]: line[m.end():(nxt.start() if nxt else len(line))].strip()
+            for m, nxt in zip(keys, keys[1:] + [None])}
+
+
+def show(kind: str, name: str | None = None) -> list[dict[str, str]]:
+    """`scontrol show KIND [NAME] -o` (job, partition, node) as records; [] when SLURM does
+    not know it (or is not there)."""
+    try:
+        out = subprocess.run(["scontrol", "show", kind, "-o", *([name] if name else [])],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if out.returncode != 0:
+        return []
+    return [parse_record(line) for line in out.stdout.splitlines() if "=" in line]
+
+
 def scontrol_state(job_id: str) -> str | None:
     """slurmctld's state of the job; None once it forgot the job (or without SLURM)."""
-    try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
     # An array element may not be split off yet: the record then covers several ids.
-    states = re.findall(r"\bJobState=(\S+)", out.stdout)
+    states = [r["JobState"] for r in show("job", job_id) if "JobState" in r]
     return states[0] if states else None
 
 
@@ -56,20 +71,6 @@ def job_state(job_id: str) -> str:
     return state
 
 
-def wait_for(job_ids: list[str], poll_s: float = 2.0) -> dict[str, str]:
-    """Block until every job is in a terminal state (following requeues)."""
-    last: dict[str, str] = {}
-    while True:
-        states = {j: job_state(j) for j in job_ids}
-        for j, s in states.items():
-            if s != last.get(j):
-                log.info("job %s: %s", j, s)
-        last = states
-        if all(s in TERMINAL for s in states.values()):
-            return states
-        time.sleep(poll_s)
-
-
 def requeue(job_id: str) -> str | None:
     """`scontrol requeue JOB`; None when SLURM accepted it, else why not. SLURM signals
     (then kills) the job's tasks as soon as it accepts, so callers record first."""
@@ -78,3 +79,11 @@ def requeue(job_id: str) -> str | None:
     except (OSError, subprocess.SubprocessError) as e:
         return f"scontrol requeue failed: {(getattr(e, 'stderr', None) or str(e)).strip()}"
     return None
+
+
+def cancel(job_id: str) -> None:
+    """`scancel JOB` (a whole array when given the array's id); best effort."""
+    try:
+        subprocess.run(["scancel", job_id], timeout=60, capture_output=True)
+    except (OSError, subprocess.SubprocessError):
+        pass

@@ -1,4 +1,4 @@
-"""The batch script's teardown: `python -m launch.after_srun SUBMITIT_FOLDER SRUN_EXIT`.
+"""The batch script's teardown: `python -m slurm.after_srun SUBMITIT_FOLDER SRUN_EXIT`.
 
 A task that dies (SIGKILL, the OOM killer, a segfault) cannot record anything itself, and
 its peers may be killed before they notice, so the decision is taken after srun:
@@ -7,6 +7,9 @@ KillWait) and print its verdict on each task ("srun: error: n2: task 1: Killed")
 batch log. If the first verdict of this attempt is a signal, the attempt is recorded as
 `task died` and the job requeued like a preemption (same limit). A task that exited with
 an error code (a bad config, a NaN loss, a bug) is not requeued: it would fail again.
+
+What it needs of the launcher (the config loader, the run-state records) comes with the
+job's own pickled SlurmTask (its hands), read back from the submitit folder.
 """
 from __future__ import annotations
 
@@ -16,11 +19,10 @@ import re
 import sys
 from pathlib import Path
 
-from launch import scheduler
-from launch.config import load
-from launch.run_state import now, read_state
-from launch.sbatch import ATTEMPT_MARK
-from launch.slurm_task import end_attempt, restart_count, should_requeue
+from slurm import scheduler
+from slurm.hands import Hands
+from slurm.sbatch import ATTEMPT_MARK
+from slurm.task import end_attempt, restart_count, should_requeue
 
 # srun's verdict on a task that ended badly (src/srun: "<node>: task[s] <ids>: <how>"),
 # e.g. "srun: error: n2: task 1: Killed", "...: task 0: Exited with exit code 1",
@@ -78,13 +80,15 @@ def after_srun(folder: Path, srun_exit: int) -> None:
     restart = restart_count()
     paths = JobPaths(Path(folder), job_id=job_id, task_id=0)
     try:
-        cfg = load(DelayedSubmission.load(paths.submitted_pickle).function.config_path)
+        task = DelayedSubmission.load(paths.submitted_pickle).function
+        hands: Hands = task.hands
+        cfg = hands.load_config(task.config_path)
         failure = first_task_failure(paths.stderr.read_text(errors="replace"))
     except (OSError, ValueError, EOFError, AttributeError) as e:
         _say(f"cannot tell why srun ended with {srun_exit} ({e}); not requeued")
         return
     run_dir = Path(cfg.run_dir)
-    attempts = read_state(run_dir).get("attempts") or []
+    attempts = hands.read_state(run_dir).get("attempts") or []
     mine = attempts[-1] if attempts and attempts[-1].get("restart") == restart else {}  # this attempt's record
     if mine.get("requeued"):
         return  # preempted or hung: already requeued by rank 0 / the watchdog
@@ -97,11 +101,11 @@ def after_srun(folder: Path, srun_exit: int) -> None:
         # SLURM itself ended the tasks (scancel, scontrol requeue, time limit): its decision
         # stands, and rank 0's record of the attempt with it.
         return
-    _requeue_dead_task(cfg, job_id, restart, failure)
+    _requeue_dead_task(hands, cfg, job_id, restart, failure)
 
 
-def _requeue_dead_task(cfg, job_id: str, restart: int, failure: dict) -> None:
-    from trainers.checkpoint import latest_checkpoint
+def _requeue_dead_task(hands: Hands, cfg, job_id: str, restart: int, failure: dict) -> None:
+    from trainers.checkpoint_files import latest_checkpoint
 
     run_dir = Path(cfg.run_dir)
     resume = latest_checkpoint(run_dir / "checkpoints")
@@ -111,6 +115,7 @@ def _requeue_dead_task(cfg, job_id: str, restart: int, failure: dict) -> None:
     ended = {"status": "task died", "step": last_logged_step(run_dir),
              "task_died": {k: failure[k] for k in ("node", "tasks", "how")},
              "requeued": requeue, "note": what + (f"; not requeued: {why_not}" if why_not else "")}
+    now = hands.now()
 
     def record(s: dict, ended: dict) -> None:
         tries = s.setdefault("attempts", [])
@@ -119,19 +124,19 @@ def _requeue_dead_task(cfg, job_id: str, restart: int, failure: dict) -> None:
         mine = tries[-1]
         if mine.get("note") and "task_died" not in mine:  # rank 0's own error (a lost peer, usually)
             mine["error"] = mine["note"]
-        mine.update(ended, ended=mine.get("ended") or now())
+        mine.update(ended, ended=mine.get("ended") or now)
 
     if requeue:
         _say(f"{what}; requeuing job {job_id} like a preemption (restart {restart + 1} of at most "
              f"{cfg.launcher.max_requeues}); it resumes from the last committed checkpoint")
     else:
         _say(f"{what}; not requeued: {why_not}")
-    end_attempt(run_dir, job_id, ended, record)
+    end_attempt(hands, run_dir, job_id, ended, record)
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m launch.after_srun SUBMITIT_FOLDER SRUN_EXIT_CODE "
+        print("usage: python -m slurm.after_srun SUBMITIT_FOLDER SRUN_EXIT_CODE "
               "(run by the sbatch script after srun)", file=sys.stderr)
         return 2
     after_srun(Path(argv[0]), int(argv[1]))
