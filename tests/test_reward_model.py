@@ -109,17 +109,16 @@ def trl_first_step(rows, method: str, init: dict, cfg, center) -> dict:
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(init[n])
-    logs: list[dict] = []
+    records: list[dict] = []
 
     class Record(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 records.append(dict(logs))
 
-    records = logs
     trainer.add_callback(Record())
     trainer.train()
-    return logs[0]
+    return records[0]
 
 
 @pytest.mark.parametrize("method,center,margin", [("lora", None, True), ("full", 0.01, False)])
