@@ -28,7 +28,8 @@ CHOICES: dict[str, tuple] = {
 # A group's `name`: one of its conf/ options' names (launcher=slurm_local is named slurm).
 NAMED_GROUPS = ("method", "parallel", "objective", "launcher", "optim")
 # Enumerated settings checked by the module that defines their values, before launch.
-CHECKED_ELSEWHERE = {"objective.loss_type": "TRL's DPO loss types (trainers/objectives/settings.check_knobs)"}
+CHECKED_ELSEWHERE = {"objective.loss_type": "TRL's DPO loss types (trainers/objectives/settings.check_knobs)",
+                     "objective.kl_pairs": "batch | file_order (trainers/objectives/settings.check_knobs)"}
 # Settings whose value is `auto` or a number (checked where they are read, before launch).
 AUTO_OR_NUMBER = ("data.num_proc", "train.loss_chunk_tokens", "parallel.reduce_bucket_size",
                   "parallel.stage3_max_live_parameters", "parallel.stage3_max_reuse_distance",

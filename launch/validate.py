@@ -82,6 +82,9 @@ def check_values(cfg: DictConfig) -> None:
                 f"or null to turn the watchdog off."
             )
     check_spike_guard(cfg.train)
+    if not isinstance(cfg.data.shuffle, bool):
+        raise UserError(f"data.shuffle={cfg.data.shuffle!r} must be true (a seeded order per pass) or false (file "
+                        f"order, TRL's sequential sampling).")
     ac = cfg.train.activation_checkpointing
     if not isinstance(ac, bool):
         raise UserError(f"train.activation_checkpointing={ac!r} must be true or false.")

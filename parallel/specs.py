@@ -261,6 +261,11 @@ class PipelineSpec(PlanSpec):
             why = REFUSED_METHODS.get(m.name) or REFUSED_METHODS[m.peft]
             return (f"{why}. Use method=lora (or dora, rslora, loraplus, ia3, full) with the pipeline, "
                     f"or parallel=ddp / fsdp2 for method={m.name}.")
+        if cfg.objective.name == "reward":
+            return ("objective=reward is not trained by the pipeline: its stages carry a causal LM's decoder "
+                    "and lm_head and its last stage computes the token cross-entropy, while a reward model "
+                    "ends in a sequence-classification head scored at each sequence's last token, chosen and "
+                    "rejected together. Use parallel=none, ddp, fsdp2 or zero1/zero2/zero3 for objective=reward.")
         if cfg.objective.name != "sft":
             return (f"objective={cfg.objective.name} is not trained by the pipeline: its last stage computes "
                     f"only the token cross-entropy of each pipeline micro-batch, while a preference objective "

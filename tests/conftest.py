@@ -69,4 +69,16 @@ def method_runs(tmp_path_factory) -> dict[str, Path]:
     return {method: root / method for method in methods}
 
 
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory) -> Path:
+    """`python launch.py` with no argument but its run directory: the bundled SFT job (200
+    steps), launched once for tests/test_default_run.py and the runs that start from its
+    export (tests/test_dpo_after_sft.py)."""
+    from tests.helpers import launch
+
+    run = tmp_path_factory.mktemp("default-run") / "run"
+    launch(f"hydra.run.dir={run}", timeout=1800)  # the run directory is the only override
+    return run
+
+
 from tests.conftest_slurm import slurm_cluster  # noqa: F401,E402

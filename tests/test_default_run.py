@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import launch, metrics, summary
+from tests.helpers import metrics, summary
 
 pytestmark = pytest.mark.slow
 
 
-def test_default_run_learns_the_bundled_task(tmp_path):
-    run = tmp_path / "run"
-    launch(f"hydra.run.dir={run}", timeout=1800)  # the run directory is the only override
+def test_default_run_learns_the_bundled_task(default_run):
+    run = default_run
     evals = [r for r in metrics(run) if "eval_exact_match" in r]
     before, after = evals[0]["eval_exact_match"], evals[-1]["eval_exact_match"]
     assert evals[0]["step"] == 0 and before <= 0.1, evals

@@ -1,7 +1,7 @@
 """Preference objectives under every data-parallel plan, with QLoRA, and across a kill.
 
 One 2-process launch (tests/matrix_worker.py) runs every cell: dpo under ddp, zero2, zero3
-and fsdp2 (LoRA), dpo with method=full under zero3 (the reference log-probs computed once,
+and fsdp2 (LoRA), objective=reward under ddp, zero2 and fsdp2 (LoRA, the score head trained in full), dpo with method=full under zero3 (the reference log-probs computed once,
 sharded over ranks), dpo with QLoRA under ddp, and kto and orpo under ddp (their
 global-batch quantities, KTO's KL reference point and ORPO's NLL token count, are all-reduced),
 kto also with method=full (the reference log-probs of every step's mismatched KL pairs
@@ -58,6 +58,9 @@ CELLS = {  # cell -> the single-process reference it must equal
     "ddp:lora|kto": ("kto", "lora"),
     "ddp:full|kto": ("kto", "full"),
     "ddp:lora|orpo": ("orpo", "lora"),
+    # objective=reward (issue 22): the sequence-classification model, its fresh score head
+    # trained beside the adapter (PEFT modules_to_save), sharded by fsdp2 and zero2
+    **{f"{plan}:lora|reward": ("reward", "lora") for plan in ("ddp", "zero2", "fsdp2")},
 }
 
 
@@ -109,7 +112,7 @@ def test_dpo_kto_orpo_under_every_plan_equal_one_process(tmp_path, tiny_model):
         assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1)), cell
         for s in ref:
             for k, tol in (("loss", 1e-5), ("grad_norm", 1e-4), ("rewards/margins", 1e-4), ("logps/chosen", 1e-5),
-                           ("kl", 1e-4)):
+                           ("kl", 1e-4), ("margin", 1e-4), ("accuracy", 1e-9)):
                 if k in ref[s]:
                     assert abs(got[s][k] - ref[s][k]) <= tol * max(abs(ref[s][k]), 1e-2), (cell, s, k, got[s], ref[s])
         assert len({round(r["loss"], 6) for r in ref.values()}) == STEPS, (cell, "the policy did not move", ref)

@@ -75,3 +75,36 @@ def test_first_batch_loss_from_our_functions_equals_trl(objective, tmp_path):
     assert abs(float(loss) / 4 - float(trl_loss)) < 1e-5 * max(1, abs(float(trl_loss)))
     for k, v in P.finalize_metrics(sums, 4).items():
         assert abs(v - trl_metrics[k]) < 1e-5 * max(1, abs(trl_metrics[k])), k
+
+
+def test_kto_file_order_pairs_are_trls(tmp_path):
+    """objective.kl_pairs=file_order (issue 25): every row's KL completion is the one TRL's
+    KTOTrainer pairs it with (rotation by one within chunks of per_device_train_batch_size
+    rows in file order; 10 rows in chunks of 4, so the last chunk has 2), for the rows of
+    every step of a shuffled run; the default, `batch`, pairs within the step's batch instead."""
+    from hydra import compose, initialize_config_dir
+
+    from launch.config import finalize, register_resolvers
+    from trainers.data.sources import training_batches
+    from trainers.model.load import load_tokenizer
+
+    rows = read_jsonl(KTO)[:10]
+    data = tmp_path / "kto.jsonl"
+    data.write_text("".join(KTO.read_text().splitlines(keepends=True)[:10]))
+    trl = tokenized_rows(build_trainer(MODEL, rows, "kto", batch_size=4, steps=1, output_dir=tmp_path / "trl"), "kto")
+    register_resolvers()
+    differ = 0
+    for order in ("file_order", "batch"):
+        with initialize_config_dir(str(REPO / "conf"), version_base=None):
+            cfg = finalize(compose("config", overrides=[
+                "objective=kto", "data=reverse_kto", f"data.train={data}", f"model.path={MODEL}",
+                "train.micro_batch_size=4", "train.grad_accum=2", f"objective.kl_pairs={order}"]), str(tmp_path / order))
+        batches, _ = training_batches(cfg, load_tokenizer(cfg.model), 1)
+        assert batches.sources[0].store.rows.tolist() == list(range(1, 11))  # row r is the file's line r + 1
+        for step in range(5):  # 8 rows a step: every row, several times, in shuffled batches
+            for (_, r), (_, p) in batches.kl_pairs(step):
+                if order == "file_order":
+                    assert trl[r]["kl_completion"] == trl[p]["completion"], (step, r, p)
+                else:
+                    differ += trl[r]["kl_completion"] != trl[p]["completion"]
+    assert differ > 0

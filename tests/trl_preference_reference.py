@@ -119,6 +119,7 @@ def build_trainer(
     lora_alpha: int = 32,
     target_modules="all-linear",
     precompute_ref: bool = False,
+    rpo_alpha: float = 0.0,
     init_from=None,
     init_out=None,
     output_dir=None,
@@ -170,7 +171,9 @@ def build_trainer(
     if objective in ("dpo", "ipo"):
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(**common, beta=beta, loss_type=["sigmoid" if objective == "dpo" else "ipo"],
+        # objective.rpo_alpha: TRL 1.16 writes RPO as a second loss type, "sft", weighted rpo_alpha
+        losses = ["sigmoid" if objective == "dpo" else "ipo"] + (["sft"] if rpo_alpha else [])
+        args = DPOConfig(**common, beta=beta, loss_type=losses, loss_weights=[1.0, rpo_alpha] if rpo_alpha else None,
                          max_length=None, precompute_ref_log_probs=precompute_ref)
         cls = DPOTrainer
     elif objective == "simpo":

@@ -156,7 +156,9 @@ class Evaluator:
         try:
             out = {}
             for i, source in enumerate(self.sets):
-                scores = {**self.loss(source), "eval_exact_match": self.exact_match(source)}
+                scores = self.loss(source)
+                if self.objective.generates:  # (a reward model writes no text)
+                    scores["eval_exact_match"] = self.exact_match(source)
                 if i == 0:
                     out.update(scores)
                 if len(self.sets) > 1:

@@ -90,7 +90,7 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
     objective = get_objective(cfg.objective)
     batches, data = training_batches(cfg, tokenizer, plan.dp_world)
     seed_everything(cfg.seed)  # every rank builds identical initial weights
-    source = ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed, cfg.train)
+    source = ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed, cfg.train, objective.head)
     plan.prepare(source)
     if objective.reference and cfg.method.peft is None:
         # before a resume loads a checkpoint: the reference is the initial model
@@ -212,6 +212,8 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
         }
         if "eval_rewards/accuracies" in last:  # preference objectives: held-out preference accuracy
             summary["final_eval_preference_accuracy"] = last["eval_rewards/accuracies"]
+        elif "eval_accuracy" in last:  # a reward model's (objective=reward)
+            summary["final_eval_preference_accuracy"] = last["eval_accuracy"]
         if env.is_main:
             plot_losses(run_dir)
             write_summary(run_dir, summary)

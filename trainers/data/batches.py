@@ -177,8 +177,12 @@ class Mixture:
 
 class GlobalBatches:
     def __init__(self, sources: list[Source], layout: BatchLayout, seed: int, pad_id: int, packed: bool,
-                 max_len: int | None = None):
+                 max_len: int | None = None, shuffle: bool = True, kl_pairs: str = "batch"):
         self.sources, self.layout, self.seed = sources, layout, seed
+        # data.shuffle=false: each source is read in file order, pass after pass (TRL's
+        # train_sampling_strategy="sequential"); objective.kl_pairs: KTO's mismatched pairs
+        # (`kl_pairs`)
+        self.shuffle, self.kl_order = shuffle, kl_pairs
         self.pad_id, self.packed, self.max_len = pad_id, packed, max_len
         # KTO with method=full: reference log-prob of the mismatched sequence at each
         # (step, position of the global batch), set by trainers/objectives/reference.py.
@@ -213,7 +217,7 @@ class GlobalBatches:
             size = len(self.sources[k])
             for epoch in np.unique(js[ks == k] // size):
                 sel = (ks == k) & (js // size == epoch)
-                rows[sel] = self._shuffle(int(k), int(epoch))[js[sel] % size]
+                rows[sel] = self._shuffle(int(k), int(epoch))[js[sel] % size] if self.shuffle else js[sel] % size
         return tuple(zip(ks.tolist(), rows.tolist()))  # shared by the cache: immutable
 
     def epoch_of(self, step: int) -> int:
@@ -256,9 +260,21 @@ class GlobalBatches:
 
     def kl_pairs(self, step: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         """KTO: ((source, row), (source, row) whose completion it is paired with) for every
-        row of the global batch of `step`, in rank order: TRL's rotation by one."""
+        row of the global batch of `step`, in rank order. Both are TRL's rotation by one,
+        over different rows:
+        - "batch" (objective.kl_pairs default): within the step's global batch, whatever
+          order it was drawn in, so the mismatched completions are the batch's own and the
+          pairs do not depend on how the batch is split;
+        - "file_order": within each chunk of train.micro_batch_size consecutive rows of the
+          file (TRL's per_device_train_batch_size; a last, shorter chunk rotates within
+          itself), as TRL's KTOTrainer pairs them once, before training. With
+          data.shuffle=false and the global batch in one micro-batch (or split over ranks
+          only) every step then holds TRL's rows, pairs and KL reference point."""
         rows = self.rows(step)
-        return list(zip(rows, rows[-1:] + rows[:-1]))
+        if self.kl_order == "batch":
+            return list(zip(rows, rows[-1:] + rows[:-1]))
+        chunk = self.layout.micro_batch_size
+        return [((k, r), (k, file_order_partner(r, len(self.sources[k]), chunk))) for k, r in rows]
 
     def stats(self, step: int) -> dict:
         """Tokens each source supplied to the step, and the fraction of computed
@@ -292,6 +308,13 @@ def completion_start(mask: np.ndarray) -> int:
 
 def _sequences(parts: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     return [(ids.astype(np.int64), labels_of(ids, mask), np.arange(len(ids))) for ids, mask in parts]
+
+
+def file_order_partner(row: int, n: int, chunk: int) -> int:
+    """TRL's KTO partner of `row` among `n` rows in file order: the row before it within
+    its chunk of `chunk` rows (the chunk's first row takes its last row's completion)."""
+    start = row - row % chunk
+    return start + (row - start - 1) % min(chunk, n - start)
 
 
 def heldout_partners(rows, n: int):
@@ -333,6 +356,8 @@ def collate_preference(sources: list[Source], items: list[tuple[int, int]], pad_
     examples = [(k, int(sources[k].examples(r)[j])) for j in range(per_row) for k, r in items]
     batch = collate_sequences([sources[k].store.example(e) for k, e in examples], pad_id, packed, max_len)
     batch["keep"] = torch.tensor(keep if keep is not None else [True] * len(items), dtype=torch.bool)
+    if per_row == 2:  # pairs: the row's `margin` column (0 without one), stored with each of its examples
+        batch["margin"] = torch.tensor([float(sources[k].store.margin[e]) for k, e in examples[: len(items)]])
     if all(sources[k].reference is not None for k, _ in examples):
         batch["ref_logps"] = torch.tensor([float(sources[k].reference[e]) for k, e in examples], dtype=torch.float32)
     if partners is not None:

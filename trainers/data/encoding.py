@@ -32,6 +32,7 @@ def stage_row(tokenizer, row: Any, kind: str, fmt_wanted: str) -> Staged:
     answers = ("completion",) if kind == "unpaired" else ("chosen", "rejected")
     staged = stage_dpo_style(tokenizer, row, answers)
     staged.desirable = int(kind == "unpaired" and row["label"])
+    staged.margin = float(row.get("margin", 0.0)) if kind == "pairs" else 0.0
     return staged
 
 
@@ -46,6 +47,7 @@ class EncodedChunk:
     lengths: np.ndarray
     row_numbers: np.ndarray
     desirable: np.ndarray
+    margin: np.ndarray
     skipped: Counter = field(default_factory=Counter)
     truncated: int = 0
     rows: int = 0
@@ -94,6 +96,7 @@ def encode_chunk(tokenizer, chunk: list[tuple[int, Any]], data_cfg, kind: str = 
     lengths: list[int] = []
     numbers: list[int] = []
     desirable: list[int] = []
+    margin: list[float] = []
     truncated = 0
     for n, st in staged:
         k = cursor[st.special]
@@ -126,9 +129,10 @@ def encode_chunk(tokenizer, chunk: list[tuple[int, Any]], data_cfg, kind: str = 
             lengths.append(len(ex_ids))
             numbers.append(n)
             desirable.append(st.desirable)
+            margin.append(st.margin)
     return EncodedChunk(
         ids=np.asarray(ids, dtype=np.int32), mask=np.asarray(mask, dtype=np.uint8),
         lengths=np.asarray(lengths, dtype=np.int32), row_numbers=np.asarray(numbers, dtype=np.int64),
-        desirable=np.asarray(desirable, dtype=np.uint8), skipped=skipped, truncated=truncated, rows=rows,
-        error=error,
+        desirable=np.asarray(desirable, dtype=np.uint8), margin=np.asarray(margin, dtype=np.float32),
+        skipped=skipped, truncated=truncated, rows=rows, error=error,
     )

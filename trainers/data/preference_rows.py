@@ -48,6 +48,11 @@ def check_preference(row: dict, kind: str) -> None:
             raise BadRow("missing_field", f"'label' must be true (desirable) or false, not {row.get('label')!r}")
     elif answer_text(row["chosen"]).strip() == answer_text(row["rejected"]).strip():
         raise BadRow("same_answers", "'chosen' equals 'rejected': the pair prefers nothing")
+    if kind == "pairs" and "margin" in row:
+        m = row["margin"]
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or m != m or abs(m) == float("inf"):
+            raise BadRow("bad_margin", f"'margin' must be a finite number (how much more the chosen answer should "
+                                       f"score, TRL's RewardTrainer column), not {m!r}")
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:

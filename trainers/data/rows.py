@@ -34,7 +34,7 @@ KIND_FORMATS = {"sft": ("messages", "prompt_completion"), "pairs": ("preference"
                 "pairs_text": ("preference",), "unpaired": ("unpaired_preference",)}
 KIND_ROWS = {
     "sft": "`messages` or `prompt`/`completion` rows (objective=sft)",
-    "pairs": "`prompt`/`chosen`/`rejected` rows (objective=dpo, ipo, simpo, orpo)",
+    "pairs": "`prompt`/`chosen`/`rejected` rows (objective=dpo, ipo, simpo, orpo, reward)",
     "unpaired": "`prompt`/`completion`/`label` rows (objective=kto)",
 }
 KIND_ROWS["pairs_text"] = KIND_ROWS["pairs"]
@@ -287,6 +287,7 @@ class Staged:
     special: bool
     finish: Any  # (list of encoded texts) -> list[(ids, mask)]
     desirable: int = 0
+    margin: float = 0.0  # a preference pair's optional `margin` column (objective=reward)
 
 
 def labels_of(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -120,5 +120,6 @@ def training_batches(cfg, tokenizer, dp_world: int) -> tuple[GlobalBatches, Trai
     """The (seed, step) batch order over the opened training sources."""
     data = open_data(cfg, tokenizer)
     layout = BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, dp_world)
+    kl_pairs = cfg.objective.kl_pairs if cfg.objective.name == "kto" else "batch"
     return GlobalBatches(data.train, layout, cfg.seed, tokenizer.pad_token_id, data.packed,
-                         int(cfg.data.max_seq_len)), data
+                         int(cfg.data.max_seq_len), shuffle=bool(cfg.data.shuffle), kl_pairs=kl_pairs), data

@@ -2,8 +2,9 @@
 
 A cache entry is a folder of flat arrays: all kept examples' token ids back to back,
 their loss masks, an offsets array, the source row numbers, a desirable flag per example
-(KTO's label) and, once packed, the bins. A preference pair is two consecutive examples
-(chosen, then rejected) with the same row number. Its name is a hash of everything that
+(KTO's label), a margin per example (a pair's optional `margin` column, objective=reward)
+and, once packed, the bins. A preference pair is two consecutive examples (chosen, then
+rejected) with the same row number. Its name is a hash of everything that
 changes the tokens: the data file's bytes, the tokenizer (vocabulary, merges, special
 tokens, chat template), the library versions that tokenize, the data settings, and the
 kind of row the objective reads (trainers.data.rows.ROW_KINDS: it decides the fields and the
@@ -39,9 +40,9 @@ from trainers.data.rows import missing_file_error, read_raw
 log = logging.getLogger("data")
 
 # Bump when the layout or the tokenization rules change: old entries are then ignored.
-CACHE_VERSION = 4
+CACHE_VERSION = 5  # 5: the margin array
 ARRAYS = {"ids": np.int32, "mask": np.uint8, "offsets": np.int64, "rows": np.int64, "targets": np.int32,
-          "desirable": np.uint8}
+          "desirable": np.uint8, "margin": np.float32}
 # Below this many bytes of input a pool of tokenizer processes costs more than it saves.
 PARALLEL_MIN_BYTES = 4 << 20
 
@@ -136,7 +137,7 @@ class TokenStore:
             if self.meta.get("version") != CACHE_VERSION:
                 raise ValueError(f"cache version {self.meta.get('version')}, expected {CACHE_VERSION}")
             n, t = self.meta["kept"], self.meta["tokens"]
-            sizes = {"ids": t, "mask": t, "offsets": n + 1, "rows": n, "targets": n, "desirable": n}
+            sizes = {"ids": t, "mask": t, "offsets": n + 1, "rows": n, "targets": n, "desirable": n, "margin": n}
             for name, dtype in ARRAYS.items():
                 arr = np.memmap(self.folder / f"{name}.bin", dtype=dtype, mode="r", shape=(sizes[name],))
                 setattr(self, name, arr)
@@ -241,7 +242,8 @@ def _append(files: dict, enc: EncodedChunk, report: DataReport, path: str) -> No
     # never a target
     targets = np.add.reduceat(enc.mask.astype(np.int64), starts) - enc.mask[starts] if len(starts) else starts
     for name, arr in (("ids", enc.ids), ("mask", enc.mask), ("offsets", report.tokens + starts + enc.lengths),
-                      ("rows", enc.row_numbers), ("targets", targets), ("desirable", enc.desirable)):
+                      ("rows", enc.row_numbers), ("targets", targets), ("desirable", enc.desirable),
+                      ("margin", enc.margin)):
         files[name].write(np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes())
     report.kept += len(enc.lengths)
     report.tokens += int(enc.lengths.sum())

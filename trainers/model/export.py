@@ -121,8 +121,10 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> None
     from trainers.model.load import ModelSource
     from trainers.model.weights import checkpoint_key, checkpoint_names
 
+    from trainers.objectives.catalog import get_objective
+
     method = OmegaConf.merge(cfg.method, {"quantize": None})
-    source = ModelSource(cfg.model, method, torch.float32, cfg.seed)
+    source = ModelSource(cfg.model, method, torch.float32, cfg.seed, head=get_objective(cfg.objective).head)
     model = source.skeleton()
     # (a 4-bit base adds its quantization state under .base_layer.: not adapter weights)
     trained = {k: v for k, v in adapter_sd.items() if ".base_layer." not in k}
@@ -148,6 +150,9 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> None
             value = value.to(torch.bfloat16).float()
         module = owner.get(key)
         writer.add(key, value if module is None else merged_weight(module, value))
+    for name, p in model.named_parameters():  # trained in full beside the adapter (a reward model's score head)
+        if ".modules_to_save." in name:
+            writer.add(checkpoint_key(name), p.detach().float())
     writer.close()
     config = source.config()
     if hasattr(config, "quantization_config"):

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from trainers.errors import UserError
 from trainers.model.peft_methods import apply_method
@@ -97,13 +97,36 @@ def bnb_quantizer(method_cfg):
     return AutoHfQuantizer.from_config(quantization_config(method_cfg), pre_quantized=False)
 
 
-def load_quantized_model(model_cfg, method_cfg, device: torch.device):
+# What the trained model computes on top of the decoder: the causal LM's vocabulary head
+# (every objective but one), or one score per sequence (objective=reward: a
+# sequence-classification head with one label, as TRL's RewardTrainer trains it).
+HEADS = {"lm": AutoModelForCausalLM, "score": AutoModelForSequenceClassification}
+PEFT_TASKS = {"lm": "CAUSAL_LM", "score": "SEQ_CLS"}
+
+
+def head_config(config, head: str):
+    """The model config for `head`: a reward model has one label and needs a pad token id
+    (transformers' sequence classifier refuses batches without one; load_tokenizer pads
+    with EOS when the tokenizer has no pad token, so the same id here)."""
+    if head == "score":
+        config.num_labels = 1
+        if getattr(config, "pad_token_id", None) is None:
+            eos = config.eos_token_id
+            config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+        arch = (config.architectures or [""])[0]
+        if arch.endswith("ForCausalLM"):
+            config.architectures = [arch.removesuffix("ForCausalLM") + "ForSequenceClassification"]
+    return config
+
+
+def load_quantized_model(model_cfg, method_cfg, device: torch.device, head: str = "lm"):
     """The 4-bit NF4 base: transformers quantizes tensor by tensor while it loads (no full
     bf16 copy); the other weights (embeddings, lm_head, norms) stay frozen in bf16."""
     _check_path(model_cfg.path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = HEADS[head].from_pretrained(
             model_cfg.path,
+            config=head_config(load_config(model_cfg), head),
             quantization_config=quantization_config(method_cfg),
             device_map={"": device.index if device.type == "cuda" else "cpu"},
             dtype=torch.bfloat16,
@@ -128,8 +151,10 @@ class ModelSource:
     train.* memory options (trainers/memory.py) are applied there too, before any plan
     wraps the model, so every plan trains the same modified model."""
 
-    def __init__(self, model_cfg, method_cfg, compute_dtype: torch.dtype, seed: int, train_cfg=None):
+    def __init__(self, model_cfg, method_cfg, compute_dtype: torch.dtype, seed: int, train_cfg=None,
+                 head: str = "lm"):
         self.model_cfg = model_cfg
+        self.head = head  # HEADS
         self.train_cfg = train_cfg
         self.method_cfg = method_cfg
         self.compute_dtype = compute_dtype
@@ -146,13 +171,13 @@ class ModelSource:
         return bool(self.method_cfg.quantize)
 
     def config(self):
-        return load_config(self.model_cfg)
+        return head_config(load_config(self.model_cfg), self.head)
 
     def apply_method(self, model: torch.nn.Module) -> torch.nn.Module:
         from trainers.rng import seed_everything
 
         seed_everything(self.seed)
-        model = apply_method(model, self.method_cfg)
+        model = apply_method(model, self.method_cfg, PEFT_TASKS[self.head])
         model.train()
         if self.train_cfg is not None:
             from trainers.memory import apply_memory_options, hf_model
@@ -172,10 +197,11 @@ class ModelSource:
         from trainers.model.weights import is_4bit, make_placeholder, replace_parameters
 
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(
+            model = HEADS[self.head].from_config(
                 self.config(), dtype=self.dtype, attn_implementation=self.model_cfg.attn_implementation,
                 trust_remote_code=self.model_cfg.trust_remote_code,
             )
+        fresh = self._fresh_head(model)
         if self.quantized:
             import bitsandbytes as bnb
 
@@ -186,8 +212,23 @@ class ModelSource:
             replace_parameters(model, lambda _, p: bnb.nn.Params4bit(
                 make_placeholder(p.shape, self.dtype).data, requires_grad=False, **p.__dict__) if is_4bit(p) else None)
             disable_cpu_weight_repacking(model)
-        replace_parameters(model, lambda _, p: None if is_4bit(p) else make_placeholder(p.shape, p.dtype))
+        replace_parameters(model, lambda _, p: None if is_4bit(p) or p is fresh else make_placeholder(p.shape, p.dtype))
         return self.apply_method(model)
+
+    def _fresh_head(self, model: torch.nn.Module) -> torch.nn.Parameter | None:
+        """A reward model built from a causal LM checkpoint has no `score` weight there:
+        it starts fresh, drawn as transformers initialises it (normal, std
+        initializer_range) from the run's seed, so every rank and plan starts from the same
+        head. From a reward model's own checkpoint it is read like every other weight."""
+        if self.head != "score" or "score.weight" in self.files():
+            return None
+        from trainers.rng import seed_everything
+
+        seed_everything(self.seed)
+        weight = model.score.weight
+        std = getattr(self.config(), "initializer_range", 0.02)
+        model.score.weight = torch.nn.Parameter(torch.empty(weight.shape, dtype=weight.dtype).normal_(0.0, std))
+        return model.score.weight
 
     def fill(self, model: torch.nn.Module, device: torch.device, within: torch.nn.Module | None = None,
              recurse: bool = True) -> None:
@@ -231,7 +272,7 @@ class ModelSource:
         from transformers' `from_pretrained`, the reference the skeleton path is tested
         against byte for byte."""
         if self.quantized:
-            return self.apply_method(load_quantized_model(self.model_cfg, self.method_cfg, device))
+            return self.apply_method(load_quantized_model(self.model_cfg, self.method_cfg, device, self.head))
         return self.load(self.skeleton(), device)
 
     def load(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -13,11 +13,11 @@ def _target_modules(value):
     return list(value)
 
 
-def lora_config(m):
+def lora_config(m, task_type="CAUSAL_LM"):
     from peft import LoraConfig
 
     return LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         r=m.r,
         lora_alpha=m.alpha,
         lora_dropout=m.dropout,
@@ -28,26 +28,26 @@ def lora_config(m):
     )
 
 
-def prefix_config(m):
+def prefix_config(m, task_type="CAUSAL_LM"):
     from peft import PrefixTuningConfig
 
-    return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=m.num_virtual_tokens)
+    return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=m.num_virtual_tokens)
 
 
-def prompt_config(m):
+def prompt_config(m, task_type="CAUSAL_LM"):
     from peft import PromptTuningConfig
 
-    return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=m.num_virtual_tokens)
+    return PromptTuningConfig(task_type=task_type, num_virtual_tokens=m.num_virtual_tokens)
 
 
-def ia3_config(m):
+def ia3_config(m, task_type="CAUSAL_LM"):
     from peft import IA3Config
 
     kw = {}
     if m.target_modules is not None:
         kw["target_modules"] = _target_modules(m.target_modules)
         kw["feedforward_modules"] = _target_modules(m.feedforward_modules) or []
-    return IA3Config(task_type="CAUSAL_LM", **kw)
+    return IA3Config(task_type=task_type, **kw)
 
 
 PEFT_BUILDERS = {"lora": lora_config, "prefix": prefix_config, "prompt": prompt_config, "ia3": ia3_config}
@@ -58,7 +58,9 @@ MERGEABLE = {"lora", "ia3"}
 SUPPORTS_PACKING = {None, "lora", "ia3"}
 
 
-def apply_method(model: torch.nn.Module, m):
+def apply_method(model: torch.nn.Module, m, task_type: str = "CAUSAL_LM"):
+    """`task_type` is PEFT's: SEQ_CLS (a reward model) also trains the fresh `score` head
+    in full, PEFT's modules_to_save, beside the adapter."""
     if m.peft is None:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -72,7 +74,7 @@ def apply_method(model: torch.nn.Module, m):
         # (peft's prepare_model_for_kbit_training would upcast embeddings, lm_head and norms
         # to fp32: 4 GiB more on an 8B model, for norms that compute in fp32 anyway.)
         p.requires_grad_(False)
-    return get_peft_model(model, PEFT_BUILDERS[m.peft](m))
+    return get_peft_model(model, PEFT_BUILDERS[m.peft](m, task_type))
 
 
 def method_summary(m) -> str:

@@ -134,7 +134,12 @@ def is_placeholder(t: torch.Tensor) -> bool:
 def checkpoint_key(name: str) -> str:
     """Our parameter name -> the checkpoint's key: PEFT wraps the HF model
     (`base_model.model.` for LoRA-style tuners, `base_model.` for prompt learning) and
-    moves a replaced linear's weight under `.base_layer`."""
+    moves a replaced linear's weight under `.base_layer`; a module it trains in full
+    (modules_to_save: a reward model's score head) keeps the original under
+    `.original_module` and the trained copy under `.modules_to_save.<adapter>`."""
+    import re
+
+    name = re.sub(r"\.(original_module|modules_to_save\.[^.]+)\.", ".", name)
     for prefix in ("base_model.model.", "base_model."):
         if name.startswith(prefix) and not name.startswith("base_model.model.base_model"):
             name = name[len(prefix):]

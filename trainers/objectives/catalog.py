@@ -52,6 +52,17 @@ class Objective:
     def reference(self) -> bool:
         return self.name in NEEDS_REFERENCE
 
+    @property
+    def head(self) -> str:
+        """The model head it trains (trainers.model.load.HEADS): a reward model scores
+        sequences (trainers/objectives/reward_model.py); every other objective is a causal LM."""
+        return "score" if self.name == "reward" else "lm"
+
+    @property
+    def generates(self) -> bool:
+        """Whether evaluation generates text (exact match): not a reward model."""
+        return self.head == "lm"
+
     def __call__(self, model, batch: dict, device: torch.device):
         return self.loss(model, batch, device)
 
@@ -138,6 +149,7 @@ def all_targets(batch: dict, device: torch.device) -> torch.Tensor:
 # --------------------------------------------------------------------------- pairs
 def pair_objective(name: str, knobs: dict) -> Objective:
     beta = float(knobs["beta"])
+    rpo_alpha = float(knobs["rpo_alpha"]) if name == "dpo" else 0.0  # conf/objective/dpo.yaml
 
     def loss(model, batch: dict, device: torch.device):
         labels, segments = batch["labels"].to(device), batch["segments"]
@@ -161,6 +173,8 @@ def pair_objective(name: str, knobs: dict) -> Objective:
             loss, metrics = P.dpo_loss(lc, lr, rc, rr, nc, nr, beta=beta,
                                        loss_type="ipo" if name == "ipo" else knobs["loss_type"],
                                        label_smoothing=float(knobs["label_smoothing"]))
+            if rpo_alpha:
+                loss, metrics["nll_loss"] = P.rpo_nll(loss, lc, batch["nll_tokens_per_pair"], rpo_alpha)
         elif name == "simpo":
             loss, metrics = P.simpo_loss(lc, nc, lr, nr, beta=beta, gamma=float(knobs["gamma"]))
         else:
@@ -173,18 +187,32 @@ def pair_objective(name: str, knobs: dict) -> Objective:
         metrics["logps/accuracies"] = (lc.detach() > lr.detach()).float().sum()
         return loss, metrics
 
-    return Objective(name, "rows", loss, orpo_prepare if name == "orpo" else None, knobs)
+    prepare = orpo_prepare if name == "orpo" else rpo_prepare if rpo_alpha else None
+    return Objective(name, "rows", loss, prepare, knobs)
 
 
 def orpo_prepare(model, micro_batches: list[dict], device: torch.device) -> None:
     """ORPO's NLL is a token mean over the chosen sequences of the global batch: count
     their targets (every position but the last) over all ranks."""
+    _chosen_tokens_per_pair(micro_batches, device, lambda b: b["seq_lengths"][: b["keep"].numel()] - 1)
+
+
+def rpo_prepare(model, micro_batches: list[dict], device: torch.device) -> None:
+    """DPO's `rpo_alpha` NLL is a token mean over the chosen completions of the global
+    batch: count their targets over all ranks."""
+    def completion_targets(b):
+        per_seq = P.per_sequence((b["labels"] != P.IGNORE).long(), b["segments"])
+        return per_seq[: b["keep"].numel()]
+
+    _chosen_tokens_per_pair(micro_batches, device, completion_targets)
+
+
+def _chosen_tokens_per_pair(micro_batches: list[dict], device: torch.device, chosen_targets) -> None:
     from trainers.distributed import all_reduce_sum
 
     tokens = pairs = 0.0
     for b in micro_batches:
-        chosen = b["seq_lengths"][: b["keep"].numel()] - 1
-        tokens += float(chosen[b["keep"]].sum())
+        tokens += float(chosen_targets(b)[b["keep"]].sum())
         pairs += float(b["keep"].sum())
     tokens, pairs = all_reduce_sum([tokens, pairs], device)
     for b in micro_batches:
@@ -240,4 +268,8 @@ def get_objective(cfg) -> Objective:
         return Objective("sft", "targets", sft, None, knobs)
     if name == "kto":
         return kto_objective(knobs)
+    if name == "reward":
+        from trainers.objectives.reward_model import reward_objective
+
+        return reward_objective(knobs)
     return pair_objective(name, knobs)

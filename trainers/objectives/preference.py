@@ -234,6 +234,22 @@ def dpo_loss(
     return losses.sum(), _pair_metrics(beta * c, beta * r, chosen_logps, rejected_logps)
 
 
+def rpo_nll(loss_sum: torch.Tensor, chosen_logps: torch.Tensor, nll_tokens_per_pair: float, rpo_alpha: float):
+    """DPO + alpha x NLL of the chosen completions (RPO, arXiv 2404.19733): TRL 1.16's
+    DPOTrainer with `loss_type=["sigmoid", "sft"], loss_weights=[1.0, rpo_alpha]` (TRL
+    before 1.0 called it `DPOConfig.rpo_alpha`). TRL's "sft" term is
+    `-chosen_per_token_logps[chosen_completion_mask].mean()`, a token mean over the chosen
+    completions of the micro-batch; `chosen_logps` are their summed log-probs here, and
+    `nll_tokens_per_pair` = (chosen completion targets of the GLOBAL batch) / (its pairs),
+    so that, divided by the global pair count, the term is the global batch's token mean:
+    TRL's value when the global batch is one micro-batch, split-invariant otherwise (as
+    ORPO's NLL). Returns (loss sum with the term added, the NLL's share for `nll_loss`).
+    Why: DPO alone lowers both answers of a near-miss pair (likelihood displacement); the
+    NLL term keeps the chosen answer likely (docs/dpo-after-sft.md)."""
+    nll = -chosen_logps.sum() / nll_tokens_per_pair
+    return loss_sum + rpo_alpha * nll, nll.detach()
+
+
 def simpo_loss(
     chosen_logps: torch.Tensor,
     chosen_tokens: torch.Tensor,
