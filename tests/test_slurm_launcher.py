@@ -24,7 +24,9 @@ BASE = [
     "data.metric_rows=8", "method.dropout=0",
 ]
 LONG = ["train.max_steps=100", "train.save_every=10"]  # the ddp run is also the preemption reference
-JOB_TIMEOUT_S = 300
+# Generous: on a shared 2-core machine (load average ~20) the three plan jobs took 500 s,
+# and a slow job is not a hung one.
+JOB_TIMEOUT_S = 900
 
 
 def read_state(run_dir: Path) -> dict:

@@ -115,6 +115,14 @@ def test_waiting_reports_resolvable_reasons_and_cancels_what_cannot_resolve(slur
         s = run_status(run)
         assert s["status"] == "cannot start" and "3 nodes (launcher.nodes=3)" in s["cannot_start"], s
         assert f"scancel {too_big}" in format_run(s)
+        (run / "slurm" / "state.json").write_text(json.dumps({"job_id": queued}))
+        for _ in range(20):  # until the scheduler has considered it (sched_interval=2 s)
+            s = run_status(run)
+            if s.get("pending", {}).get("reason") not in (None, "None"):
+                break
+            time.sleep(0.2)
+        assert s["status"] == "pending" and s["pending"]["reason"] in ("Resources", "Priority"), s
+        assert f"pending      {s['pending']['reason']}, waited 0:00:" in format_run(s)
         caplog.set_level(logging.INFO, logger="slurm")
         with pytest.raises(NeverStarts) as e:
             wait_for([queued, doomed], poll_s=0.5, report_every_s=1)
