@@ -7,6 +7,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from launch.config import world_size
+from launch.eval_checks import check_eval_settings
 from parallel import refusal, resume_refusal
 from trainers.data.sources import parse_sources
 from trainers.errors import UserError
@@ -69,6 +70,7 @@ def check_values(cfg: DictConfig) -> None:
     if not parse_sources(cfg.data.train, "data.train"):
         raise UserError("data.train is empty: give a data file (data.train=PATH).")
     parse_sources(cfg.data.get("eval"), "data.eval")
+    check_eval_settings(cfg)
     num_proc = cfg.data.get("num_proc", "auto")
     if num_proc != "auto" and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
         raise UserError(f"data.num_proc={num_proc!r} must be auto or a positive integer (tokenizer processes).")
