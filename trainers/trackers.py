@@ -80,9 +80,11 @@ class TensorBoardSink:
 
 class WandbSink:
     def __init__(self, cfg, start_step: int, ids: TrackerIds):
+        import uuid
+
         import wandb
 
-        run_id = ids.get("wandb") or wandb.util.generate_id()
+        run_id = ids.get("wandb") or uuid.uuid4().hex[:8]
         ids.set("wandb", run_id)
         self._run = wandb.init(project=cfg.train.tracker_project, name=str(cfg.run_dir), id=run_id,
                                resume="allow", dir=str(cfg.run_dir), config=run_params(cfg))
