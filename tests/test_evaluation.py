@@ -29,6 +29,7 @@ def overfit_run(tmp_path_factory) -> tuple[Path, str]:
         "train.max_steps=16", "train.eval_every=2", "train.save_every=1000", "train.micro_batch_size=2",
         "train.grad_accum=1", "optim.lr=1e-2", "method.dropout=0", "train.early_stopping_patience=2",
         "train.export_from=best", "eval.forgetting_alarm=0.5", "train.peak_tflops=0.01",
+        "eval.harness.tasks=[reverse_choice]", "eval.harness.limit=20",
     )
     return run, proc.stderr
 
@@ -132,3 +133,22 @@ def test_dry_run_prints_a_training_row_with_its_loss_mask(tmp_path):
     assert proc.returncode == 0
     assert "first training row of" in proc.stdout
     assert "<|assistant|>[[nxohpt<|end|>]]" in proc.stdout  # only the answer (and its end) is trained
+
+
+def test_harness_task_runs_after_training_on_the_export(overfit_run):
+    """eval.harness.tasks: lm-evaluation-harness scores export/merged on the shipped local
+    task (no network); results land in harness.json and summary.json."""
+    run, _ = overfit_run
+    harness = json.loads((run / "harness.json").read_text())
+    assert harness["model_args"] == {"pretrained": str(run / "export/merged")} and harness["limit"] == 20
+    acc = summary(run)["harness"]["reverse_choice"]["acc,none"]
+    assert acc == harness["results"]["reverse_choice"]["acc,none"] and 0 <= acc <= 1
+
+
+def test_evaluate_command_line_refuses_a_run_without_export(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "launch.evaluate", str(tmp_path), "tasks=[reverse_choice]"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2 and "has no export to score" in out.stderr
