@@ -49,16 +49,18 @@ def model_args(run_dir: Path) -> dict:
 
 
 def evaluate_run(run_dir: Path, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:
+    run_dir = Path(run_dir).resolve()
+    args = model_args(run_dir)  # refuses a run without export before the harness's imports
+
     import lm_eval
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    run_dir = Path(run_dir).resolve()
     if not tasks:
         raise UserError("No task given: python -m launch.evaluate RUN_DIR tasks=[reverse_choice] "
                         f"(local tasks: {', '.join(local_tasks())}).")
     known = local_tasks()
-    lm = HFLM(**model_args(run_dir), device="cuda" if torch.cuda.is_available() else "cpu",
+    lm = HFLM(**args, device="cuda" if torch.cuda.is_available() else "cpu",
               batch_size=batch_size, dtype="float32")
     chat = bool(getattr(lm.tokenizer, "chat_template", None))
     results = lm_eval.simple_evaluate(model=lm, tasks=[known.get(t, t) for t in tasks], limit=limit,
@@ -66,7 +68,7 @@ def evaluate_run(run_dir: Path, tasks: list[str], limit: int | None = None, batc
     scores = {task: {k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "alias"}
               for task, r in results["results"].items()}
     (run_dir / "harness.json").write_text(json.dumps(
-        {"tasks": tasks, "limit": limit, "chat_template": chat, "model_args": model_args(run_dir),
+        {"tasks": tasks, "limit": limit, "chat_template": chat, "model_args": args,
          "results": scores, "versions": results.get("versions")}, indent=1, default=str))
     summary_path = run_dir / "summary.json"
     if summary_path.exists():

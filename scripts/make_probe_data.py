@@ -1,4 +1,4 @@
-"""Generate data/general/probe.jsonl, the general-ability probe every SFT run scores.
+"""Generate data/probes/general.jsonl, the general-ability probe every SFT run scores.
 
 Why: fine-tuning on the bundled reverse task can make the model worse at what it knew
 before (catastrophic forgetting). The base was pre-trained on plain English sentences as
@@ -33,7 +33,7 @@ def main():
             continue
         taken.add(line)
         rows.append({"prompt": subject, "completion": " " + rest})
-    out = ROOT / "data/general/probe.jsonl"
+    out = ROOT / "data/probes/general.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"{out}: {len(rows)} sentences absent from the corpus")

@@ -56,3 +56,9 @@ def test_the_command_line_prints_evidence_and_advice():
     out = subprocess.run([sys.executable, "-m", "launch.doctor", str(CASES / "diverge")], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == 1 and "finding(s)" in out.stdout and "try: lower optim.lr" in out.stdout
+
+
+def test_grpo_run_without_reward_variance():
+    """TRL's GRPOTrainer on the bundled model with a reward that is the same for every
+    completion: every group has zero reward std."""
+    assert names("grpo_flat") == ["GRPO: no reward variance"]

@@ -21,7 +21,7 @@ def overfit_run(tmp_path_factory) -> tuple[Path, str]:
     lines = (REPO / "data/reverse/train.jsonl").read_text().splitlines()
     (tmp / "two.jsonl").write_text("\n".join(lines[:2]) + "\n")
     (tmp / "held.jsonl").write_text("\n".join((REPO / "data/reverse/eval.jsonl").read_text().splitlines()[:8]) + "\n")
-    (tmp / "probe.jsonl").write_text("\n".join((REPO / "data/general/probe.jsonl").read_text().splitlines()[:8]) + "\n")
+    (tmp / "probe.jsonl").write_text("\n".join((REPO / "data/probes/general.jsonl").read_text().splitlines()[:8]) + "\n")
     run = tmp / "run"
     proc = launch(
         f"hydra.run.dir={run}", f"data.train={tmp / 'two.jsonl'}", f"data.eval={{held: {tmp / 'held.jsonl'}}}",
@@ -107,10 +107,12 @@ def test_mfu_is_left_out_on_cpu_without_a_peak():
 
 
 def test_the_general_probe_ships_and_is_on_by_default():
+    from trainers.data.sources import parse_sources
+
     cfg = compose()
-    assert list(cfg.eval.probes) == ["general"]
+    assert [s.name for s in parse_sources(cfg.eval.probes, "eval.probes")] == ["general"]
     corpus = set((REPO / "data/corpus/pretrain.txt").read_text().splitlines())
-    rows = [json.loads(x) for x in (REPO / "data/general/probe.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (REPO / "data/probes/general.jsonl").read_text().splitlines()]
     assert len(rows) == 64 and not any(r["prompt"] + r["completion"] in corpus for r in rows)
 
 

@@ -20,7 +20,7 @@ def tracked_run(tmp_path_factory):
     run = tmp / "run"
     env = {"WANDB_MODE": "offline", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db",
            "TRACKIO_DIR": str(tmp / "trackio"), "WANDB_SILENT": "true"}
-    common = [f"hydra.run.dir={run}", f"data.eval={tmp / 'held.jsonl'}", "eval.probes={}", "data.metric_rows=2",
+    common = [f"hydra.run.dir={run}", f"data.eval={tmp / 'held.jsonl'}", "eval.probes=null", "data.metric_rows=2",
               "train.micro_batch_size=4", "train.grad_accum=1", "train.save_every=1000", "train.eval_every=1000",
               "train.report_to=[tensorboard,wandb,mlflow,trackio]"]
     launch(*common, "train.max_steps=3", env=env)
