@@ -153,10 +153,11 @@ def collapse(run: Run) -> list[Finding]:
     if len(loss) < 5:
         return []
     tail = [v for _, v in loss[-3:]]
-    if max(tail) >= 0.01:
+    if max(tail) >= 0.02 or max(tail) >= 0.01 * loss[0][1]:
         return []
-    first = next(s for s, v in loss if v < 0.01)
-    return [Finding("loss collapsed to zero", f"train loss below 0.01 from step {first} (last {g(tail[-1])})",
+    first = next(s for s, v in loss if v < 0.02)
+    return [Finding("loss collapsed to zero", f"train loss below 0.02 from step {first} (last {g(tail[-1])}, "
+                    f"first {g(loss[0][1])})",
                     "check for eval or answer text leaking into the prompts, duplicated rows, or a task too trivial "
                     "to teach anything; compare with the held-out loss")]
 

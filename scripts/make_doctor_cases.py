@@ -34,7 +34,7 @@ def main():
         "diverge": [*common, "train.max_steps=20", "train.eval_every=10", "optim.lr=0.9"],
         "underfit": [*common, "train.max_steps=20", "train.eval_every=10", "optim.lr=1e-7"],
         "overfit": [*common, *few, "train.max_steps=16", "train.eval_every=2", "optim.lr=1e-2"],
-        "collapse": [*common, *few, "train.max_steps=80", "train.eval_every=20", "optim.lr=1e-2"],
+        "collapse": [*common, *few, "train.max_steps=80", "train.eval_every=20", "optim.lr=3e-3"],
         "dpo": ["objective=dpo", "data=reverse_pref", f"data.eval={pref}", *common[2:], "train.max_steps=20",
                 "train.eval_every=10", "optim.lr=1e-2"],
     }
