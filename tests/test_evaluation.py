@@ -154,3 +154,31 @@ def test_evaluate_command_line_refuses_a_run_without_export(tmp_path):
     out = subprocess.run([sys.executable, "-m", "launch.evaluate", str(tmp_path), "tasks=[reverse_choice]"],
                          cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 2 and "has no export to score" in out.stderr
+
+
+def test_the_judge_resumes_with_its_before_values_best_and_patience():
+    """The judge's state rides in each checkpoint's trainer_state.json (JSON): a judge
+    rebuilt from it after a resume reaches the same stop as one that never stopped."""
+    from trainers.judge import EvalJudge
+
+    cfg = compose("train.early_stopping_patience=2", "eval.forgetting_alarm=0.5")
+    losses = {0: (7.0, 0.25), 2: (4.0, 0.26), 4: (3.0, 0.3), 6: (3.5, 0.5), 8: (3.9, 0.9)}
+
+    def scores(step):
+        return {"held": {"loss": losses[step][0]}, "general": {"loss": losses[step][1]}}
+
+    whole = EvalJudge(cfg.train, cfg.eval, ["held", "general"], False)
+    for s in losses:
+        whole.observe(s, scores(s))
+    first = EvalJudge(cfg.train, cfg.eval, ["held", "general"], False)
+    for s in (0, 2, 4):
+        first.observe(s, scores(s))
+    resumed = EvalJudge(cfg.train, cfg.eval, ["held", "general"], False)
+    resumed.load_state(json.loads(json.dumps(first.state())))
+    for s in (6, 8):
+        resumed.observe(s, scores(s))
+    assert resumed.summary() == whole.summary()
+    assert whole.best == (3.0, 4) and "did not improve for 2 evals" in whole.stop_reason
+    assert whole.table()["held"]["loss"] == {"before": 7.0, "best": 3.0, "best_step": 4, "final": 3.9,
+                                            "delta": pytest.approx(-3.1)}
+    assert [a["step"] for a in whole.alarms] == [6, 8]  # general 0.5 and 0.9: more than 50 % above 0.25
