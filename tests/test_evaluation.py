@@ -23,15 +23,19 @@ def overfit_run(tmp_path_factory) -> tuple[Path, str]:
     (tmp / "held.jsonl").write_text("\n".join((REPO / "data/reverse/eval.jsonl").read_text().splitlines()[:8]) + "\n")
     (tmp / "probe.jsonl").write_text("\n".join((REPO / "data/probes/general.jsonl").read_text().splitlines()[:8]) + "\n")
     run = tmp / "run"
-    proc = launch(
+    proc = launch(*overfit_overrides(tmp, run))
+    return run, proc.stderr
+
+
+def overfit_overrides(tmp: Path, run: Path) -> list[str]:
+    return [
         f"hydra.run.dir={run}", f"data.train={tmp / 'two.jsonl'}", f"data.eval={{held: {tmp / 'held.jsonl'}}}",
         f"eval.probes={{general: {tmp / 'probe.jsonl'}}}", "data.packing=false", "data.metric_rows=4",
         "train.max_steps=16", "train.eval_every=2", "train.save_every=1000", "train.micro_batch_size=2",
         "train.grad_accum=1", "optim.lr=1e-2", "method.dropout=0", "train.early_stopping_patience=2",
         "train.export_from=best", "eval.forgetting_alarm=0.5", "train.peak_tflops=0.01",
         "eval.harness.tasks=[reverse_choice]", "eval.harness.limit=20",
-    )
-    return run, proc.stderr
+    ]
 
 
 def test_before_best_final_per_set_and_metric(overfit_run):
@@ -182,3 +186,13 @@ def test_the_judge_resumes_with_its_before_values_best_and_patience():
     assert whole.table()["held"]["loss"] == {"before": 7.0, "best": 3.0, "best_step": 4, "final": 3.9,
                                             "delta": pytest.approx(-3.1)}
     assert [a["step"] for a in whole.alarms] == [6, 8]  # general 0.5 and 0.9: more than 50 % above 0.25
+
+
+def test_relaunching_an_early_stopped_run_trains_no_further(overfit_run):
+    """(Last in this file: it rewrites the shared run's summary.) The stop reason is in the
+    judge's state in the last checkpoint, so a relaunch exports again and stops."""
+    run, _ = overfit_run
+    launch(*overfit_overrides(run.parent, run))
+    s = summary(run)
+    assert s["final_step"] == 8 and "early stopping" in s["stop_reason"] and s["exported_from"] == "best (step 4)"
+    assert max(r["step"] for r in metrics(run) if "loss" in r) == 8

@@ -148,7 +148,7 @@ class EvalJudge:
     # ------------------------------------------------------------------ resume
     def state(self) -> dict:
         return {"history": self.history, "best": self.best, "without_improvement": self.evals_without_improvement,
-                "alarms": self.alarms}
+                "alarms": self.alarms, "stop_reason": self.stop_reason}
 
     def load_state(self, state: dict | None) -> None:
         if not state:
@@ -157,3 +157,4 @@ class EvalJudge:
         self.best = tuple(state["best"]) if state["best"] else None
         self.evals_without_improvement = state["without_improvement"]
         self.alarms = state["alarms"]
+        self.stop_reason = state.get("stop_reason")  # a relaunch of a stopped run stays stopped

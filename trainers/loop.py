@@ -131,7 +131,7 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
     step = start
     try:
         evals.at_start(start)  # (start-up allowance still running)
-        while step < cfg.train.max_steps:
+        while step < cfg.train.max_steps and not evals.stop_reason:
             t0 = time.perf_counter()
             micro, count = batches.micro_batches(step, plan.dp_rank, objective.unit)
             if step + 1 in planted:
