@@ -1,14 +1,11 @@
 """`python -m launch.doctor` on what real runs wrote: tests/data/doctor/<case>/ holds the
 metrics.jsonl, summary.json and config (objective, optim) of short runs of the bundled
-model made to show one thing each (scripts/make_doctor_cases.py regenerates them), and on
-the overfitting run of tests/test_evaluation.py's settings."""
+model made to show one thing each (scripts/make_doctor_cases.py regenerates them; `overfit`
+has tests/test_evaluation.py's settings without early stopping)."""
 from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
-
-import pytest
 
 from launch.doctor import diagnose
 from tests.helpers import REPO
