@@ -153,8 +153,9 @@ def prepare_data(cfg, tokenizer) -> tuple[dict, list[DataReport]]:
 
 def probe_specs(cfg, eval_names: list[str]) -> list[SourceSpec]:
     """eval.probes: held-out sets scored by loss only, after data.eval's (the general-ability
-    probe that measures forgetting). SFT objectives only: a preference loss needs pairs."""
-    if row_kind(cfg) != "sft" or not cfg.eval.probes:
+    probe that measures forgetting). SFT objectives only: a preference loss needs pairs.
+    They ride along with data.eval: data.eval=null still means no evaluation at all."""
+    if row_kind(cfg) != "sft" or not cfg.eval.probes or not eval_names:
         return []
     specs = parse_sources(cfg.eval.probes, "eval.probes")
     for spec in specs:
