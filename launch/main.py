@@ -48,7 +48,8 @@ def run(cfg: DictConfig, run_dir: str) -> int:
     if code == 0 and cfg.eval.harness.tasks and cfg.launcher.name == "local":  # SLURM jobs end later
         from launch.evaluate import evaluate_run
 
-        for task, scores in evaluate_run(Path(cfg.run_dir), list(cfg.eval.harness.tasks), cfg.eval.harness.limit).items():
+        results = evaluate_run(Path(cfg.run_dir), list(cfg.eval.harness.tasks), cfg.eval.harness.limit)
+        for task, scores in results.items():
             log.info("harness: %s %s", task, " ".join(f"{k}={v:.4g}" for k, v in scores.items()))
     return code
 
