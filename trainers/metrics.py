@@ -37,11 +37,15 @@ class JsonlSink:
 
 class ConsoleSink:
     def __init__(self, start_step: int, max_steps: int):
-        self._bar = None
+        self._bar = self._redirect = None
         if sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self._bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+            # other log lines (checkpoints, warnings) are printed above the bar, not through it
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
 
     def log(self, record: dict) -> None:
         if self._bar is not None and "loss" in record:
@@ -54,6 +58,7 @@ class ConsoleSink:
 
     def close(self) -> None:
         if self._bar is not None:
+            self._redirect.__exit__(None, None, None)
             self._bar.close()
 
 
