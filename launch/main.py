@@ -50,7 +50,14 @@ def run(cfg: DictConfig, run_dir: str) -> int:
     config_path = Path(cfg.run_dir) / "config.yaml"
     config_io.save(cfg, config_path)
     sweep.register(cfg, config_path)  # no-op outside `-m`
-    return launch_fn(cfg, config_path)
+    code = launch_fn(cfg, config_path)
+    if code == 0 and cfg.eval.harness.tasks and cfg.launcher.name == "local":  # SLURM jobs end later
+        from launch.evaluate import evaluate_run
+
+        results = evaluate_run(Path(cfg.run_dir), list(cfg.eval.harness.tasks), cfg.eval.harness.limit)
+        for task, scores in results.items():
+            log.info("harness: %s %s", task, " ".join(f"{k}={v:.4g}" for k, v in scores.items()))
+    return code
 
 
 def main(cfg: DictConfig, run_dir: str) -> int:

@@ -6,6 +6,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from launch.config import REPO_ROOT, world_size
+from launch.sample_row import sample_row
 
 
 def dry_run_report(cfg: DictConfig) -> str:
@@ -20,6 +21,7 @@ def dry_run_report(cfg: DictConfig) -> str:
         f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum} x {world_size(cfg)} rows of <= {cfg.data.max_seq_len} tokens",
     ]
     lines += ["", memory(cfg)]
+    lines += ["", *sample_row(cfg)]
     if cfg.launcher.name == "slurm":
         lines += ["", *slurm_script(cfg)]
     lines += ["", "config:", OmegaConf.to_yaml(cfg)]

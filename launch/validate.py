@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from launch.choices import CHOICES, NAMED_GROUPS
 from launch.config import group_option, world_size
+from launch.eval_checks import check_eval_settings
 from parallel import refusal, resume_refusal
 from trainers.data.source_specs import parse_sources
 from trainers.errors import UserError
@@ -92,6 +93,7 @@ def check_values(cfg: DictConfig) -> None:
     if not parse_sources(cfg.data.train, "data.train"):
         raise UserError("data.train is empty: give a data file (data.train=PATH).")
     parse_sources(cfg.data.eval, "data.eval")
+    check_eval_settings(cfg)
     num_proc = cfg.data.num_proc
     if num_proc != "auto" and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
         raise UserError(f"data.num_proc={num_proc!r} must be auto or a positive integer (tokenizer processes).")

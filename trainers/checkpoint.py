@@ -267,11 +267,17 @@ class Checkpointer:
             f"{self.root} away to start the run from the beginning."
         )
 
-    def restore(self, before_step: int | None = None) -> dict | None:
+    def restore(self, before_step: int | None = None, directory: Path | None = None) -> dict | None:
         """Load the newest intact committed checkpoint into the plan; returns its trainer
         state. A rollback (`before_step`) keeps the live schedule, which is already at the
-        step the run continues from, and sets the optimizer's lr from it."""
-        directory = self.intact_checkpoint(before_step)
+        step the run continues from, and sets the optimizer's lr from it. `directory`:
+        load that checkpoint instead (the best one, for the export), checked likewise."""
+        if directory is not None:
+            problems = self._damage(directory)
+            if problems:
+                raise TrainingError(f"Checkpoint {directory} is damaged: {'; '.join(problems)}")
+        else:
+            directory = self.intact_checkpoint(before_step)
         if directory is None:
             return None
         state = json.loads((directory / "trainer_state.json").read_text())

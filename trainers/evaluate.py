@@ -150,19 +150,32 @@ class Evaluator:
         hits, n = all_reduce_sum([hits, n], env.device)
         return hits / max(n, 1.0)
 
-    def run(self) -> dict:
+    def run_sets(self) -> dict[str, dict[str, float]]:
+        """{set name: {metric: value}}, every set in data.eval order. Loss-only sets
+        (eval.probes) skip generation."""
         was_training = self.plan.eval_model.training
         self.plan.eval_model.eval()
         try:
             out = {}
-            for i, source in enumerate(self.sets):
+            for source in self.sets:
                 scores = self.loss(source)
-                if self.objective.generates:  # (a reward model writes no text)
+                if self.objective.generates and not source.loss_only:  # (a reward model writes no text)
                     scores["eval_exact_match"] = self.exact_match(source)
-                if i == 0:
-                    out.update(scores)
-                if len(self.sets) > 1:
-                    out.update({f"{k}/{source.name}": v for k, v in scores.items()})
+                out[source.name] = {k[len("eval_"):]: v for k, v in scores.items()}
             return out
         finally:
             self.plan.eval_model.train(was_training)
+
+    def flatten(self, per_set: dict[str, dict[str, float]]) -> dict:
+        """The metrics.jsonl form: the first set's metrics as `eval_<metric>`; with several
+        sets each also as `eval_<metric>/<set>`."""
+        out = {}
+        for i, (name, scores) in enumerate(per_set.items()):
+            if i == 0:
+                out.update({f"eval_{k}": v for k, v in scores.items()})
+            if len(per_set) > 1:
+                out.update({f"eval_{k}/{name}": v for k, v in scores.items()})
+        return out
+
+    def run(self) -> dict:
+        return self.flatten(self.run_sets())

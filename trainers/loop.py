@@ -28,7 +28,7 @@ from trainers.distributed import (
     shutdown,
 )
 from trainers.errors import TrainingError
-from trainers.evaluate import Evaluator
+from trainers.eval_rounds import EvalRounds
 from trainers.model.export import export
 from trainers.metrics import MetricsLogger, plot_losses, write_summary
 from trainers.model.load import ModelSource, count_parameters, load_tokenizer
@@ -37,6 +37,7 @@ from trainers.model.peft_methods import method_summary
 from trainers.objectives.reference import precompute_kl_reference, precompute_reference
 from trainers.rng import seed_everything
 from trainers.spike_guard import SpikeGuard, corrupt_targets, planted_steps
+from trainers.throughput import Throughput
 from trainers.watchdog import Watchdog, allowances
 
 log = logging.getLogger("train")
@@ -100,6 +101,7 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
             precompute_kl_reference(plan, batches, data.eval, run_dir, cfg.train.max_steps,
                                     cfg.train.micro_batch_size, tokenizer.pad_token_id, int(cfg.data.max_seq_len))
     trainable, total = count_parameters(plan.inner)
+    speed = Throughput(cfg, env.device, total, env.world_size)
     if env.is_main:
         for r in data.reports:
             log.info("data: %s", r.kept_and_skipped())
@@ -123,14 +125,13 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
     guard.load_state(resumed.get("spike_guard") if resumed else None)
     planted = planted_steps()  # fault injection for tests (environment), empty otherwise
 
-    evaluator = Evaluator(cfg, plan, tokenizer, data.eval, data.packed) if data.eval else None
-    metrics = MetricsLogger(run_dir, env.is_main, start, cfg.train.max_steps)
-    status, error, last = "completed", None, {}
+    metrics = MetricsLogger(cfg, env.is_main, start)
+    evals = EvalRounds(cfg, plan, tokenizer, data, metrics, ckpt, resumed)
+    status, error, last, exported_from = "completed", None, {}, None
     step = start
     try:
-        if evaluator and start == 0:
-            metrics.log({"step": 0, **evaluator.run()})  # (start-up allowance still running)
-        while step < cfg.train.max_steps:
+        evals.at_start(start)  # (start-up allowance still running)
+        while step < cfg.train.max_steps and not evals.stop_reason:
             t0 = time.perf_counter()
             micro, count = batches.micro_batches(step, plan.dp_rank, objective.unit)
             if step + 1 in planted:
@@ -153,7 +154,7 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
             tokens_seen += int(real_tokens)
             dt = time.perf_counter() - t0
             last = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                    "tokens": int(real_tokens), "tokens_per_s": real_tokens / dt, **batches.stats(step - 1),
+                    "tokens": int(real_tokens), **speed.of(real_tokens, dt), **batches.stats(step - 1),
                     **objective.finalize(dict(zip(names, values)), count)}
             if guard.reason:
                 last.update(skipped=True, skip_reason=guard.reason, rows=batches.row_ids(step - 1))
@@ -165,15 +166,18 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
             if guard.needs_rollback:
                 with watchdog.long("spike-guard rollback"):
                     roll_back_past_spikes(guard, ckpt, metrics, step, env.is_main)
-            if evaluator and step % cfg.train.eval_every == 0:
+            if evals.due(step):
                 with watchdog.long("eval"):
-                    last.update(evaluator.run())
-                metrics.log({"step": step, **{k: v for k, v in last.items() if k.startswith("eval_")}})
+                    last.update(evals.run(step))
             preempt = any_rank(stop.requested, env.device)
-            if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or preempt:
+            if (step % cfg.train.save_every == 0 or step == cfg.train.max_steps or preempt
+                    or evals.wants_checkpoint(step) or evals.stop_reason):
                 with watchdog.long("checkpoint save"):
                     ckpt.save(step, {"epoch": batches.epoch_of(step), "tokens_seen": tokens_seen,
-                                     "spike_guard": guard.state()})
+                                     "spike_guard": guard.state(), "evals": evals.state()})
+                    evals.after_save(step)
+            if evals.stop_reason:
+                break
             if preempt:
                 with watchdog.long("checkpoint save"):
                     ckpt.wait()
@@ -181,11 +185,9 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
                 break
         if status == "completed":
             with watchdog.long("final eval, checkpoint and export"):
-                if evaluator and step % cfg.train.eval_every != 0:
-                    final_eval = evaluator.run()
-                    last.update(final_eval)
-                    metrics.log({"step": step, **final_eval})
+                last.update(evals.at_end(step))
                 ckpt.wait()
+                exported_from = evals.before_export()
                 written = export(plan, cfg, tokenizer, run_dir)
             if env.is_main:
                 log.info("export: %s", written)
@@ -202,24 +204,32 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
             with contextlib.suppress(TrainingError):
                 ckpt.wait()
         metrics.close()
-        summary = {
-            "status": status, "final_step": step, "world_size": env.world_size,
-            "plan": cfg.parallel.name, "method": cfg.method.name,
-            "final_loss": last.get("loss"), "final_eval_loss": last.get("eval_loss"),
-            "final_eval_exact_match": last.get("eval_exact_match"),
-            "trainable_params": trainable, "tokens_seen": tokens_seen,
-            "wall_time_s": round(time.time() - t_start, 2), "error": error,
-        }
-        if "eval_rewards/accuracies" in last:  # preference objectives: held-out preference accuracy
-            summary["final_eval_preference_accuracy"] = last["eval_rewards/accuracies"]
-        elif "eval_accuracy" in last:  # a reward model's (objective=reward)
-            summary["final_eval_preference_accuracy"] = last["eval_accuracy"]
+        summary = run_summary(cfg, env, status, step, last, trainable, tokens_seen, t_start, error,
+                              {**evals.summary(), "exported_from": exported_from})
         if env.is_main:
             plot_losses(run_dir)
             write_summary(run_dir, summary)
         plan.close()
     if not leave_process_group:
         shutdown()
+    return summary
+
+
+def run_summary(cfg, env, status: str, step: int, last: dict, trainable: int, tokens_seen: int,
+                t_start: float, error: str | None, evals: dict) -> dict:
+    """summary.json: how the run ended, its final numbers and its evals' before/best/final."""
+    summary = {
+        "status": status, "final_step": step, "world_size": env.world_size,
+        "plan": cfg.parallel.name, "method": cfg.method.name,
+        "final_loss": last.get("loss"), "final_eval_loss": last.get("eval_loss"),
+        "final_eval_exact_match": last.get("eval_exact_match"),
+        "trainable_params": trainable, "tokens_seen": tokens_seen,
+        "wall_time_s": round(time.time() - t_start, 2), "error": error, **evals,
+    }
+    if "eval_rewards/accuracies" in last:  # preference objectives: held-out preference accuracy
+        summary["final_eval_preference_accuracy"] = last["eval_rewards/accuracies"]
+    elif "eval_accuracy" in last:  # a reward model's (objective=reward)
+        summary["final_eval_preference_accuracy"] = last["eval_accuracy"]
     return summary
 
 

@@ -1,7 +1,10 @@
-"""Where numbers go: metrics.jsonl, TensorBoard, a progress bar or plain log lines.
+"""Where numbers go: one stream of records, written by rank 0 to every sink.
 
-Only rank 0 writes. On a terminal a tqdm bar shows progress; in a batch log (SLURM, CI)
-each logged step is one plain line, which greps and tails better than bar redraws.
+Sinks: metrics.jsonl (full precision, always), the trackers of train.report_to
+(TensorBoard by default; W&B, MLflow, trackio: trainers/trackers.py) and the console. On a
+terminal a tqdm bar shows progress; in a batch log (SLURM, CI) each logged step is one
+plain line with floats cut to a few significant digits, which greps and tails better
+than bar redraws. Other ranks get no sinks.
 """
 from __future__ import annotations
 
@@ -16,23 +19,63 @@ from trainers.files import atomic_write
 log = logging.getLogger("train")
 
 
-class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, start_step: int, max_steps: int):
-        self.enabled = enabled
-        self.run_dir = Path(run_dir)
-        self.t0 = time.perf_counter()
-        self._bar = None
-        self._tb = None
-        if not enabled:
-            return
-        self._file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
-        from torch.utils.tensorboard import SummaryWriter
+def short(value) -> str:
+    """A float with 4 significant digits (metrics.jsonl keeps all of them)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
-        self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
+
+class JsonlSink:
+    def __init__(self, run_dir: Path):
+        self._file = open(Path(run_dir) / "metrics.jsonl", "a", buffering=1)
+
+    def log(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class ConsoleSink:
+    def __init__(self, start_step: int, max_steps: int):
+        self._bar = self._redirect = None
         if sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self._bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True)
+            # other log lines (checkpoints, warnings) are printed above the bar, not through it
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+
+    def log(self, record: dict) -> None:
+        if self._bar is not None and "loss" in record:
+            self._bar.update(record["step"] - self._bar.n)
+            self._bar.set_postfix(loss=short(record["loss"]), lr=f"{record['lr']:.2e}")
+        elif self._bar is not None:  # above the bar, not through it
+            self._bar.write(" ".join(f"{k}={short(v)}" for k, v in record.items()), file=sys.stderr)
+        else:
+            log.info(" ".join(f"{k}={short(v)}" for k, v in record.items()))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._redirect.__exit__(None, None, None)
+            self._bar.close()
+
+
+class MetricsLogger:
+    """The loop's one metric stream: `log(record)` (a dict with `step`) goes to every sink."""
+
+    def __init__(self, cfg, enabled: bool, start_step: int):
+        self.enabled = enabled
+        self.run_dir = Path(cfg.run_dir)
+        self.t0 = time.perf_counter()
+        self.sinks = []
+        if not enabled:
+            return
+        from trainers.trackers import tracker_sinks
+
+        self.sinks = [JsonlSink(self.run_dir), *tracker_sinks(cfg, start_step),
+                      ConsoleSink(start_step, cfg.train.max_steps)]
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -42,24 +85,12 @@ class MetricsLogger:
             return
         record = dict(record)
         record["elapsed_s"] = round(self.elapsed(), 3)
-        self._file.write(json.dumps(record) + "\n")
-        step = record["step"]
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
-                self._tb.add_scalar(("eval/" if k.startswith("eval") else "train/") + k, v, step)
-        if self._bar is not None and "loss" in record:
-            self._bar.update(step - self._bar.n)
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-        else:
-            log.info(" ".join(f"{k}={v}" for k, v in record.items()))
+        for sink in self.sinks:
+            sink.log(record)
 
     def close(self) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.close()
-        self._tb.close()
-        self._file.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -67,6 +67,7 @@ class Source:
         self.per_row = store.per_row
         self.reference: np.ndarray | None = None
         self.kl_reference: np.ndarray | None = None
+        self.loss_only = False  # an eval.probes set: scored by loss, no generation
 
     def __len__(self) -> int:
         return len(self.store) // self.per_row if self.order is None else len(self.offsets) - 1

@@ -88,7 +88,30 @@ def prepare_data(cfg, tokenizer) -> tuple[dict, list[DataReport]]:
             report.cached = not built
             reports.append(report)
             prepared[split].append({"name": spec.name, "path": spec.path, "weight": spec.weight, "dir": str(folder)})
+    for spec in probe_specs(cfg, [e["name"] for e in prepared["eval"]]):
+        folder, built = ensure(spec.path, tokenizer, OmegaConf.merge(cfg.data, {"format": "auto"}), root, kind)
+        if packs_bins(cfg):
+            _ensure_bins(folder, int(cfg.data.max_seq_len))
+        reports.append(TokenStore(folder).report())
+        reports[-1].cached = not built
+        prepared["eval"].append({"name": spec.name, "path": spec.path, "weight": 1.0, "dir": str(folder),
+                                 "loss_only": True})
     return prepared, reports
+
+
+def probe_specs(cfg, eval_names: list[str]) -> list[SourceSpec]:
+    """eval.probes: held-out sets scored by loss only, after data.eval's (the general-ability
+    probe that measures forgetting). SFT objectives only: a preference loss needs pairs.
+    They ride along with data.eval: data.eval=null still means no evaluation at all."""
+    if row_kind(cfg) != "sft" or not cfg.eval.probes or not eval_names:
+        return []
+    specs = parse_sources(cfg.eval.probes, "eval.probes")
+    for spec in specs:
+        if spec.name in eval_names:
+            raise UserError(f"eval.probes has a set named {spec.name!r}, like one of data.eval's sets "
+                            f"({', '.join(eval_names)}); give the probe another name, e.g. "
+                            f"'eval.probes={{general_probe: {spec.path}}}'.")
+    return specs
 
 
 @dataclass
@@ -113,6 +136,8 @@ def open_data(cfg, tokenizer) -> TrainingData:
 
     train = [source(e) for e in prepared["train"]]
     evals = [source(e) for e in prepared["eval"]]
+    for s, e in zip(evals, prepared["eval"]):
+        s.loss_only = bool(e.get("loss_only", False))
     return TrainingData(train, evals, packed, [s.store.report() for s in train + evals])
 
 
