@@ -24,6 +24,9 @@ CHOICES: dict[str, tuple] = {
     "data.format": ("auto", "messages", "prompt_completion", "preference", "unpaired_preference"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "parallel.schedule": ("1f1b", "gpipe", "interleaved_1f1b"),
+    "train.best_mode": ("min", "max"),
+    "train.export_from": ("last", "best"),
+    "eval.forgetting_action": ("warn", "stop"),
 }
 # A group's `name`: one of its conf/ options' names (launcher=slurm_local is named slurm).
 NAMED_GROUPS = ("method", "parallel", "objective", "launcher", "optim")
@@ -34,6 +37,6 @@ CHECKED_ELSEWHERE = {"objective.loss_type": "TRL's DPO loss types (trainers/obje
 AUTO_OR_NUMBER = ("data.num_proc", "train.loss_chunk_tokens", "parallel.reduce_bucket_size",
                   "parallel.stage3_max_live_parameters", "parallel.stage3_max_reuse_distance",
                   "parallel.stage3_prefetch_bucket_size")
-FREE_TEXT = ("run_name", "model.name", "model.path", "model.arch.model_type", "data.name", "data.train", "data.eval",
+FREE_TEXT = ("run_name", "train.best_metric", "train.tracker_project", "model.name", "model.path", "model.arch.model_type", "data.name", "data.train", "data.eval",
              "data.cache_dir", "method.target_modules", "launcher.partition", "launcher.account", "launcher.qos",
              "launcher.constraint")

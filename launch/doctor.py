@@ -58,13 +58,21 @@ class Run:
     def series(self, key: str) -> list[tuple[int, float]]:
         return [(r["step"], float(r[key])) for r in self.steps if key in r and r[key] is not None]
 
+    def saved(self, dotted: str, default=None):
+        """A setting of the run's saved config.yaml: a run written by an older version (or
+        one still starting) may lack it."""
+        node = self.config
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return default if node is None else node
+
     @property
     def objective(self) -> str:
-        return (self.config.get("objective") or {}).get("name", "sft")
+        return self.saved("objective.name", "sft")
 
     @property
     def lr(self):
-        return (self.config.get("optim") or {}).get("lr")
+        return self.saved("optim.lr")
 
 
 def _mean(xs):

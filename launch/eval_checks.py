@@ -2,7 +2,7 @@
 UserError naming the bad value and what is accepted, before any process starts)."""
 from __future__ import annotations
 
-from trainers.data.sources import parse_sources, probe_specs
+from trainers.data.source_specs import parse_sources, probe_specs
 from trainers.errors import UserError
 from trainers.judge import parse_best_metric
 from trainers.trackers import TRACKERS
@@ -15,9 +15,6 @@ def _choice(key: str, value, accepted) -> None:
 
 def check_eval_settings(cfg) -> None:
     t, e = cfg.train, cfg.eval
-    _choice("train.best_mode", t.best_mode, ("min", "max"))
-    _choice("train.export_from", t.export_from, ("last", "best"))
-    _choice("eval.forgetting_action", e.forgetting_action, ("warn", "stop"))
     if not isinstance(t.keep_best, bool):
         raise UserError(f"train.keep_best={t.keep_best!r} must be true or false.")
     p = t.early_stopping_patience

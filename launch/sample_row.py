@@ -1,6 +1,10 @@
 """The dry run's look at one training row as the model will see it: the chat template
 applied, tokenized, and which tokens the loss trains on. Checking this before a long run
-catches a wrong template or a mask that trains on the prompt (or on nothing)."""
+catches a wrong template or a mask that trains on the prompt (or on nothing).
+
+It needs the model's tokenizer (transformers, which imports torch: about a second), so it
+is the dry run's last part and only for a local model.path; a hub id's tokenizer is not
+fetched before launch, and the rest of the dry run imports neither."""
 from __future__ import annotations
 
 OPEN, CLOSE = "[[", "]]"
@@ -18,15 +22,27 @@ def marked(tokenizer, ids, mask) -> str:
 
 
 def sample_row(cfg) -> list[str]:
-    from trainers.data.encoding import encode_chunk
-    from trainers.data.rows import read_raw
-    from trainers.data.sources import parse_sources, row_kind
-    from trainers.model.load import load_tokenizer
+    from pathlib import Path
+
+    from trainers.data.source_specs import parse_sources, row_kind
 
     spec = parse_sources(cfg.data.train, "data.train")[0]
-    tokenizer = load_tokenizer(cfg.model)
-    first = next(read_raw(spec.path, batch=1))[:1]
-    enc = encode_chunk(tokenizer, first, cfg.data, row_kind(cfg))
+    if not Path(str(cfg.model.path)).expanduser().is_dir():
+        return [f"first training row of {spec.path}: shown when the run starts (model.path={cfg.model.path} is "
+                f"not a local directory: its tokenizer is not fetched before launch)"]
+    from trainers.data.encoding import encode_chunk
+    from trainers.data.rows import read_raw
+    from trainers.model.load import load_tokenizer
+
+    from trainers.errors import UserError
+
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+        first = next(read_raw(spec.path, batch=1))[:1]
+        enc = encode_chunk(tokenizer, first, cfg.data, row_kind(cfg))
+    except (OSError, ValueError, UserError) as e:  # e.g. no tokenizer files, no chat template
+        return [f"first training row of {spec.path}: cannot be rendered with model.path={cfg.model.path}'s "
+                f"tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"]
     if enc.error is not None:
         return [f"first training row of {spec.path}: bad row ({enc.error[1]})"]
     lines = [f"first training row of {spec.path}, as trained (tokens the loss trains on between "

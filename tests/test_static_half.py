@@ -1,6 +1,7 @@
 """The launcher's static half (validation, refusals, the estimate, the dry run) imports no
 torch, DeepSpeed or transformers: a refusal or a dry run answers in about a second, and a
-login node without the training stack can still check and submit a job."""
+login node without the training stack can still check and submit a job. (A dry run of a
+local model ends with one decoded training row, which needs its tokenizer: launch/sample_row.py.)"""
 from __future__ import annotations
 
 import subprocess
@@ -12,12 +13,14 @@ from tests.helpers import REPO
 
 HEAVY = ("torch", "transformers", "deepspeed")
 COMMANDS = [
-    "dry_run=true",
+    "model=8b dry_run=true",
     "model=70b method=qlora parallel=zero3 launcher=slurm launcher.nodes=2 launcher.gpus_per_node=8 dry_run=true",
     "model=8b parallel=fsdp2 launcher.nproc_per_node=2 dry_run=true",
     "model=8b parallel=pipeline launcher.nproc_per_node=2 dry_run=true",
-    "objective=dpo data=reverse_pref dry_run=true",
-    "parallel=pipeline method=prefix",  # a refusal
+    "model=8b objective=dpo data=reverse_pref dry_run=true",
+    "parallel=pipeline method=prefix",  # refusals of a local model
+    "+train.num_epochs=3",
+    "objective=dpo objective.loss_type=nope",
 ]
 
 

@@ -29,7 +29,7 @@ def run_params(cfg) -> dict[str, str]:
     from launch.secrets import SECRET_NAME, secret_env
 
     tree = OmegaConf.to_container(cfg, resolve=True)
-    tree.get("data", {}).pop("prepared", None)
+    tree["data"].pop("prepared", None)
     secrets = [v for v in secret_env().values()]
     flat: dict[str, str] = {}
 

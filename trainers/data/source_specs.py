@@ -60,3 +60,26 @@ def parse_sources(value, key: str) -> list[SourceSpec]:
     if bad:
         raise UserError(f"{key} source names {bad} may use only letters, digits, '_', '-', '.', '/'.")
     return specs
+
+
+def row_kind(cfg) -> str:
+    """The kind of row the objective reads (trainers.data.rows.ROW_KINDS)."""
+    from trainers.objectives.settings import OBJECTIVE_ROWS, check_objective_name
+
+    check_objective_name(cfg.objective.name)
+    return OBJECTIVE_ROWS[cfg.objective.name]
+
+
+def probe_specs(cfg, eval_names: list[str]) -> list[SourceSpec]:
+    """eval.probes: held-out sets scored by loss only, after data.eval's (the general-ability
+    probe that measures forgetting). SFT objectives only: a preference loss needs pairs.
+    They ride along with data.eval: data.eval=null still means no evaluation at all."""
+    if row_kind(cfg) != "sft" or not cfg.eval.probes or not eval_names:
+        return []
+    specs = parse_sources(cfg.eval.probes, "eval.probes")
+    for spec in specs:
+        if spec.name in eval_names:
+            raise UserError(f"eval.probes has a set named {spec.name!r}, like one of data.eval's sets "
+                            f"({', '.join(eval_names)}); give the probe another name, e.g. "
+                            f"'eval.probes={{general_probe: {spec.path}}}'.")
+    return specs

@@ -13,22 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from trainers.data.batches import BatchLayout, GlobalBatches, Source
-from trainers.data.source_specs import parse_sources
+from trainers.data.source_specs import parse_sources, probe_specs, row_kind
 from trainers.errors import UserError
 from trainers.files import atomic_write, locked
 from trainers.data.packing import best_fit_decreasing
 from trainers.model.peft_methods import SUPPORTS_PACKING
 from trainers.data.token_cache import DataReport, TokenStore, ensure
-
-def row_kind(cfg) -> str:
-    """The kind of row the objective reads (trainers.data.rows.ROW_KINDS)."""
-    from trainers.objectives.settings import OBJECTIVE_ROWS, check_objective_name
-
-    check_objective_name(cfg.objective.name)
-    return OBJECTIVE_ROWS[cfg.objective.name]
-
 
 def is_packed(cfg) -> bool:
     """data.packing, where the method keeps attention inside each packed sequence. SFT rows
@@ -97,21 +90,6 @@ def prepare_data(cfg, tokenizer) -> tuple[dict, list[DataReport]]:
         prepared["eval"].append({"name": spec.name, "path": spec.path, "weight": 1.0, "dir": str(folder),
                                  "loss_only": True})
     return prepared, reports
-
-
-def probe_specs(cfg, eval_names: list[str]) -> list[SourceSpec]:
-    """eval.probes: held-out sets scored by loss only, after data.eval's (the general-ability
-    probe that measures forgetting). SFT objectives only: a preference loss needs pairs.
-    They ride along with data.eval: data.eval=null still means no evaluation at all."""
-    if row_kind(cfg) != "sft" or not cfg.eval.probes or not eval_names:
-        return []
-    specs = parse_sources(cfg.eval.probes, "eval.probes")
-    for spec in specs:
-        if spec.name in eval_names:
-            raise UserError(f"eval.probes has a set named {spec.name!r}, like one of data.eval's sets "
-                            f"({', '.join(eval_names)}); give the probe another name, e.g. "
-                            f"'eval.probes={{general_probe: {spec.path}}}'.")
-    return specs
 
 
 @dataclass
