@@ -150,13 +150,16 @@ class Evaluator:
         hits, n = all_reduce_sum([hits, n], env.device)
         return hits / max(n, 1.0)
 
-    def run(self) -> dict:
+    def run(self, step: int = 0) -> dict:
         was_training = self.plan.eval_model.training
         self.plan.eval_model.eval()
         try:
             out = {}
             for i, source in enumerate(self.sets):
-                scores = {**self.loss(source), "eval_exact_match": self.exact_match(source)}
+                if hasattr(self.objective, "evaluate"):  # on-policy objectives (grpo) score their own generations
+                    scores = self.objective.evaluate(self, source, step)
+                else:
+                    scores = {**self.loss(source), "eval_exact_match": self.exact_match(source)}
                 if i == 0:
                     out.update(scores)
                 if len(self.sets) > 1:

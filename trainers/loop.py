@@ -129,10 +129,12 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
     step = start
     try:
         if evaluator and start == 0:
-            metrics.log({"step": 0, **evaluator.run()})  # (start-up allowance still running)
+            metrics.log({"step": 0, **evaluator.run(0)})  # (start-up allowance still running)
         while step < cfg.train.max_steps:
             t0 = time.perf_counter()
             micro, count = batches.micro_batches(step, plan.dp_rank, objective.unit)
+            if getattr(objective, "rollout", None):  # on-policy objectives (grpo): prompts -> scored completions
+                micro, count = objective.rollout(plan, micro, step)
             if step + 1 in planted:
                 micro = corrupt_targets(micro, len(tokenizer), cfg.seed + step)
             loss_sum, real_tokens, sums = plan.forward_backward(micro, count, objective)
@@ -167,7 +169,7 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
                     roll_back_past_spikes(guard, ckpt, metrics, step, env.is_main)
             if evaluator and step % cfg.train.eval_every == 0:
                 with watchdog.long("eval"):
-                    last.update(evaluator.run())
+                    last.update(evaluator.run(step))
                 metrics.log({"step": step, **{k: v for k, v in last.items() if k.startswith("eval_")}})
             preempt = any_rank(stop.requested, env.device)
             if step % cfg.train.save_every == 0 or step == cfg.train.max_steps or preempt:
@@ -182,7 +184,7 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
         if status == "completed":
             with watchdog.long("final eval, checkpoint and export"):
                 if evaluator and step % cfg.train.eval_every != 0:
-                    final_eval = evaluator.run()
+                    final_eval = evaluator.run(step)
                     last.update(final_eval)
                     metrics.log({"step": step, **final_eval})
                 ckpt.wait()
@@ -210,6 +212,8 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
             "trainable_params": trainable, "tokens_seen": tokens_seen,
             "wall_time_s": round(time.time() - t_start, 2), "error": error,
         }
+        if "eval_reward" in last:  # grpo: held-out mean reward of greedy completions
+            summary["final_eval_reward"] = last["eval_reward"]
         if "eval_rewards/accuracies" in last:  # preference objectives: held-out preference accuracy
             summary["final_eval_preference_accuracy"] = last["eval_rewards/accuracies"]
         if env.is_main:

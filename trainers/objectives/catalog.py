@@ -34,7 +34,7 @@ from trainers.objectives.lm_loss import lm_ce_sum
 # objective name -> kind of data row it reads (trainers.data.rows.ROW_KINDS). simpo and orpo
 # follow TRL's CPO/ORPO tokenization, dpo/ipo/kto TRL's DPO/KTO one.
 OBJECTIVE_ROWS = {"sft": "sft", "dpo": "pairs", "ipo": "pairs", "simpo": "pairs_text", "orpo": "pairs_text",
-                  "kto": "unpaired"}
+                  "kto": "unpaired", "grpo": "prompts"}
 # objectives that compare with a reference model
 NEEDS_REFERENCE = ("dpo", "ipo", "kto")
 
@@ -261,6 +261,10 @@ def get_objective(cfg) -> Objective:
         return Objective("sft", "targets", sft, None, knobs)
     if name == "kto":
         return kto_objective(knobs)
+    if name == "grpo":  # on-policy: generates its batches (trainers/objectives/grpo.py)
+        from trainers.objectives.grpo import GRPO
+
+        return GRPO(knobs)
     return pair_objective(name, knobs)
 
 
@@ -269,6 +273,10 @@ def check_knobs(cfg) -> None:
     knobs = _knobs(cfg)
     name = knobs["name"]
     check_objective_name(name)
+    if name == "grpo":
+        from trainers.objectives.grpo import check_knobs as check_grpo
+
+        return check_grpo(knobs)
     for key in ("beta", "gamma", "desirable_weight", "undesirable_weight"):
         if key in knobs:
             v = knobs[key]
