@@ -18,7 +18,8 @@ Math (TRL's, with its names):
              r = sum of weighted rewards; a completion no reward scores gets A = 0.
   per token  -min(rho A, clip(rho, 1 - epsilon, 1 + epsilon_high) A) + beta KL,
              rho = exp(logp - old logp) per token, or per sequence (importance_sampling_level=
-             sequence: exp of the mean log-ratio), KL = exp(ref - logp) - (ref - logp) - 1.
+             sequence: exp of the mean log-ratio), KL = exp(ref - logp) - (ref - logp) - 1,
+             times rho with use_bias_correction_kl (TRL's default).
              With num_iterations=1 the old log-probs are the current ones detached (rho = 1).
   aggregate  dapo: / completion tokens of the global batch; grpo: mean over the sequences
              of each sequence's token mean; dr_grpo: / (sequences x max_completion_length);
@@ -84,6 +85,7 @@ def check_knobs(k: dict) -> None:
     need(k.get("importance_sampling_level") in IS_LEVELS, "importance_sampling_level",
          f"use one of {', '.join(IS_LEVELS)}")
     need(isinstance(k.get("mask_truncated_completions"), bool), "mask_truncated_completions", "true or false")
+    need(isinstance(k.get("use_bias_correction_kl"), bool), "use_bias_correction_kl", "true or false")
     check_reward_specs(k.get("rewards"), k.get("reward_weights"))
 
 
@@ -138,7 +140,8 @@ def nanstd(x: torch.Tensor, dim=None) -> torch.Tensor:
     return torch.sqrt(var).squeeze() if dim is None else torch.sqrt(var).squeeze(dim)
 
 
-def policy_loss(logps, mask, advantages, old_logps, ref_logps, *, epsilon, epsilon_high, beta, loss_type, level):
+def policy_loss(logps, mask, advantages, old_logps, ref_logps, *, epsilon, epsilon_high, beta, loss_type, level,
+                bias_correction_kl=True):
     """(loss SUM over the micro-batch in the unit of `loss_type`, {metric: sum}) from
     per-token log-probs in the [rows, positions] frame (mask: completion targets)."""
     mask = mask.to(logps.dtype)
@@ -156,6 +159,8 @@ def policy_loss(logps, mask, advantages, old_logps, ref_logps, *, epsilon, epsil
     if beta != 0.0:
         d = (ref_logps - logps) * mask
         kl = torch.exp(d) - d - 1
+        if bias_correction_kl:  # TRL's use_bias_correction_kl (default on): the unbiased reverse-KL gradient
+            kl = kl * coef_1
         per_token = per_token + beta * kl
         sums["kl"] = (kl.detach() * mask).sum()
     if loss_type == "grpo":
@@ -322,7 +327,8 @@ class GRPO:
                                  batch["old_logps"].to(device) if "old_logps" in batch else None,
                                  batch["ref_logps"].to(device) if "ref_logps" in batch else None,
                                  epsilon=self.eps, epsilon_high=self.eps_high, beta=self.beta,
-                                 loss_type=self.knobs["loss_type"], level=self.knobs["importance_sampling_level"])
+                                 loss_type=self.knobs["loss_type"], level=self.knobs["importance_sampling_level"],
+                                 bias_correction_kl=bool(self.knobs["use_bias_correction_kl"]))
         sums["entropy"] = (entropy * mask).sum()
         sums["count/tokens"] = mask.sum().float()
         sums["count/sequences"] = torch.tensor(float(mask.size(0)))
