@@ -2,8 +2,8 @@
 exact resume after a kill, every data-parallel plan against one process, and bad input.
 
 The runs share one job shape (tests build a random-init tiny Llama, which writes random
-characters; the user's reward pays for the letter `a`, which LoRA learns to write within a
-few steps at a high lr): 1 prompt x 4 completions per step of at most 8 tokens, on
+characters; the user's reward pays for lowercase letters, which LoRA learns to write more of
+within a few steps at a high lr): 1 prompt x 4 completions per step of at most 8 tokens, on
 prompts the project never saw, with an extra `topic` column the reward checks it receives.
 """
 from __future__ import annotations
@@ -20,10 +20,11 @@ import pytest
 from tests.helpers import REPO, kill_once_committed, launch, metrics, refused, start, summary
 
 USER_REWARD = '''
-def letter_a(prompts, completions, completion_ids, topic, trainer_state, **kwargs):
-    """The share of the letter a in each completion (a user's reward, TRL's signature)."""
+def letters(prompts, completions, completion_ids, topic, trainer_state, **kwargs):
+    """The share of lowercase letters in each completion (a user's reward, TRL's signature)."""
     assert len(topic) == len(completions) and trainer_state.global_step >= 0
-    return [c.count("a") / max(len(c), 1) for c in completions]
+    texts = [c[-1]["content"] for c in completions]  # chat prompts: each completion is [assistant message]
+    return [sum(ch in "abcdefghijklmnopqrstuvwxyz" for ch in t) / max(len(t), 1) for t in texts]
 
 
 def wrong_count(completions, **kwargs):
@@ -56,7 +57,7 @@ def job(tiny_model, outside: Path, *extra: str) -> list[str]:
     return [f"model.path={tiny_model}", "objective=grpo", f"data.train={outside / 'train.jsonl'}",
             f"data.eval={outside / 'eval.jsonl'}", "data.metric_rows=4", "method.dropout=0",
             "objective.num_generations=4", "objective.max_completion_length=8",
-            "objective.rewards=[{fn: user_rewards:letter_a}]", "train.micro_batch_size=4", "train.grad_accum=1",
+            "objective.rewards=[{fn: user_rewards:letters}]", "train.micro_batch_size=4", "train.grad_accum=1",
             "optim.lr=2e-2", "optim.warmup_steps=0", "optim.schedule=constant", *extra]
 
 
