@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, metrics
+from tests.helpers import REPO, compose, metrics
 
 ANSWERS = ["gfedcba", "mlkjihgf"]  # reversals of the 2 prompts' strings
 G = 4
@@ -133,14 +133,15 @@ def test_grpo_equals_trl(tmp_path, tiny_model, monkeypatch, loss_type, beta, ite
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in prompt_rows()))
     overrides = base_overrides(tiny_model, data, loss_type, beta, iters)
-    cfg, got, our_adv = ours(tmp_path, tiny_model, data, overrides, Table(load_tokenizer(
-        __import__("tests.helpers", fromlist=["compose"]).compose(*overrides).model)), monkeypatch)
+    cfg, got, our_adv = ours(tmp_path, tiny_model, data, overrides, Table(load_tokenizer(compose(*overrides).model)),
+                             monkeypatch)
     want, trl_adv = trl_run(tmp_path, cfg, Table(load_tokenizer(cfg.model)), loss_type, beta, iters)
     assert [r["step"] for r in got] == [1, 2] and len(want) == 2, (got, want)
     keys = ["loss", "reward", "reward_std", "clip_ratio/region_mean", "entropy"] + (["kl"] if beta else [])
     for ours_row, trl_row in zip(got, want):
         for k in (k for k in keys if k in trl_row):  # TRL logs reward metrics at generation steps only
-            assert close(ours_row[k], trl_row[k]), (k, ours_row[k], trl_row[k], str({q: (ours_row.get(q), trl_row.get(q)) for q in keys + ["grad_norm"]}))
+            assert close(ours_row[k], trl_row[k]), (k, ours_row[k], trl_row[k],
+                                                    str({q: (ours_row.get(q), trl_row.get(q)) for q in keys}))
     assert all(k in want[0] for k in keys)
     assert got[0]["reward_std"] > 0.1 and got[0]["grad_norm"] > 1e-3, got[0]  # a real signal
     print(loss_type, beta, iters, [(r["loss"], r["clip_ratio/region_mean"]) for r in got],

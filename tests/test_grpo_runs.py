@@ -170,7 +170,8 @@ def test_bad_reward_output_stops_the_first_step(tmp_path, tiny_model, outside, m
     from trainers.errors import TrainingError
 
     monkeypatch.syspath_prepend(str(outside))
-    args = job(tiny_model, outside, "train.max_steps=2", "data.eval=null", f"objective.rewards=[{{fn: user_rewards:{fn}}}]")
+    args = job(tiny_model, outside, "train.max_steps=2", "data.eval=null",
+               f"objective.rewards=[{{fn: user_rewards:{fn}}}]")
     with pytest.raises(TrainingError) as e:
         train_in_process(args, tmp_path / "run")
     assert f"'{fn}'" in str(e.value) and says in str(e.value) and "step 1" in str(e.value), str(e.value)

@@ -31,11 +31,9 @@ logged again at each reuse; TRL logs them at generation).
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
-import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -44,8 +42,6 @@ from trainers.errors import UserError
 from trainers.objectives import rollout as R
 from trainers.objectives.reward import check_reward_specs, load_rewards, reward_names, score
 from trainers.objectives.token_logps import install, token_logps
-
-log = logging.getLogger("train")
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -111,7 +107,7 @@ def check_run(cfg) -> None:
     if cfg.method.peft in ("prefix", "prompt"):
         raise UserError(f"objective=grpo with method={cfg.method.name}: generation with prompt-learning adapters is "
                         f"not supported here; use lora, qlora, dora, rslora, loraplus, ia3 or full.")
-    if cfg.train.get("debug_corrupt_steps"):
+    if cfg.train.debug_corrupt_steps:
         raise UserError("train.debug_corrupt_steps corrupts SFT targets; objective=grpo has none. Leave it empty.")
 
 
@@ -227,7 +223,7 @@ class GRPO:
         key = "ref_logps" if disabled else "old_logps"
         chunk, device = self._chunk(plan), plan.env.device
         for b in batches:
-            ctx = adapter_disabled(plan.model) if disabled else _null()
+            ctx = adapter_disabled(plan.model) if disabled else contextlib.nullcontext()
             with ctx, plan.autocast():
                 lp, _ = token_logps(plan.model, _inputs(b, device), b["labels"].to(device),
                                     float(self.knobs["temperature"]), chunk)
@@ -375,7 +371,8 @@ class GRPO:
         weights = torch.tensor([r.weight for r in self._rewards])
         total = (per_func * weights).nansum(1)
         w = torch.tensor([wt for _, wt in shard])
-        hit = torch.tensor([float("answer" in r and t.strip() == str(r["answer"]).strip()) for r, t in zip(rows, texts)])
+        hit = torch.tensor([float("answer" in r and t.strip() == str(r["answer"]).strip())
+                            for r, t in zip(rows, texts)])
         sums = [float((total * w).sum()), float((hit * w).sum()), float(w.sum())]
         sums += [float((torch.nan_to_num(per_func[:, j]) * w).sum()) for j in range(len(self.names))]
         sums = all_reduce_sum(sums, plan.env.device)
@@ -396,14 +393,6 @@ class GRPO:
 
 def _inputs(batch: dict, device) -> dict:
     return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def grpo_objective(knobs: dict) -> GRPO:

@@ -34,7 +34,8 @@ import torch
 from trainers.errors import TrainingError, UserError
 
 SPEC_HELP = ("objective.rewards is a list of {fn: 'package.module:function', weight: 1.0} or {model: PATH, "
-             "weight: 1.0} entries, e.g. objective.rewards='[{fn: trainers.objectives.reverse_rewards:partial_credit}]'")
+             "weight: 1.0} entries, e.g. "
+             "objective.rewards='[{fn: trainers.objectives.reverse_rewards:partial_credit}]'")
 
 
 @dataclass
