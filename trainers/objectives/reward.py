@@ -110,7 +110,19 @@ def check_reward_specs(specs, weights=None) -> None:
                         f"({len(entries)}: {', '.join(reward_names(specs))}).")
 
 
+_LOADED: dict[str, list[Reward]] = {}
+
+
 def load_rewards(specs, weights, dtype: torch.dtype, device: torch.device) -> list[Reward]:
+    """The rewards, loaded once per process (the loop's objective and the evaluator's share
+    them: a reward model is never held twice)."""
+    key = repr((_entries(specs), None if weights is None else list(weights), dtype, str(device)))
+    if key not in _LOADED:
+        _LOADED[key] = _load(specs, weights, dtype, device)
+    return _LOADED[key]
+
+
+def _load(specs, weights, dtype: torch.dtype, device: torch.device) -> list[Reward]:
     entries = _entries(specs)
     names = reward_names(specs)
     out = []
