@@ -21,7 +21,7 @@ CHOICES: dict[str, tuple] = {
     "train.checkpoint.mode": ("async", "sync"),
     "train.host_memory": ("fast", "compact"),
     "data.on_bad_row": ("error", "skip"),
-    "data.format": ("auto", "messages", "prompt_completion", "preference", "unpaired_preference"),
+    "data.format": ("auto", "messages", "prompt_completion", "preference", "unpaired_preference", "prompt_only"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "parallel.schedule": ("1f1b", "gpipe", "interleaved_1f1b"),
     "train.best_mode": ("min", "max"),
@@ -32,7 +32,9 @@ CHOICES: dict[str, tuple] = {
 NAMED_GROUPS = ("method", "parallel", "objective", "launcher", "optim")
 # Enumerated settings checked by the module that defines their values, before launch.
 CHECKED_ELSEWHERE = {"objective.loss_type": "TRL's DPO loss types (trainers/objectives/settings.check_knobs)",
-                     "objective.kl_pairs": "batch | file_order (trainers/objectives/settings.check_knobs)"}
+                     "objective.kl_pairs": "batch | file_order (trainers/objectives/settings.check_knobs)",
+                     "objective.scale_rewards": "group | batch | none (trainers/objectives/grpo_settings.py)",
+                     "objective.importance_sampling_level": "token | sequence (trainers/objectives/grpo_settings.py)"}
 # Settings whose value is `auto` or a number (checked where they are read, before launch).
 AUTO_OR_NUMBER = ("data.num_proc", "train.loss_chunk_tokens", "parallel.reduce_bucket_size",
                   "parallel.stage3_max_live_parameters", "parallel.stage3_max_reuse_distance",

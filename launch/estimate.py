@@ -48,6 +48,12 @@ is what one rank holds at its peak, the larger of training and loading:
              and one layer's activations are alive while it is recomputed.
              + logits: k*V*(c + 8) bytes (logits, fp32 log-softmax and its gradient) for
              k = t tokens, or k = train.loss_chunk_tokens when the loss is chunked.
+             objective=grpo: a row is a prompt (data.max_seq_len) plus its completion
+             (objective.max_completion_length), and the rollout before the step's forwards
+             holds, for one generate call of `rows` sequences, the KV cache
+             (2 * kv * layers elements per token) and fp32 scores of V per row: the larger
+             of that and the training activations counts (the reference pass, no grad,
+             holds less than either).
   buffers    plans that gather parameters unit by unit (layout.gathers_units): the largest
              unit (the root: embeddings + lm_head + final norm, or one decoder layer) + one
              prefetched decoder layer, in the compute dtype, or what the plan may keep
@@ -137,6 +143,7 @@ class Setup:
     loss_chunk_tokens: int | None = None
     device: str = "gpu"  # "gpu": overhead and offload apply; "cpu": one memory for all
     forwards_per_step: int = 1  # micro-batches (pipeline: pipeline micro-batches) per rank per step
+    rollout_rows: int = 0  # objective=grpo: sequences per generate call (0: no rollout)
 
 
 @dataclass
@@ -246,6 +253,10 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
     precision = cfg.train.precision
     bf16 = precision == "bf16" or (precision == "auto" and device == "gpu")
     rows = layout.rows_per_forward or int(cfg.train.micro_batch_size)
+    seq = int(cfg.data.max_seq_len)
+    on_policy = cfg.objective.name == "grpo"
+    if on_policy:  # rows are prompt + completion (trainers/objectives/grpo.py)
+        seq += int(cfg.objective.max_completion_length)
     chunk = cfg.train.loss_chunk_tokens
     if chunk == "auto":  # trainers/objectives/lm_loss.py: chunks whose fp32 logits stay under 128 MiB
         a = arch_of(cfg.model)
@@ -256,7 +267,7 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
         dora=m.peft == "lora" and bool(m.use_dora),
         virtual_tokens=int(m.num_virtual_tokens) if m.peft in ("prefix", "prompt") else 0,
         plan=cfg.parallel.name, layout=layout, world=world, nodes=nodes(cfg),
-        tokens=rows * int(cfg.data.max_seq_len), act_bytes=2 if bf16 else 4,
+        tokens=rows * seq, act_bytes=2 if bf16 else 4, rollout_rows=rows if on_policy else 0,
         activation_checkpointing=bool(cfg.train.activation_checkpointing),
         loss_chunk_tokens=int(chunk) if chunk else None, device=device,
         forwards_per_step=max(1, int(cfg.train.micro_batch_size) * int(cfg.train.grad_accum) // rows),
@@ -314,6 +325,9 @@ def estimate(a: Arch, s: Setup) -> Estimate:
         layer_acts = L.in_flight * s.tokens * layers_here * per_layer
     logit_tokens = min(s.tokens, s.loss_chunk_tokens) if s.loss_chunk_tokens else s.tokens
     activations = layer_acts * c + logit_tokens * a.vocab * (c + 8)
+    if s.rollout_rows:  # GRPO's generation: KV cache of one generate call + its fp32 scores
+        rollout = s.tokens * layers_here * 2 * a.kv_dim * c + s.rollout_rows * a.vocab * 4
+        activations = max(activations, rollout)
 
     layer = a.layer_linear_params + 2 * a.hidden
     buffers = 0.0

@@ -143,13 +143,18 @@ def check_objective(cfg: DictConfig) -> None:
 
     check_knobs(cfg.objective)
     name, fmt = cfg.objective.name, cfg.data.format
+    if name == "grpo":
+        from trainers.objectives.grpo_settings import check_run
+
+        check_run(cfg)
     kind = OBJECTIVE_ROWS[name]
     if fmt != "auto" and fmt not in KIND_FORMATS[kind]:
         takes = [o for o, k in OBJECTIVE_ROWS.items() if fmt in KIND_FORMATS[k]]
         raise UserError(
             f"data.format={fmt} is read by objective={'|'.join(takes)}, not objective={name}, which reads "
             f"data.format={'|'.join(KIND_FORMATS[kind])} (or auto). Pick the objective that matches the data, "
-            f"e.g. `objective=dpo data=reverse_pref`, `objective=kto data=reverse_kto` or `objective=sft data=reverse`."
+            f"e.g. `objective=dpo data=reverse_pref`, `objective=kto data=reverse_kto`, `objective=grpo data=reverse_rl` "
+            f"or `objective=sft data=reverse`."
         )
 
 

@@ -314,3 +314,20 @@ def test_nf4_base_and_the_whole_model_loaded_before_sharding():
     sharded = toy_estimate(**qlora, world=2, layout=whole)
     # loading: the rank's shard + the rest of the unsharded 4-bit model + the embedding (bf16)
     assert sharded.load == pytest.approx(e.params + 10 * 8 * 2)
+
+
+def test_grpo_counts_prompt_plus_completion_rows_and_the_rollout_kv_cache(tmp_path):
+    """objective=grpo: a training row is a prompt and its completion, and the rollout's KV
+    cache of one generate call (no grad, before the forwards) counts where it exceeds the
+    training activations."""
+    from launch.estimate import estimate, setup_of, arch_of
+
+    base = ["model=8b", "method=lora", "parallel=zero3", "data.max_seq_len=1024", "data.train=x.jsonl"]
+    sft = for_config(cfg_for(tmp_path, *base))
+    grpo = cfg_for(tmp_path, *base, "objective=grpo", "objective.max_completion_length=1024")
+    s = setup_of(grpo)
+    assert s.tokens == 2 * sft.setup.tokens and s.rollout_rows == grpo.train.micro_batch_size
+    est = estimate(arch_of(grpo.model), s)
+    a = arch_of(grpo.model)
+    kv = s.tokens * a.layers * 2 * a.kv_dim * s.act_bytes + s.rollout_rows * a.vocab * 4
+    assert est.activations >= kv and est.activations > sft.activations

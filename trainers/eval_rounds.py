@@ -31,7 +31,7 @@ class EvalRounds:
         return self.judge.stop_reason if self.judge else None
 
     def run(self, step: int) -> dict:
-        scores = self.evaluator.run_sets()
+        scores = self.evaluator.run_sets(step)
         flat = self.evaluator.flatten(scores)
         self.metrics.log({"step": step, **flat})
         self.judge.observe(step, scores)

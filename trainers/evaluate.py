@@ -150,7 +150,7 @@ class Evaluator:
         hits, n = all_reduce_sum([hits, n], env.device)
         return hits / max(n, 1.0)
 
-    def run_sets(self) -> dict[str, dict[str, float]]:
+    def run_sets(self, step: int = 0) -> dict[str, dict[str, float]]:
         """{set name: {metric: value}}, every set in data.eval order. Loss-only sets
         (eval.probes) skip generation."""
         was_training = self.plan.eval_model.training
@@ -158,9 +158,12 @@ class Evaluator:
         try:
             out = {}
             for source in self.sets:
-                scores = self.loss(source)
-                if self.objective.generates and not source.loss_only:  # (a reward model writes no text)
-                    scores["eval_exact_match"] = self.exact_match(source)
+                if hasattr(self.objective, "evaluate"):  # on-policy objectives (grpo) score their own generations
+                    scores = self.objective.evaluate(self, source, step)
+                else:
+                    scores = self.loss(source)
+                    if self.objective.generates and not source.loss_only:  # (a reward model writes no text)
+                        scores["eval_exact_match"] = self.exact_match(source)
                 out[source.name] = {k[len("eval_"):]: v for k, v in scores.items()}
             return out
         finally:

@@ -134,6 +134,8 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
         while step < cfg.train.max_steps and not evals.stop_reason:
             t0 = time.perf_counter()
             micro, count = batches.micro_batches(step, plan.dp_rank, objective.unit)
+            if getattr(objective, "rollout", None):  # on-policy objectives (grpo): prompts -> scored completions
+                micro, count = objective.rollout(plan, micro, step)
             if step + 1 in planted:
                 micro = corrupt_targets(micro, len(tokenizer), cfg.seed + step)
             loss_sum, real_tokens, sums = plan.forward_backward(micro, count, objective)
@@ -226,6 +228,8 @@ def run_summary(cfg, env, status: str, step: int, last: dict, trainable: int, to
         "trainable_params": trainable, "tokens_seen": tokens_seen,
         "wall_time_s": round(time.time() - t_start, 2), "error": error, **evals,
     }
+    if "eval_reward" in last:  # grpo: held-out mean reward of greedy completions
+        summary["final_eval_reward"] = last["eval_reward"]
     if "eval_rewards/accuracies" in last:  # preference objectives: held-out preference accuracy
         summary["final_eval_preference_accuracy"] = last["eval_rewards/accuracies"]
     elif "eval_accuracy" in last:  # a reward model's (objective=reward)

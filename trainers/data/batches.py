@@ -298,7 +298,16 @@ class GlobalBatches:
         """One training micro-batch of SFT rows or pairs (KTO rows: `micro_batches`)."""
         if self.kind == "sft":
             return collate([self.sources[k].tensors(r) for k, r in items], self.pad_id, self.packed)
+        if self.kind == "prompts":  # GRPO: the rollout (trainers/objectives/rollout.py) makes the tensors
+            return {"prompts": [prompt_item(self.sources[k], r) for k, r in items], "n_real_tokens": 0}
         return collate_preference(self.sources, items, self.pad_id, max_len=self.max_len, packed=self.packed)
+
+
+def prompt_item(source: Source, row: int) -> dict:
+    """A prompt row: its token ids and where its data row is (for the rewards' columns)."""
+    e = int(source.examples(row)[0])
+    number = int(source.store.rows[e])
+    return {"ids": source.store.example(e)[0], "path": source.path, "row": number, "name": f"{source.name}:{number}"}
 
 
 def completion_start(mask: np.ndarray) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from trainers.data.preference_rows import check_preference, stage_cpo_style, stage_dpo_style
+from trainers.data.prompt_rows import stage_prompt
 from trainers.data.rows import BadRow, Staged, assemble, check_kind, decode, row_pieces
 
 
@@ -25,6 +26,8 @@ def stage_row(tokenizer, row: Any, kind: str, fmt_wanted: str) -> Staged:
         raise row
     if not isinstance(row, dict):
         raise BadRow("missing_field", "row is not a JSON object")
+    if kind == "prompts":
+        return stage_prompt(tokenizer, row)
     check_kind(row, kind)
     check_preference(row, kind)
     if kind == "pairs_text":
@@ -113,6 +116,9 @@ def encode_chunk(tokenizer, chunk: list[tuple[int, Any]], data_cfg, kind: str = 
                             "too_long",
                             f"{len(ex_ids)} tokens, longer than data.max_seq_len={max_len} with data.truncation=false",
                         )
+                    if kind == "prompts":  # a prompt cut short asks another question
+                        raise BadRow("too_long", f"the prompt has {len(ex_ids)} tokens, more than "
+                                                 f"data.max_seq_len={max_len}")
                     ex_ids, ex_mask = ex_ids[:max_len], ex_mask[:max_len]
                     if sum(ex_mask[1:]) == 0:
                         raise BadRow("too_long", "no answer token left after truncation")

@@ -19,7 +19,7 @@ from trainers.errors import UserError
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
-FORMATS = ("auto", "messages", "prompt_completion", "preference", "unpaired_preference")
+FORMATS = ("auto", "messages", "prompt_completion", "preference", "unpaired_preference", "prompt_only")
 
 # What a row holds, which follows from the objective (trainers/objectives/catalog.py):
 #   sft        messages, or prompt/completion: one example, loss on the answers
@@ -29,13 +29,17 @@ FORMATS = ("auto", "messages", "prompt_completion", "preference", "unpaired_pref
 #              rendered to text, then tokenized; BOS/EOS added when missing)
 #   unpaired   prompt/completion/label (KTO), tokenized as TRL's KTOTrainer does: one
 #              example with its desirable flag
-ROW_KINDS = ("sft", "pairs", "pairs_text", "unpaired")
+#   prompts    prompt rows with no answer (GRPO): the prompt as the model will be asked it
+#              (chat template with the generation prompt), other columns go to the rewards
+ROW_KINDS = ("sft", "pairs", "pairs_text", "unpaired", "prompts")
 KIND_FORMATS = {"sft": ("messages", "prompt_completion"), "pairs": ("preference",),
-                "pairs_text": ("preference",), "unpaired": ("unpaired_preference",)}
+                "pairs_text": ("preference",), "unpaired": ("unpaired_preference",),
+                "prompts": ("prompt_only",)}
 KIND_ROWS = {
     "sft": "`messages` or `prompt`/`completion` rows (objective=sft)",
     "pairs": "`prompt`/`chosen`/`rejected` rows (objective=dpo, ipo, simpo, orpo, reward)",
     "unpaired": "`prompt`/`completion`/`label` rows (objective=kto)",
+    "prompts": "`prompt` rows with no answer, plus any columns the rewards read (objective=grpo)",
 }
 KIND_ROWS["pairs_text"] = KIND_ROWS["pairs"]
 

@@ -122,7 +122,10 @@ def open_data(cfg, tokenizer) -> TrainingData:
 def training_batches(cfg, tokenizer, dp_world: int) -> tuple[GlobalBatches, TrainingData]:
     """The (seed, step) batch order over the opened training sources."""
     data = open_data(cfg, tokenizer)
-    layout = BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, dp_world)
+    mb, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    if row_kind(cfg) == "prompts":  # GRPO: a row is a prompt; each becomes objective.num_generations completions
+        mb, accum = mb * accum // int(cfg.objective.num_generations), 1
+    layout = BatchLayout(mb, accum, dp_world)
     kl_pairs = cfg.objective.kl_pairs if cfg.objective.name == "kto" else "batch"
     return GlobalBatches(data.train, layout, cfg.seed, tokenizer.pad_token_id, data.packed,
                          int(cfg.data.max_seq_len), shuffle=bool(cfg.data.shuffle), kl_pairs=kl_pairs), data

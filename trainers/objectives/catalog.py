@@ -272,4 +272,8 @@ def get_objective(cfg) -> Objective:
         from trainers.objectives.reward_model import reward_objective
 
         return reward_objective(knobs)
+    if name == "grpo":  # on-policy: generates its batches (trainers/objectives/grpo.py)
+        from trainers.objectives.grpo import GRPO
+
+        return GRPO(knobs)
     return pair_objective(name, knobs)

@@ -8,7 +8,7 @@ from trainers.errors import UserError
 # objective name -> kind of data row it reads (trainers.data.rows.ROW_KINDS). simpo and orpo
 # follow TRL's CPO/ORPO tokenization, dpo/ipo/kto TRL's DPO/KTO one.
 OBJECTIVE_ROWS = {"sft": "sft", "dpo": "pairs", "ipo": "pairs", "simpo": "pairs_text", "orpo": "pairs_text",
-                  "kto": "unpaired", "reward": "pairs"}
+                  "kto": "unpaired", "reward": "pairs", "grpo": "prompts"}
 # objectives that compare with a reference model
 NEEDS_REFERENCE = ("dpo", "ipo", "kto")
 
@@ -40,6 +40,10 @@ def check_knobs(cfg) -> None:
     knobs = knobs_of(cfg)
     name = knobs["name"]
     check_objective_name(name)
+    if name == "grpo":
+        from trainers.objectives.grpo_settings import check_knobs as check_grpo
+
+        return check_grpo(knobs)
     for key in ("beta", "gamma", "desirable_weight", "undesirable_weight"):
         if key in knobs:
             v = knobs[key]

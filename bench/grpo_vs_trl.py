@@ -1,0 +1,123 @@
+"""Throughput and memory of our objective=grpo vs TRL's GRPOTrainer on the same job.
+
+    python bench/grpo_vs_trl.py [--steps 20] [--repeats 2] [--model-path PATH] [--out bench/results/grpo_vs_trl.md]
+
+Each run is its own subprocess (peak RSS = the largest ru_maxrss of its processes), runs
+are interleaved (ours, TRL, ours, TRL, ...) with OMP/MKL threads pinned equal. Job (both):
+the bundled prompts (data/reverse_rl), the built-in partial-credit reward, LoRA r=16
+alpha=32 dropout 0 all-linear, fp32 CPU, 16 completions x 2 accumulation steps per
+optimizer step (4 prompts x 8 generations), at most 16 completion tokens, AdamW at a
+constant lr. tokens/s = (generated completion tokens + trained prompt/completion tokens)
+of steps skip+1..N / their wall time, from each side's own per-step timestamps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RSS = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+       "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); sys.exit(code)")
+
+
+def run(cmd: list[str], log: Path, env: dict) -> float:
+    """Run `cmd`; returns the peak RSS (MiB) of its largest process."""
+    with open(log, "w") as f:
+        out = subprocess.run([sys.executable, "-c", RSS, *cmd], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=f,
+                             text=True, timeout=3600)
+    if out.returncode:
+        raise SystemExit(f"{cmd[:3]} failed, see {log}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def ours(a, work: Path, tag: str, env: dict) -> dict:
+    run_dir = work / f"ours-{tag}"
+    rss = run([sys.executable, str(REPO / "launch.py"), "objective=grpo", f"data.train={a.data}", "data.eval=null",
+               f"model.path={a.model_path}", "method.dropout=0", f"train.max_steps={a.steps}",
+               f"train.micro_batch_size={a.micro_batch}", f"train.grad_accum={a.grad_accum}",
+               f"objective.num_generations={a.generations}", f"objective.max_completion_length={a.completion_len}",
+               f"optim.lr={a.lr}", "optim.schedule=constant", "optim.warmup_steps=0", "train.precision=fp32",
+               "objective.rewards=[{fn: trainers.objectives.reverse_rewards:partial_credit}]",
+               f"train.save_every={a.steps}", f"hydra.run.dir={run_dir}"], work / f"ours-{tag}.log", env)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = sorted((r for r in rows if "loss" in r), key=lambda r: r["step"])
+    n = a.micro_batch * a.grad_accum
+    tokens = [r["tokens"] + r["completions/mean_length"] * n for r in rows]
+    ends = [r["elapsed_s"] for r in rows]
+    return summary(ends, tokens, rss, a.skip, [r["reward"] for r in rows])
+
+
+def trl(a, work: Path, tag: str, env: dict) -> dict:
+    result = work / f"trl-{tag}.json"
+    rss = run([sys.executable, str(REPO / "bench" / "_trl_grpo.py"), "--model-path", a.model_path, "--data", a.data,
+               "--output-dir", str(work / f"trl-{tag}"), "--result", str(result), "--steps", str(a.steps),
+               "--micro-batch", str(a.micro_batch), "--grad-accum", str(a.grad_accum), "--generations",
+               str(a.generations), "--completion-len", str(a.completion_len), "--lr", str(a.lr)],
+              work / f"trl-{tag}.log", env)
+    r = json.loads(result.read_text())
+    return summary(r["step_end_s"], r["tokens"], rss, a.skip, r["reward"])
+
+
+def summary(ends: list[float], tokens: list[float], rss: float, skip: int, reward: list) -> dict:
+    span = ends[-1] - ends[skip - 1]
+    return {"tokens_per_s": sum(tokens[skip:]) / span, "s_per_step": span / (len(ends) - skip), "peak_rss_mib": rss,
+            "reward_last5": statistics.mean(x for x in reward[-5:] if x is not None)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model-path", default=str(REPO / "assets" / "tiny-llama"))
+    ap.add_argument("--data", default=str(REPO / "data" / "reverse_rl" / "train.jsonl"))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--skip", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--grad-accum", type=int, default=2)
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--completion-len", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")
+    work = Path(tempfile.mkdtemp(prefix="grpo_vs_trl-"))
+    load0, t0 = os.getloadavg()[0], time.time()
+    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+    for rep in range(a.repeats):
+        for name, fn in (("ours", ours), ("trl", trl)):
+            r = fn(a, work, str(rep), env)
+            runs[name].append(r)
+            print(f"[{time.strftime('%H:%M:%S')}] {name} {rep + 1}: {r}", file=sys.stderr, flush=True)
+
+    def med(name, key):
+        return statistics.median(r[key] for r in runs[name])
+
+    lines = ["# GRPO throughput and memory: our loop vs TRL GRPOTrainer", "",
+             f"- {time.strftime('%Y-%m-%d %H:%M')}, {(time.time() - t0) / 60:.1f} min, load average {load0:.1f} -> "
+             f"{os.getloadavg()[0]:.1f}, {a.threads} thread(s) each, model {a.model_path}",
+             f"- job: {a.micro_batch} x {a.grad_accum} completions/step ({a.generations} per prompt), <= "
+             f"{a.completion_len} completion tokens, LoRA r16 fp32 CPU, {a.steps} steps (first {a.skip} not timed), "
+             f"medians of {a.repeats} interleaved repeats", "",
+             "| system | generated + trained tokens/s | s/step | peak RSS MiB | reward (last 5 steps) |",
+             "|---|---:|---:|---:|---:|"]
+    for name, label in (("ours", "ours (launch.py objective=grpo)"), ("trl", "TRL GRPOTrainer")):
+        lines.append(f"| {label} | {med(name, 'tokens_per_s'):,.0f} | {med(name, 's_per_step'):.2f} | "
+                     f"{med(name, 'peak_rss_mib'):,.0f} | {med(name, 'reward_last5'):.3f} |")
+    lines.append(f"| **ours / TRL** | **{med('ours', 'tokens_per_s') / med('trl', 'tokens_per_s'):.2f}x** | | "
+                 f"**{med('ours', 'peak_rss_mib') / med('trl', 'peak_rss_mib'):.2f}x** | |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The rollout phase of objective=grpo: from a step's prompt rows to scored completions.
+
+Generation is transformers' `generate` with the KV cache on the plan's `eval_model` (the
+module sharding hooks live on), prompts left-padded, stopping at EOS or after
+`max_completion_length` tokens, with `synced_gpus` under several ranks so that ZeRO-3 and
+FSDP2 ranks, which gather each layer's parameters inside its forward, make the same number
+of forward calls (a rank that finished keeps stepping until all have): the plan's memory
+bound holds, no rank gathers the whole model.
+
+Sampling draws each completion's tokens from its own generator, seeded by (seed, step,
+position of the completion in the global batch): the completions of a step do not depend
+on how the batch is split over ranks and micro-batches, nor on anything a checkpoint must
+carry, so a relaunch draws exactly what the uninterrupted run drew. `Sampler` does this as
+a logits processor that returns a one-hot choice which greedy search then takes; the
+temperature, top_k and top_p are applied as transformers' warpers apply them.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
+
+from trainers.data.rows import IGNORE, read_rows
+
+_MIX = 0x9E3779B97F4A7C15
+
+
+def completion_seed(seed: int, step: int, index: int) -> int:
+    """A 63-bit seed per (run seed, generation step, global completion index)."""
+    x = (seed * 1_000_003 + step) * 1_000_003 + index
+    x = (x * _MIX) & (2**64 - 1)
+    x ^= x >> 31
+    return x & (2**63 - 1)
+
+
+class Sampler(LogitsProcessor):
+    def __init__(self, seeds: list[int], temperature: float, top_k: int, top_p: float, device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+        self.warpers = ([TopKLogitsWarper(top_k)] if top_k and top_k > 0 else []) + (
+            [TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float() / self.temperature
+        for w in self.warpers:
+            scores = w(input_ids, scores)
+        probs = scores.softmax(-1)
+        picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        out = torch.full_like(scores, -math.inf)
+        out[torch.arange(len(picks)), picks] = 0.0
+        return out
+
+
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(plan, tokenizer, prompts: list[list[int]], max_new_tokens: int, per_call: int,
+             seeds: list[int] | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[list[int]]:
+    """Completion token ids (cut after the first EOS, which they keep, as TRL does) of each
+    prompt, `per_call` sequences per generate call; `seeds` None: greedy. Every rank must
+    call this with the same number of prompts."""
+    model, device = plan.eval_model, plan.env.device
+    was_training = model.training
+    model.eval()
+    eos = tokenizer.eos_token_id
+    out: list[list[int]] = []
+    try:
+        for s in range(0, len(prompts), per_call):
+            ids, mask = left_padded(prompts[s:s + per_call], tokenizer.pad_token_id)
+            processors = LogitsProcessorList()
+            if seeds is not None:
+                processors.append(Sampler(seeds[s:s + per_call], temperature, top_k, top_p, device))
+            with plan.autocast():
+                seq = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                                     synced_gpus=plan.dp_world > 1 and dist.is_initialized())
+            for row in seq[:, ids.size(1):].tolist():
+                cut = row.index(eos) + 1 if eos in row else len(row)
+                out.append(row[:cut])
+    finally:
+        model.train(was_training)
+    return out
+
+
+def training_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int, eos_id: int,
+                  mask_truncated: bool) -> dict:
+    """TRL's layout: prompts left-padded, completions right-padded, one attention mask; the
+    labels are the completion tokens at the positions that predict them (IGNORE elsewhere
+    and, with mask_truncated_completions, on every token of a completion without EOS)."""
+    p_ids, p_mask = left_padded(prompts, pad_id)
+    width = max(max(len(c) for c in completions), 1)
+    c_ids = torch.full((len(completions), width), pad_id, dtype=torch.long)
+    c_mask = torch.zeros_like(c_ids)
+    for i, c in enumerate(completions):
+        c_ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        truncated = not c or c[-1] != eos_id
+        if not (mask_truncated and truncated):
+            c_mask[i, :len(c)] = 1
+    ids = torch.cat([p_ids, c_ids], 1)
+    attention = torch.cat([p_mask, c_mask], 1)
+    labels = torch.full_like(ids, IGNORE)
+    P = p_ids.size(1)
+    labels[:, P - 1:P - 1 + width] = c_ids.masked_fill(c_mask == 0, IGNORE)
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def split_rows(batch: dict, size: int) -> list[dict]:
+    n = batch["input_ids"].size(0)
+    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def raw_rows(items: list[tuple[str, int]]) -> list[dict]:
+    """The data rows (path, row number) as decoded from their files (the rewards' columns)."""
+    by_path: dict[str, set[int]] = {}
+    for path, n in items:
+        by_path.setdefault(path, set()).add(n)
+    found = {(path, n): row for path, numbers in by_path.items() for n, row in read_rows(path, numbers)}
+    return [found[i] for i in items]
+
+
+def gather_rows(local: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """[world * n, ...] with every rank's [n, ...] rows in rank order (equal n on every
+    rank), NaN kept: one all-reduce of a zero-filled global tensor."""
+    if world == 1 or not dist.is_initialized():
+        return local.clone()
+    full = torch.zeros((world * local.size(0), *local.shape[1:]), dtype=local.dtype, device=local.device)
+    full[rank * local.size(0):(rank + 1) * local.size(0)] = local
+    dist.all_reduce(full)
+    return full
+
+
+def prompt_items(micro: list[dict]) -> list[dict]:
+    return [item for batch in micro for item in batch["prompts"]]
+
+
+def prompt_arrays(items: list[dict]) -> list[list[int]]:
+    return [np.asarray(it["ids"]).tolist() for it in items]
