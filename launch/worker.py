@@ -70,7 +70,7 @@ def run(cfg) -> int:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UserError) else 1
-    return 0 if summary["status"] in ("completed", "preempted") else 1
+    return 0 if summary["status"] in ("completed", "preempted", "interrupted") else 1
 
 
 def die_with_parent() -> None:
@@ -91,7 +91,10 @@ def main(argv: list[str]) -> int:
     die_with_parent()
     setup_logging()
     register_resolvers()
-    return run(load(argv[0]))
+    try:
+        return run(load(argv[0]))
+    except KeyboardInterrupt:  # a second Ctrl-C (trainers/loop.py StopRequest): the launcher says what happened
+        return 130
 
 
 if __name__ == "__main__":
