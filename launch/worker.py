@@ -91,11 +91,11 @@ def main(argv: list[str]) -> int:
     die_with_parent()
     setup_logging()
     register_resolvers()
-    try:
-        return run(load(argv[0]))
-    except KeyboardInterrupt:  # a second Ctrl-C (trainers/loop.py StopRequest): the launcher says what happened
-        return 130
+    return run(load(argv[0]))
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:  # Ctrl-C forwarded while starting up, or a second one: the launcher says what happened
+        sys.exit(130)

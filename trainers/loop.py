@@ -50,8 +50,9 @@ class StopRequest:
     SIGUSR2 is what SLURM sends before a time limit (sbatch --signal, see launch/sbatch.py).
 
     SIGINT (Ctrl-C; the local launcher forwards it to its workers) is the same stop,
-    recorded `interrupted`; a second SIGINT stops at once (KeyboardInterrupt), losing only
-    the steps since the last committed checkpoint. `at_once_before_training` (launcher=local):
+    recorded `interrupted`; a second SIGINT (or any stop signal after it: on a second Ctrl-C
+    torch's elastic agent shuts its workers down again with SIGTERM) stops at once
+    (KeyboardInterrupt), losing only the steps since the last committed checkpoint. `at_once_before_training` (launcher=local):
     a stop that arrives before the first step has nothing to save, so the process exits
     right away instead of loading the model first (64 starting workers took 80 s to stop)."""
 
@@ -67,9 +68,9 @@ class StopRequest:
                 pass
 
     def _handler(self, signum, frame):
+        if self.interrupted:  # any stop after a Ctrl-C: torch's agent turns a second Ctrl-C into SIGTERM
+            raise KeyboardInterrupt
         if signum == signal.SIGINT:
-            if self.interrupted:
-                raise KeyboardInterrupt
             self.interrupted = True
         self.requested = True
         if self.at_once and not self.training:
