@@ -22,7 +22,7 @@ import pytest
 from tests.helpers import (FAST, REPO, assert_resumed_exactly, launch, launch_in_process, launched_once, refused,
                            start, summary, wait_until)
 
-STEPS = 40  # enough steps (0.2-0.5 s each here) that Ctrl-C lands mid-run
+STEPS = 20  # enough steps (0.2-0.5 s each here) that Ctrl-C lands mid-run
 
 
 def common(tiny_model, world: int) -> list[str]:
