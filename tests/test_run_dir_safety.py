@@ -184,3 +184,34 @@ def test_lock_names_a_slurm_holder_and_a_requeued_attempt_of_that_job_takes_it(t
     second = holder(run, "77")  # released: another process takes it at once
     second.kill()
     second.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stopping_the_launcher_while_workers_start_stops_them_within_seconds(tmp_path, tiny_model, sig):
+    """Workers still importing or loading have nothing to save: they exit at once instead of
+    first reaching a step (64 starting workers took 80 s to stop)."""
+    import psutil
+
+    run = tmp_path / "run"
+    proc = start(run, *common(tiny_model, 2))
+    try:
+        def workers():
+            try:
+                return [p for p in psutil.Process(proc.pid).children(recursive=True) if "launch.worker" in p.cmdline()]
+            except psutil.Error:
+                return []
+        wait_until(lambda: len(workers()) == 2, proc, timeout=600, what="2 workers")
+        kids = workers()
+        t0 = time.monotonic()
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=120)
+        _, alive = psutil.wait_procs(kids, timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = Path(proc.log).read_text()
+    assert not alive and took < 30, (took, out[-2000:])
+    assert proc.returncode == 128 + sig and "Traceback" not in out, out[-3000:]
+    assert f"relaunch with hydra.run.dir={run} to resume" in out
