@@ -119,7 +119,7 @@ def test_relaunch_refuses_shape_changes_and_prints_accepted_ones(resumed_single,
     args = common(tiny_model, 1)
     for change, says in [("method.r=4", "method.r 16 -> 4"),
                          ("method.target_modules=[q_proj,v_proj]", "method.target_modules all-linear -> ['q_proj', 'v_proj']"),
-                         (f"model.path={REPO / 'assets' / 'tiny-llama'}", f"model.path {tiny_model} -> ")]:
+                         (f"model.path={REPO / 'assets' / 'tiny-llama'}", "model architecture (hidden 64, 2 layers")]:
         text = refused(run, *args, change)
         assert says in text and "cannot be loaded" in text and "hydra.run.dir=NEW_DIR" in text, text
         assert "data ok" not in text  # before anything ran
