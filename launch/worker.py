@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+
+if __name__ == "__main__":
+    # Until the training loop takes the signals over (trainers/loop.py StopRequest), a Ctrl-C
+    # the launcher forwards while this worker starts up has nothing to save: exit quietly, at
+    # once (an exception raised in the middle of importing numpy or torch breaks the import
+    # machinery instead of ending the process).
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
 
 def setup_logging() -> None:

@@ -201,7 +201,10 @@ def test_stopping_the_launcher_while_workers_start_stops_them_within_seconds(tmp
                 return [p for p in psutil.Process(proc.pid).children(recursive=True) if "launch.worker" in p.cmdline()]
             except psutil.Error:
                 return []
-        wait_until(lambda: len(workers()) == 2, proc, timeout=600, what="2 workers")
+        # both workers started and importing torch (past interpreter start-up, whose own
+        # KeyboardInterrupt handling is Python's)
+        wait_until(lambda: len(workers()) == 2 and all(w.memory_info().rss > 150 * 2**20 for w in workers()),
+                   proc, timeout=600, what="2 workers importing torch")
         kids = workers()
         t0 = time.monotonic()
         os.killpg(proc.pid, sig)

@@ -77,7 +77,7 @@ class StopRequest:
             if int(os.environ.get("WORLD_SIZE", 1)) == 1:  # (under torch's agent, the launcher says it)
                 print(f"stopped by {signal.Signals(signum).name} before training started: nothing to save",
                       file=sys.stderr, flush=True)
-            raise SystemExit(128 + signum)
+            os._exit(128 + signum)  # like the signal's default action, quietly: nothing is lost
 
 
 def train(cfg, build_plan, leave_process_group: bool = False) -> dict:
