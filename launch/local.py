@@ -25,7 +25,10 @@ def run_local(cfg, config_path: Path) -> int:
         from launch.worker import run, setup_logging
 
         setup_logging()
-        return run(cfg)
+        code = run(cfg)
+        if read_json(Path(cfg.run_dir) / "summary.json").get("status") == "interrupted":
+            return stopped(cfg, signal.SIGINT)
+        return code
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -47,18 +50,39 @@ def run_local(cfg, config_path: Path) -> int:
         max_restarts=int(cfg.launcher.max_restarts),
         monitor_interval=0.5,
         start_method="spawn",
+        # SIGTERM / Ctrl-C to the launcher: the agent forwards it and gives the workers this
+        # long to reach a step boundary and commit a checkpoint before it kills them (workers
+        # still starting exit at once); a second Ctrl-C stops everything at once.
+        shutdown_timeout=shutdown_allowance(cfg),
     )
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "launch.worker", str(config_path))
     except SignalException as e:
         # The workers got the same signal, saved a checkpoint at the next step boundary and
-        # wrote summary.json with status "preempted"; relaunching resumes.
-        print(f"stopped by signal {e.sigval.name}: relaunch with hydra.run.dir={cfg.run_dir} to resume",
-              file=sys.stderr)
-        return 128 + int(e.sigval)
+        # wrote summary.json with status "preempted" (SIGINT: "interrupted"); relaunching resumes.
+        return stopped(cfg, e.sigval)
     except ChildFailedError as e:
         raise TrainingError(failure_message(e, Path(cfg.run_dir), cfg.launcher.max_restarts)) from None
     return 0
+
+
+def shutdown_allowance(cfg) -> int:
+    """Seconds for a step and a checkpoint save (the hang watchdog's allowances), 1 h without them."""
+    from trainers.watchdog import allowances
+
+    step, long = allowances(cfg.train)
+    return int(step + long) if step else 3600
+
+
+def stopped(cfg, sig: signal.Signals) -> int:
+    """One line on where a stopped run is and how to resume it; the shell's exit code."""
+    summary = read_json(Path(cfg.run_dir) / "summary.json")
+    latest = Path(cfg.run_dir) / "checkpoints" / "latest"
+    saved = f"checkpoint {latest.read_text().strip()} committed" if latest.exists() else "no checkpoint yet"
+    what = "interrupted" if sig == signal.SIGINT else f"stopped by {sig.name}"
+    print(f"{what} at step {summary.get('final_step', 0)} ({saved}): relaunch with "
+          f"hydra.run.dir={cfg.run_dir} to resume", file=sys.stderr, flush=True)
+    return 128 + int(sig)
 
 
 def how_it_ended(exitcode: int) -> str:

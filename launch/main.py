@@ -13,6 +13,9 @@ from launch.command_line import check_run_dir
 from launch.credentials import check_config as check_credentials
 from launch.estimate import check as memory_check
 from launch.schema import check_closed
+from launch.host_memory import check_host_memory
+from launch.relaunch import check_relaunch
+from launch.run_lock import RunDirLock, refuse_active_job
 from launch.validate import check, check_data_suits_model, prepare_data
 from trainers.errors import TrainingError, UserError
 from trainers.registry import resolve
@@ -36,21 +39,24 @@ def run(cfg: DictConfig, run_dir: str) -> int:
     check_closed(cfg)  # a key conf/ does not define (`+train.num_epochs=3`) would be ignored
     check_run_dir(run_dir)  # Hydra's entry point checked it before creating it (launch/command_line.py)
     cfg = config_io.finalize(cfg, run_dir)
-    check(cfg)
-    memory_check(cfg)  # refuses what cannot fit launcher.gpu_mem_gb (SLURM), before anything runs
     if cfg.dry_run:
-        from launch.plan_report import dry_run_report
-
-        print(dry_run_report(cfg))
-        return 0
-    launch_fn = launcher_for(cfg.launcher.name)
-    check_data_suits_model(cfg)
-    for line in prepare_data(cfg):
-        log.info("data ok: %s", line)
-    config_path = Path(cfg.run_dir) / "config.yaml"
-    config_io.save(cfg, config_path)
-    sweep.register(cfg, config_path)  # no-op outside `-m`
-    code = launch_fn(cfg, config_path)
+        return dry_run(cfg)
+    # One launch at a time per run dir (launch/run_lock.py): a local launch holds it to the end;
+    # for SLURM it covers the checks and the submission, then the job's rank 0 takes it.
+    with RunDirLock.acquire(Path(cfg.run_dir)) as lock:
+        if cfg.launcher.name != "local":
+            refuse_active_job(Path(cfg.run_dir))  # a job of this run dir still pending or running
+        checks(cfg)
+        launch_fn = launcher_for(cfg.launcher.name)
+        check_data_suits_model(cfg)
+        for line in prepare_data(cfg):
+            log.info("data ok: %s", line)
+        config_path = Path(cfg.run_dir) / "config.yaml"
+        config_io.save(cfg, config_path)
+        sweep.register(cfg, config_path)  # no-op outside `-m`
+        if cfg.launcher.name != "local":
+            lock.release()
+        code = launch_fn(cfg, config_path)
     if code == 0 and cfg.eval.harness.tasks and cfg.launcher.name == "local":  # SLURM jobs end later
         from launch.evaluate import evaluate_run
 
@@ -58,6 +64,23 @@ def run(cfg: DictConfig, run_dir: str) -> int:
         for task, scores in results.items():
             log.info("harness: %s %s", task, " ".join(f"{k}={v:.4g}" for k, v in scores.items()))
     return code
+
+
+def checks(cfg: DictConfig, dry: bool = False) -> None:
+    """Everything refused before data is read or a process started."""
+    check(cfg)
+    check_relaunch(cfg)  # a resume whose changed settings the checkpoint cannot load
+    memory_check(cfg)  # refuses what cannot fit launcher.gpu_mem_gb (SLURM), before anything runs
+    if not dry:  # the dry run reports it (launch/plan_report.py)
+        check_host_memory(cfg)  # local workers that cannot fit this machine's free memory
+
+
+def dry_run(cfg: DictConfig) -> int:
+    from launch.plan_report import dry_run_report
+
+    checks(cfg, dry=True)
+    print(dry_run_report(cfg))
+    return 0
 
 
 def main(cfg: DictConfig, run_dir: str) -> int:
@@ -71,3 +94,7 @@ def main(cfg: DictConfig, run_dir: str) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before training took the signal over, or a second one (StopRequest)
+        print(f"interrupted: stopped at once; relaunch with hydra.run.dir={Path(run_dir).resolve()} to resume "
+              f"from its last committed checkpoint", file=sys.stderr)
+        return 130

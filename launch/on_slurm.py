@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from launch import run_state, sweep
 from launch.config import REPO_ROOT, load, world_size
+from launch.run_lock import RunDirLock
 from launch.worker import run, setup_logging
 from slurm.hands import Hands
 
@@ -16,6 +17,7 @@ HANDS = Hands(
     entry=run, setup_logging=setup_logging, load_config=load, world_size=world_size, repo_root=str(REPO_ROOT),
     read_state=run_state.read_state, update_state=run_state.update_state,
     record_submission=run_state.record_submission, now=run_state.now, point_ended=sweep.refresh_sweep_summary,
+    hold_run_dir=RunDirLock.acquire,
 )
 
 

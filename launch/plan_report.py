@@ -21,6 +21,8 @@ def dry_run_report(cfg: DictConfig) -> str:
         f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum} x {world_size(cfg)} rows of <= {cfg.data.max_seq_len} tokens",
     ]
     lines += ["", memory(cfg)]
+    if cfg.launcher.name == "local":
+        lines += ["", host_memory(cfg)]
     lines += ["", *sample_row(cfg)]
     if cfg.launcher.name == "slurm":
         lines += ["", *slurm_script(cfg)]
@@ -42,6 +44,16 @@ def memory(cfg: DictConfig) -> str:
     else:
         verdict = f"\n  -> does NOT fit launcher.gpu_mem_gb={budget:g} (launcher.check_memory=false)"
     return est.table(budget) + verdict
+
+
+def host_memory(cfg: DictConfig) -> str:
+    from launch.host_memory import host_need
+
+    need = host_need(cfg)
+    if need.fits:
+        return need.line()
+    return need.line() + ": a launch would be refused" + (
+        "" if cfg.launcher.check_memory else " (but launcher.check_memory=false lets it start)")
 
 
 def slurm_script(cfg: DictConfig) -> list[str]:

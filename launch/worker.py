@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+
+if __name__ == "__main__":
+    # Until the training loop takes the signals over (trainers/loop.py StopRequest), a Ctrl-C
+    # the launcher forwards while this worker starts up has nothing to save: exit quietly, at
+    # once (an exception raised in the middle of importing numpy or torch breaks the import
+    # machinery instead of ending the process).
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
 
 def setup_logging() -> None:
@@ -72,7 +80,7 @@ def run(cfg, on_hang=None) -> int:
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UserError) else 1
-    return 0 if summary["status"] in ("completed", "preempted") else 1
+    return 0 if summary["status"] in ("completed", "preempted", "interrupted") else 1
 
 
 def die_with_parent() -> None:
@@ -97,4 +105,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:  # Ctrl-C forwarded while starting up, or a second one: the launcher says what happened
+        sys.exit(130)

@@ -29,3 +29,6 @@ class Hands:
     now: Callable[[], str]
     # point_ended(sweep_dir): a sweep point's job ended (its summary table is refreshed).
     point_ended: Callable[[Path], Any]
+    # hold_run_dir(run_dir): take the run dir's one-launch lock for this process's life, or
+    # raise UserError naming its holder (launch/run_lock.py).
+    hold_run_dir: Callable[[Path], Any]

@@ -124,6 +124,7 @@ class SlurmTask(Checkpointable):
         job.paths.result_pickle.unlink(missing_ok=True)  # a requeued attempt's old result
         rank0 = dist_env.rank == 0
         if rank0:
+            self._hold_run_dir(cfg)
             self._record_start(cfg, job, dist_env, restart)
         try:
             code = hands.entry(cfg, on_hang=partial(self._requeue_after_hang, cfg, job.job_id, restart))
@@ -139,6 +140,19 @@ class SlurmTask(Checkpointable):
         if code:
             sys.exit(code)
         return summary
+
+    def _hold_run_dir(self, cfg: DictConfig) -> None:
+        """Rank 0 holds RUN_DIR/launch.lock for this attempt (until its process ends); a
+        requeued attempt of this job takes it once the previous attempt's holder is gone
+        (the launcher's lock, handed in). Another launch holding it ends this job before it
+        writes."""
+        from trainers.errors import UserError
+
+        try:
+            self.hands.hold_run_dir(Path(cfg.run_dir))  # held until this process ends
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
     @staticmethod
     def _export_torch_env(cfg: DictConfig, job_id: str, restart: int):
