@@ -27,7 +27,7 @@ def main() -> None:
     sys.path.insert(0, str(src))
     import torch
 
-    import trainers.metrics as metrics
+    import trainers.metrics.sinks as metrics
 
     snapshot = {"cpu_s": {}}
     original_init, original_log = metrics.MetricsLogger.__init__, metrics.MetricsLogger.log

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from trainers.data.source_specs import parse_sources, probe_specs
 from trainers.errors import UserError
-from trainers.judge import parse_best_metric
-from trainers.trackers import TRACKERS
+from trainers.evaluation.judge import parse_best_metric
+from trainers.metrics.trackers import TRACKERS
 
 
 def _choice(key: str, value, accepted) -> None:

@@ -72,7 +72,7 @@ def evaluate_run(run_dir: Path, tasks: list[str], limit: int | None = None, batc
          "results": scores, "versions": results.get("versions")}, indent=1, default=str))
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
-        from trainers.metrics import write_summary
+        from trainers.metrics.sinks import write_summary
 
         summary = json.loads(summary_path.read_text())
         summary["harness"] = scores

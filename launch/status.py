@@ -24,7 +24,7 @@ def run_status(run_dir: Path) -> dict:
     from omegaconf import OmegaConf
 
     from trainers.checkpoint_files import latest_checkpoint
-    from trainers.metrics import read_metrics
+    from trainers.metrics.sinks import read_metrics
 
     state = read_state(run_dir)
     summary = read_json(run_dir / "summary.json")

@@ -4,18 +4,8 @@ saved config) is checked for their values and refused, because those files outli
 job and are often shared."""
 from __future__ import annotations
 
-import os
-import re
-
 from trainers.errors import UserError
-
-SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
-
-
-def secret_env() -> dict[str, str]:
-    """Environment variables that look like credentials (name -> value); short values are
-    left out, they would match ordinary text."""
-    return {k: v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8}
+from trainers.secrets import secret_env
 
 
 def refuse_secrets(texts: dict[str, str]) -> None:

@@ -41,7 +41,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from slurm import scheduler
 from slurm.hands import Hands
-from slurm.secrets import secret_env
+from trainers.secrets import secret_env
 from trainers.files import read_json
 
 log = logging.getLogger("slurm")

@@ -101,7 +101,7 @@ def test_throughput_and_short_log_lines(overfit_run):
 
 
 def test_mfu_is_left_out_on_cpu_without_a_peak():
-    from trainers.throughput import Throughput
+    from trainers.metrics.throughput import Throughput
 
     cfg = compose()
     speed = Throughput(cfg, torch.device("cpu"), 969_344, 1).of(1000.0, 0.5)
@@ -163,7 +163,7 @@ def test_evaluate_command_line_refuses_a_run_without_export(tmp_path):
 def test_the_judge_resumes_with_its_before_values_best_and_patience():
     """The judge's state rides in each checkpoint's trainer_state.json (JSON): a judge
     rebuilt from it after a resume reaches the same stop as one that never stopped."""
-    from trainers.judge import EvalJudge
+    from trainers.evaluation.judge import EvalJudge
 
     cfg = compose("train.early_stopping_patience=2", "eval.forgetting_alarm=0.5")
     losses = {0: (7.0, 0.25), 2: (4.0, 0.26), 4: (3.0, 0.3), 6: (3.5, 0.5), 8: (3.9, 0.9)}

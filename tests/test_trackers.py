@@ -60,7 +60,7 @@ def test_trackio_logs_locally_into_one_run(tracked_run):
 
 
 def test_run_params_leave_secrets_out(monkeypatch):
-    from trainers.trackers import run_params
+    from trainers.metrics.trackers import run_params
 
     monkeypatch.setenv("MY_API_KEY", "s3cr3t-value-42")
     params = run_params(compose("run_name=job-s3cr3t-value-42"))

@@ -30,16 +30,16 @@ from trainers.distributed import (
     shutdown,
 )
 from trainers.errors import TrainingError
-from trainers.eval_rounds import EvalRounds
+from trainers.evaluation.rounds import EvalRounds
 from trainers.model.export import export
-from trainers.metrics import MetricsLogger, plot_losses, write_summary
+from trainers.metrics.sinks import MetricsLogger, plot_losses, write_summary
 from trainers.model.load import ModelSource, count_parameters, load_tokenizer
 from trainers.objectives.catalog import get_objective
 from trainers.model.peft_methods import method_summary
 from trainers.objectives.reference import precompute_kl_reference, precompute_reference
 from trainers.rng import seed_everything
 from trainers.spike_guard import SpikeGuard, corrupt_targets, planted_steps
-from trainers.throughput import Throughput
+from trainers.metrics.throughput import Throughput
 from trainers.watchdog import Watchdog, allowances
 
 log = logging.getLogger("train")

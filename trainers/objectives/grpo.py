@@ -284,7 +284,7 @@ class GRPO:
         each reward's mean, exact match against the `answer` column (when the rows have one);
         a sample of completions with their rewards goes to RUN_DIR/completions/step_N.jsonl."""
         from trainers.data.batches import prompt_item
-        from trainers.evaluate import _shard
+        from trainers.evaluation.evaluator import _shard
 
         plan, cfg = evaluator.plan, evaluator.cfg
         tok = self._setup(plan)

@@ -37,9 +37,13 @@ def parse_best_metric(value: str, set_names: list[str]) -> tuple[str, str]:
 
 
 class EvalJudge:
-    def __init__(self, train_cfg, eval_cfg, set_names: list[str], is_main: bool):
+    def __init__(self, train_cfg, eval_cfg, set_names: list[str], is_main: bool, on_policy: bool = False):
         self.best_set, self.best_name = parse_best_metric(train_cfg.best_metric, set_names)
         self.mode = train_cfg.best_mode
+        if on_policy and train_cfg.best_metric == "eval_loss":
+            # An on-policy objective (GRPO) scores its own generations: its held-out headline
+            # is the mean reward, and higher is better.
+            self.best_name, self.mode = "reward", "max"
         self.patience = train_cfg.early_stopping_patience
         self.alarm = eval_cfg.forgetting_alarm
         self.action = eval_cfg.forgetting_action

@@ -1,7 +1,7 @@
 """Where numbers go: one stream of records, written by rank 0 to every sink.
 
 Sinks: metrics.jsonl (full precision, always), the trackers of train.report_to
-(TensorBoard by default; W&B, MLflow, trackio: trainers/trackers.py) and the console. On a
+(TensorBoard by default; W&B, MLflow, trackio: trainers/metrics/trackers.py) and the console. On a
 terminal a tqdm bar shows progress; in a batch log (SLURM, CI) each logged step is one
 plain line with floats cut to a few significant digits, which greps and tails better
 than bar redraws. Other ranks get no sinks.
@@ -72,7 +72,7 @@ class MetricsLogger:
         self.sinks = []
         if not enabled:
             return
-        from trainers.trackers import tracker_sinks
+        from trainers.metrics.trackers import tracker_sinks
 
         self.sinks = [JsonlSink(self.run_dir), *tracker_sinks(cfg, start_step),
                       ConsoleSink(start_step, cfg.train.max_steps)]

@@ -26,7 +26,7 @@ def scalars(record: dict) -> dict[str, float]:
 
 def run_params(cfg) -> dict[str, str]:
     """The resolved config flattened to dotted keys, without secrets or data.prepared."""
-    from launch.secrets import SECRET_NAME, secret_env
+    from trainers.secrets import SECRET_NAME, secret_env
 
     tree = OmegaConf.to_container(cfg, resolve=True)
     tree["data"].pop("prepared", None)

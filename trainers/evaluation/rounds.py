@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 
-from trainers.evaluate import Evaluator
-from trainers.judge import EvalJudge
-from trainers.keeper import BestKeeper
+from trainers.evaluation.evaluator import Evaluator
+from trainers.evaluation.judge import EvalJudge
+from trainers.evaluation.keeper import BestKeeper
 
 log = logging.getLogger("train")
 
@@ -23,7 +23,8 @@ class EvalRounds:
         self.keeper = BestKeeper(ckpt, self.env.is_main, keep)
         if data.eval:
             self.evaluator = Evaluator(cfg, plan, tokenizer, data.eval, data.packed)
-            self.judge = EvalJudge(cfg.train, cfg.eval, [s.name for s in data.eval], self.env.is_main)
+            self.judge = EvalJudge(cfg.train, cfg.eval, [s.name for s in data.eval], self.env.is_main,
+                                   on_policy=hasattr(self.evaluator.objective, "evaluate"))
             self.judge.load_state((resumed or {}).get("evals"))
 
     @property
