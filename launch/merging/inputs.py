@@ -112,7 +112,9 @@ def _resolve_run(given: str, run_dir: Path, adapters: bool) -> MergeInput:
         return MergeInput(given, adapter, run_dir, cfg, adapter_dir=adapter, label=label)
     merged = export / "merged"
     if not is_model_dir(merged):
-        if (export / "adapter").exists():
+        from trainers.model.peft_methods import MERGEABLE
+
+        if cfg.method.peft is not None and cfg.method.peft not in MERGEABLE:
             reason = (f"method={cfg.method.name} adds virtual tokens, not weight deltas, so the run has only "
                       f"{export / 'adapter'} and no merged model; runs of weight methods (full, lora, dora, ia3, "
                       f"...) can be merged")
