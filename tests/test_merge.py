@@ -18,6 +18,8 @@ import yaml
 
 from tests.helpers import REPO, launch_many
 
+pytestmark = pytest.mark.slow  # a sweep of three short runs, mergekit-yaml and launch.merge subprocesses
+
 SWEEP_ARGS = ["train.max_steps=3", "train.micro_batch_size=4", "train.grad_accum=1", "train.eval_every=1000",
               "train.save_every=1000", "data.metric_rows=2", "data.max_new_tokens=8", "method.dropout=0"]
 
