@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 
 # Copies of the largest tensor, in the math dtype, that a method holds at once besides
-# the inputs' own copies (measured with bench/merge_memory.py; see docs/merging.md).
+# the inputs' own copies: a rough count from the methods' code; bench/merge_memory.py compares
+# the estimate with measured peaks (docs/merging.md).
 WORKING_COPIES = {"linear": 2, "greedy_soup": 2, "slerp": 3, "model_stock": 3, "task_arithmetic": 3,
                   "ties": 4, "dare_ties": 4, "dare_linear": 3}
 PROCESS_MIB = 600  # interpreter with torch, transformers and mergekit imported
