@@ -255,3 +255,12 @@ def test_merged_model_trains_on_as_model_path(sweep, tmp_path):
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     rep = json.loads((merged / "merge_report.json").read_text())
     assert abs(first["eval_loss"] - rep["scores"]["eval_loss"]) < 1e-5
+
+
+@pytest.mark.parametrize("value, needle", [("soup", "this is a single run (no -m)"),
+                                           ("blend", "method='blend' is not a merge method")])
+def test_after_sweep_is_checked_before_anything_starts(tmp_path, value, needle):
+    from tests.helpers import launch_in_process
+
+    proc = launch_in_process(tmp_path / "run", f"merge.after_sweep={value}")
+    assert proc.returncode == 2 and needle in proc.stderr and not proc.calls, proc.stderr[-2000:]
