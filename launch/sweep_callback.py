@@ -42,8 +42,9 @@ class SweepCallback(Callback):
             self._submit(sweep_dir, batched)
         elif (sweep_dir / MANIFEST).exists():
             _print_summary(sweep_dir, refresh_sweep_summary(sweep_dir))
-            if self.refused:
-                sys.exit(1)
+            merged = _merge_after(config, sweep_dir)
+            if self.refused or merged:
+                sys.exit(1 if self.refused else merged)
 
     def _submit(self, sweep_dir: Path, points: list[Point]) -> None:
         if self.refused:
@@ -60,6 +61,9 @@ class SweepCallback(Callback):
         print(f"submitted {len(points)} point(s) as job(s) {', '.join(ids)}\n"
               f"  sweep dir  {sweep_dir}\n  status     python -m launch.status {sweep_dir}", flush=True)
         if not any(p.cfg.launcher.wait for p in points):
+            if points[0].cfg.merge.after_sweep is not None:
+                print(f"  merge      python -m launch.merge sweep={sweep_dir} method={points[0].cfg.merge.after_sweep}"
+                      f"  (once the points have finished)", flush=True)
             return
         try:
             wait_sweep(points, ids)
@@ -68,8 +72,19 @@ class SweepCallback(Callback):
             sys.exit(2)
         data = refresh_sweep_summary(sweep_dir)
         _print_summary(sweep_dir, data)
-        if any(r["status"] != "completed" for r in data["points"]):
-            sys.exit(1)
+        merged = _merge_after(points[0].cfg, sweep_dir)
+        if any(r["status"] != "completed" for r in data["points"]) or merged:
+            sys.exit(1 if any(r["status"] != "completed" for r in data["points"]) else merged)
+
+
+def _merge_after(config: DictConfig, sweep_dir: Path) -> int:
+    """merge.after_sweep: merge the completed points (launch/merging/after_sweep.py)."""
+    method = config.merge.after_sweep
+    if method is None:
+        return 0
+    from launch.merging.after_sweep import merge_sweep
+
+    return merge_sweep(sweep_dir, method)
 
 
 def _print_summary(sweep_dir: Path, data: dict) -> None:

@@ -170,6 +170,9 @@ def check(cfg: DictConfig) -> None:
     reason = resume_refusal(cfg)
     if reason:
         raise UserError(reason)
+    from launch.merging.after_sweep import check as check_after_sweep
+
+    check_after_sweep(cfg)
 
 
 def check_data_suits_model(cfg: DictConfig) -> None:

@@ -1,0 +1,46 @@
+"""merge_report.json and its table: each input's held-out scores beside the merged model's."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainers.files import atomic_write, write_json
+
+COLUMNS = (("eval_loss", "eval loss"), ("eval_exact_match", "exact match"))
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def table(report: dict) -> str:
+    scored = report.get("scores") is not None
+    head = ["model", "role", *(name for _, name in COLUMNS)] if scored else ["model", "role"]
+    lines = [f"# Merge: {report['method']}", "", f"output: `{report['out']}`  ",
+             f"inputs: {len(report['inputs'])}"
+             + (f"; base: `{report['base']}`" if report.get("base") else "")
+             + (f"; parameters: {report['parameters']}" if report.get("parameters") else ""), ""]
+    if not scored:
+        lines.append(f"not scored: {report.get('not_scored', 'eval=false')}")
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in report["rows"]:
+        cells = [row["label"], row["role"]]
+        if scored:
+            cells += [_fmt((row.get("scores") or {}).get(k)) for k, _ in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    if report.get("greedy"):
+        lines += ["", "Greedy soup (inputs in order of their score; kept if the soup's score improved):", "",
+                  f"| added | its score | soup score with it | kept |", "|---|---|---|---|"]
+        for g in report["greedy"]:
+            lines.append(f"| {g['label']} | {_fmt(g['score'])} | {_fmt(g['soup_score'])} | "
+                         f"{'yes' if g['kept'] else 'no'} |")
+    if report.get("left_out"):
+        lines += ["", "Left out of the sweep's merge:"] + [f"- point {p['num']}: {p['reason']}"
+                                                          for p in report["left_out"]]
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, report: dict) -> str:
+    write_json(Path(out) / "merge_report.json", report)
+    text = table(report)
+    atomic_write(Path(out) / "merge_report.md", text)
+    return text
