@@ -29,7 +29,7 @@ def table(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if report.get("greedy"):
         lines += ["", "Greedy soup (inputs in order of their score; kept if the soup's score improved):", "",
-                  f"| added | its score | soup score with it | kept |", "|---|---|---|---|"]
+                  "| added | its score | soup score with it | kept |", "|---|---|---|---|"]
         for g in report["greedy"]:
             lines.append(f"| {g['label']} | {_fmt(g['score'])} | {_fmt(g['soup_score'])} | "
                          f"{'yes' if g['kept'] else 'no'} |")
