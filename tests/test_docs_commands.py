@@ -12,8 +12,8 @@ How each command runs (a few steps: `SHORT` is appended, later overrides win):
 - a command in a block marked `<!-- docs-test: refused -->` shows a refusal: it must exit 2
   with one `error:` paragraph, before anything starts;
 - Hydra's own flags (`--cfg job`) run as the command line they are.
-Placeholders: `RUN` / `SFT_RUN` are the run directory of the default command (made first),
-and the file names in `PLACEHOLDER_FILES` are small slices of the bundled data. A doc that
+Placeholders: `RUN` / `SFT_RUN` are the run directory of the default command (made first;
+`RUN_PLACEHOLDERS` names the runs), and the file names in `PLACEHOLDER_FILES` are small slices of the bundled data. A doc that
 shows another file name adds it there. Identical commands (the same overrides once the
 appended ones win) run once. All launches share one process (tests/helpers.launch_many).
 """
@@ -44,7 +44,10 @@ PLACEHOLDER_FILES = {
     "pairs.jsonl": ("data/reverse_pref/train.jsonl", 0, 64),
     "heldout.jsonl": ("data/reverse_pref/eval.jsonl", 0, 16),
 }
-RUN_PLACEHOLDER = re.compile(r"\b(?:SFT_)?RUN\b(?!_)")
+# placeholder -> the documented command (its overrides) whose run directory it names; each is
+# launched first, once. A doc that needs another kind of run (a reward model, ...) adds it here.
+RUN_PLACEHOLDERS = {"RUN": (), "SFT_RUN": ()}
+RUN_PLACEHOLDER = re.compile(r"\b(" + "|".join(sorted(RUN_PLACEHOLDERS, key=len, reverse=True)) + r")\b")
 FILE_PLACEHOLDER = re.compile(r"(?<![\w./-])(" + "|".join(map(re.escape, PLACEHOLDER_FILES)) + r")(?![\w.-])")
 MARKS = {"dry-run", "refused"}
 FENCE = re.compile(r"^(?:<!--\s*docs-test:\s*(?P<mark>[^>]*?)\s*-->[ \t]*\n)?^```[^\n]*\n(?P<body>.*?)^```",
@@ -92,7 +95,7 @@ class DocCommand:
         for o in self.overrides():
             name, _, value = o.partition("=")
             last.pop(name, None)
-            last[name] = RUN_PLACEHOLDER.sub("RUN", value)
+            last[name] = RUN_PLACEHOLDER.sub(lambda m: repr(RUN_PLACEHOLDERS[m.group(1)]), value)
         return ("multirun" if self.multirun else "launch", self.mark == "refused", tuple(last.items()))
 
 
@@ -154,10 +157,10 @@ def unique_commands() -> dict[tuple, list[DocCommand]]:
 UNIQUE = unique_commands()
 
 
-def resolve(args: tuple[str, ...], run_dir: Path, files: dict[str, Path]) -> list[str]:
+def resolve(args: tuple[str, ...], runs: dict[str, Path], files: dict[str, Path]) -> list[str]:
     out = []
     for a in args:
-        a = RUN_PLACEHOLDER.sub(str(run_dir), a)
+        a = RUN_PLACEHOLDER.sub(lambda m: str(runs[m.group(1)]), a)
         out.append(FILE_PLACEHOLDER.sub(lambda m: str(files[m.group(1)]), a))
     return out
 
@@ -174,11 +177,11 @@ def doc_runs(tmp_path_factory) -> dict[tuple, subprocess.CompletedProcess]:
         files[name] = root / "files" / name
         files[name].parent.mkdir(exist_ok=True)
         files[name].write_text("\n".join(rows) + "\n")
-    default_key = DocCommand("", ()).key()
-    run_dir = root / "RUN"
-    keys = [default_key] + [k for k in UNIQUE if k[0] == "launch" and k != default_key]
-    launches = {f"c{i}": (run_dir if k == default_key else root / f"c{i}",
-                          resolve((UNIQUE.get(k) or [DocCommand("", ())])[0].overrides(), run_dir, files))
+    made = {name: DocCommand("", args) for name, args in RUN_PLACEHOLDERS.items()}  # the runs, first
+    keys = list(dict.fromkeys([c.key() for c in made.values()] + [k for k in UNIQUE if k[0] == "launch"]))
+    runs = {name: root / f"c{keys.index(c.key())}" for name, c in made.items()}
+    first = {c.key(): c for c in made.values()}
+    launches = {f"c{i}": (root / f"c{i}", resolve((UNIQUE.get(k) or [first[k]])[0].overrides(), runs, files))
                 for i, k in enumerate(keys)}
     results = launch_many(root, launches, timeout=1500, check=False)
     out = {k: results[f"c{i}"] for i, k in enumerate(keys)}
@@ -188,7 +191,7 @@ def doc_runs(tmp_path_factory) -> dict[tuple, subprocess.CompletedProcess]:
         c = commands[0]
         extra = [f"hydra.sweep.dir={root / f'sweep{i}'}"] if c.multirun else [f"hydra.run.dir={root / f'h{i}'}"]
         cmd = [sys.executable, str(REPO / "launch.py"), *(["-m"] if c.multirun else []),
-               *resolve(c.overrides(), run_dir, files), *extra]
+               *resolve(c.overrides(), runs, files), *extra]
         out[k] = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                                 env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     return out
