@@ -44,6 +44,10 @@ class SweepCallback(Callback):
             _print_summary(sweep_dir, refresh_sweep_summary(sweep_dir))
             if self.refused:
                 sys.exit(1)
+        elif self.refused:  # every point refused (or a dry run with refusals): nothing ran
+            print(f"error: no point of the sweep ran: point(s) {', '.join(map(str, sorted(self.refused)))} "
+                  f"were refused (messages above).", file=sys.stderr)
+            sys.exit(2)
 
     def _submit(self, sweep_dir: Path, points: list[Point]) -> None:
         if self.refused:
