@@ -74,7 +74,7 @@ class DocCommand:
     @property
     def dry(self) -> bool:
         cluster = any(re.fullmatch(r"launcher=slurm\w*", a) for a in self.args)
-        return self.mark == "dry-run" or cluster or self.multirun
+        return self.mark == "dry-run" or cluster or self.multirun or "dry_run=true" in self.args
 
     def overrides(self) -> tuple[str, ...]:
         """What the launch gets: the doc's overrides (its own run/sweep dir left out: the test
