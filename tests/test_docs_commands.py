@@ -157,10 +157,25 @@ def unique_commands() -> dict[tuple, list[DocCommand]]:
 UNIQUE = unique_commands()
 
 
+def named_runs() -> dict[str, DocCommand]:
+    """A doc that runs `python launch.py ... hydra.run.dir=runs/sft` and then points a later
+    command at `runs/sft/export/merged` names a run by its directory: PATH -> its command."""
+    out = {}
+    for c in doc_commands():
+        for a in c.args:
+            if a.startswith("hydra.run.dir="):
+                out.setdefault(a.partition("=")[2], DocCommand(c.where, tuple(
+                    x for x in c.args if not x.startswith("hydra.run.dir=")), c.mark))
+    return out
+
+
 def resolve(args: tuple[str, ...], runs: dict[str, Path], files: dict[str, Path]) -> list[str]:
     out = []
     for a in args:
         a = RUN_PLACEHOLDER.sub(lambda m: str(runs[m.group(1)]), a)
+        for path in sorted((r for r in runs if r not in RUN_PLACEHOLDERS), key=len, reverse=True):
+            if "=" in a and not a.startswith("hydra."):
+                a = re.sub(r"(?<=[=\[{ ,])" + re.escape(path) + r"(?=/|$|[],} ])", str(runs[path]), a)
         out.append(FILE_PLACEHOLDER.sub(lambda m: str(files[m.group(1)]), a))
     return out
 
@@ -178,6 +193,7 @@ def doc_runs(tmp_path_factory) -> dict[tuple, subprocess.CompletedProcess]:
         files[name].parent.mkdir(exist_ok=True)
         files[name].write_text("\n".join(rows) + "\n")
     made = {name: DocCommand("", args) for name, args in RUN_PLACEHOLDERS.items()}  # the runs, first
+    made.update(named_runs())
     keys = list(dict.fromkeys([c.key() for c in made.values()] + [k for k in UNIQUE if k[0] == "launch"]))
     runs = {name: root / f"c{keys.index(c.key())}" for name, c in made.items()}
     first = {c.key(): c for c in made.values()}
