@@ -40,7 +40,7 @@ PLACEHOLDER_FILES = {
     "task.jsonl": ("data/reverse/train.jsonl", 0, 64),
     "replay.jsonl": ("data/reverse/train.jsonl", 64, 32),
     "task_eval.jsonl": ("data/reverse/eval.jsonl", 0, 16),
-    "general_eval.jsonl": ("data/reverse/eval.jsonl", 16, 16),
+    "other_eval.jsonl": ("data/reverse/eval.jsonl", 16, 16),
     "pairs.jsonl": ("data/reverse_pref/train.jsonl", 0, 64),
     "heldout.jsonl": ("data/reverse_pref/eval.jsonl", 0, 16),
 }
