@@ -45,6 +45,10 @@ class SweepCallback(Callback):
             merged = _merge_after(config, sweep_dir)
             if self.refused or merged:
                 sys.exit(1 if self.refused else merged)
+        elif self.refused:  # every point refused (or a dry run with refusals): nothing ran
+            print(f"error: no point of the sweep ran: point(s) {', '.join(map(str, sorted(self.refused)))} "
+                  f"were refused (messages above).", file=sys.stderr)
+            sys.exit(2)
 
     def _submit(self, sweep_dir: Path, points: list[Point]) -> None:
         if self.refused:

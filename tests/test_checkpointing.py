@@ -51,7 +51,7 @@ def test_sigterm_saves_preempted_and_resumes_exactly(tmp_path, tiny_model, refer
     proc = start(run, *args)
     wait_until(lambda: logged_steps(run) >= stop_after, proc)
     os.kill(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=120) != 0
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM  # stopped by the signal, as a shell reports it
     s = summary(run)
     assert s["status"] == "preempted" and s["final_step"] >= stop_after
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{s['final_step']}"
@@ -149,7 +149,7 @@ def test_full_disk_fails_clearly_and_loses_nothing_committed(tmp_path, tiny_mode
     # Room for one checkpoint but not two: step_3 commits, step_6 runs out of space.
     small_disk(run / "checkpoints", one * 3 // 2)
     out = launch(*args, f"hydra.run.dir={run}", check=False)
-    assert out.returncode != 0
+    assert out.returncode == 1
     assert "the disk is full" in out.stderr and "step_3" in out.stderr, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     ckpts = run / "checkpoints"

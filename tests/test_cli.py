@@ -29,7 +29,7 @@ def test_cfg_job_prints_composed_config():
 
 def assert_refused(proc, run_dir, *needles):
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out
+    assert proc.returncode == 1, out  # Hydra's own exit code for a config it cannot compose
     assert "Traceback" not in out, out
     for needle in needles:
         assert needle in out, out
@@ -130,3 +130,11 @@ def test_refused_plan_combination_says_why_and_what_instead(tmp_path, tiny_model
     out = refused(tmp_path, f"model.path={tiny_model}", *overrides)
     for needle in needles:
         assert needle in out, out
+
+
+def test_a_sweep_whose_every_point_is_refused_exits_2(tmp_path):
+    """Nothing ran and nothing was submitted: the command says so and fails (it exited 0)."""
+    proc = launch("-m", "method.r=8,16", "launcher=slurm", "dry_run=true", f"hydra.sweep.dir={tmp_path}", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("error: parallel=none with method=lora: parallel=none runs one process, but 8") == 2
+    assert "error: no point of the sweep ran: point(s) 0, 1 were refused (messages above)." in proc.stderr

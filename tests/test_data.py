@@ -227,8 +227,12 @@ def test_global_batch_rows_depend_only_on_seed_and_step(tok, tmp_path):
     seen = [i for r in rows for k, i in r if k == 1]
     for e in range(len(seen) // 7):
         assert sorted(seen[7 * e : 7 * e + 7]) == list(range(7))
-    stats = a.stats(0)
-    assert stats["tokens/task"] > 0 and stats["tokens/replay"] > 0 and 0 <= stats["padding_fraction"] < 1
+    # the logged stats are those of the tensors step 0 computes: its one micro-batch of 8 rows
+    stats, batch = a.stats(0), a.collate(rows[0])
+    real = batch["attention_mask"].sum(dim=1).tolist()
+    from_replay = sum(n for (k, _), n in zip(rows[0], real) if k == 1)
+    assert stats == {"tokens/task": sum(real) - from_replay, "tokens/replay": from_replay,
+                     "padding_fraction": pytest.approx(1 - sum(real) / batch["input_ids"].numel())}, (stats, real)
     micro, n_targets = b.micro_batches(0, dp_rank=1)
     assert len(micro) == 2 and micro[0]["input_ids"].shape[0] == 2
     assert n_targets == sum(sources[k].targets(i) for k, i in rows[0])

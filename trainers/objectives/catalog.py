@@ -172,7 +172,7 @@ def pair_objective(name: str, knobs: dict) -> Objective:
             rc, rr = pairs(ref)
             loss, metrics = P.dpo_loss(lc, lr, rc, rr, nc, nr, beta=beta,
                                        loss_type="ipo" if name == "ipo" else knobs["loss_type"],
-                                       label_smoothing=float(knobs["label_smoothing"]))
+                                       label_smoothing=float(knobs["label_smoothing"]) if name == "dpo" else 0.0)
             if rpo_alpha:
                 loss, metrics["nll_loss"] = P.rpo_nll(loss, lc, batch["nll_tokens_per_pair"], rpo_alpha)
         elif name == "simpo":
