@@ -30,7 +30,11 @@ def _global_package(path: Path) -> bool:
 
 
 def groups() -> list[str]:
-    return sorted(p.name for p in CONF.iterdir() if p.is_dir())
+    """The config groups launch.py composes: those its defaults list names (conf/merge/ is
+    another entry point's config, python -m launch.merge)."""
+    defaults = OmegaConf.to_container(OmegaConf.load(CONF / "config.yaml"), resolve=False)["defaults"]
+    named = {k for entry in defaults if isinstance(entry, dict) for k in entry}
+    return sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name in named)
 
 
 def options(group: str) -> list[str]:

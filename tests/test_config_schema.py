@@ -20,8 +20,8 @@ from tests.helpers import REPO, launch, launch_in_process, refused
 CODE = ("launch", "parallel", "slurm", "trainers")
 # `.get("key", ...)` on dicts that are not the config but happen to share a key name with it:
 # JSON read from files (a model's config.json, data rows and mixture entries, checkpoint
-# metadata written by the plans, run state and summaries, a checkpoint's saved state).
-NOT_CONFIG = {"src", "entry", "written", "values", "row", "s", "state", "resumed"}
+# metadata written by the plans, run state and summaries, a checkpoint's saved state, a merge report).
+NOT_CONFIG = {"src", "entry", "written", "values", "row", "s", "state", "resumed", "report"}
 
 
 def conf_key_names() -> set[str]:

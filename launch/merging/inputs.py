@@ -171,11 +171,11 @@ def check_compatible(inputs: list[MergeInput], base: MergeInput | None) -> None:
 
 
 def _architecture(folder: Path) -> tuple[str, str]:
-    config = read_json(folder / "config.json")
-    if not config and (folder / "adapter_config.json").exists():
-        config = {"architectures": ["peft adapter"],
+    values = read_json(folder / "config.json")
+    if not values and (folder / "adapter_config.json").exists():
+        values = {"architectures": ["peft adapter"],
                   "model_type": read_json(folder / "adapter_config.json").get("base_model_name_or_path")}
-    return (",".join(config.get("architectures") or ["?"]), str(config.get("model_type")))
+    return (",".join(values.get("architectures") or ["?"]), str(values.get("model_type")))
 
 
 def default_base(inputs: list[MergeInput], method_name: str) -> str:
