@@ -28,7 +28,7 @@ def test_launcher_tokenizes_once_workers_open_mixture_and_eval_sets_reported(tmp
                                                         "second": (tmp_path / "b", [*common, "train.max_steps=1"])}).values()
     out = first.stdout + first.stderr
     tokenized = [line for line in out.splitlines() if "data: tokenized" in line]
-    assert len(tokenized) == 3, out  # 2 training sources + 1 eval-only file, once each
+    assert len(tokenized) == 4, out  # 2 training sources + 1 eval-only file + the forgetting probe, once each
     assert not any("[rank" in line for line in tokenized), "a worker tokenized"
     rows = metrics(tmp_path / "a")
     steps = [r for r in rows if "loss" in r]
@@ -48,8 +48,8 @@ def test_launcher_tokenizes_once_workers_open_mixture_and_eval_sets_reported(tmp
     again = second.stdout + second.stderr
     assert "data: tokenized" not in again
     launcher = [line for line in again.splitlines() if "data ok: " in line]  # the launcher's report, per source
-    assert len(launcher) == 4 and all(line.endswith("(cached)") for line in launcher), again
-    assert len([p for p in cache.iterdir() if p.is_dir()]) == 3
+    assert len(launcher) == 5 and all(line.endswith("(cached)") for line in launcher), again  # + the probe
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 4
 
 
 @pytest.mark.parametrize("alpha", [5.0])
