@@ -25,7 +25,7 @@ import math
 import pytest
 import torch
 
-from tests.trl_preference_reference import REPO, read_jsonl
+from tests.trl_preference_reference import REPO, rows_in_our_order
 from tests.trl_preference_reference import run as run_trl
 
 pytestmark = pytest.mark.slow
@@ -72,21 +72,6 @@ def our_cfg(objective: str, method: str, run_dir, train_file, extra=()):
         return finalize(compose("config", overrides=overrides), str(run_dir))
 
 
-def rows_in_our_order(cfg) -> list[dict]:
-    """The data rows of our first STEPS global batches, in order: TRL reads them sequentially."""
-    from trainers.data.sources import training_batches
-    from trainers.model.load import load_tokenizer
-
-    batches, _ = training_batches(cfg, load_tokenizer(cfg.model), 1)
-    rows = read_jsonl(cfg.data.train)
-    out = []
-    for step in range(STEPS):
-        for k, r in batches.rows(step):
-            src = batches.sources[k]
-            out.append(rows[int(src.store.rows[int(src.examples(r)[0])]) - 1])  # row numbers are 1-based lines
-    return out
-
-
 def initial_adapter(cfg, path) -> None:
     """Our initial LoRA weights (the loop's own ModelSource), for TRL to start from."""
     from safetensors.torch import save_file
@@ -123,7 +108,7 @@ def runs(tmp_path_factory):
                 init = root / "init.safetensors"
                 initial_adapter(cfg, init)
             o = cfg.optim
-            trl = run_trl(MODEL, rows_in_our_order(cfg), objective, method=method, batch_size=BATCH, steps=STEPS,
+            trl = run_trl(MODEL, rows_in_our_order(cfg, STEPS), objective, method=method, batch_size=BATCH, steps=STEPS,
                           lr=float(o.lr), schedule=o.schedule, warmup_steps=o.warmup_steps,
                           min_lr_ratio=o.min_lr_ratio, weight_decay=o.weight_decay, betas=tuple(o.betas),
                           eps=float(o.eps), max_grad_norm=o.max_grad_norm, init_from=init,

@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from tests.trl_preference_reference import REPO, read_jsonl
+from tests.trl_preference_reference import REPO, read_jsonl, rows_in_our_order
 
 MODEL = REPO / "assets/tiny-llama"
 PREF = REPO / "data/reverse_pref"
@@ -58,20 +58,6 @@ def our_cfg(run_dir, train_file, *extra):
                  "train.save_every=1000", "train.eval_every=1000", "train.precision=fp32", *extra]
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
         return finalize(compose("config", overrides=overrides), str(run_dir))
-
-
-def first_rows(cfg) -> list[dict]:
-    """The rows of our first global batch, in order (TRL reads them sequentially)."""
-    from trainers.data.sources import training_batches
-    from trainers.model.load import load_tokenizer
-
-    batches, _ = training_batches(cfg, load_tokenizer(cfg.model), 1)
-    rows = read_jsonl(cfg.data.train)
-    out = []
-    for k, r in batches.rows(0):
-        src = batches.sources[k]
-        out.append(rows[int(src.store.rows[int(src.examples(r)[0])]) - 1])
-    return out
 
 
 def initial_trainable(cfg) -> dict[str, torch.Tensor]:
@@ -136,7 +122,7 @@ def test_first_step_loss_and_accuracy_equal_trl(tmp_path, method, center, margin
     extra = [f"method={method}", f"data.eval={held_out}"] + (["method.dropout=0"] if method == "lora" else ["data.packing=false"])
     extra += [f"objective.center_rewards_coefficient={center}"] if center else []
     cfg = our_cfg(tmp_path / "ours", data, *extra)
-    trl = trl_first_step(first_rows(cfg), method, initial_trainable(cfg), cfg, center)
+    trl = trl_first_step(rows_in_our_order(cfg, 1), method, initial_trainable(cfg), cfg, center)
     train(cfg, build_plan)
     ours = next(r for r in metrics(tmp_path / "ours") if "loss" in r)
     for key in ("loss", "accuracy", "margin"):

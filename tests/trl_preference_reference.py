@@ -93,6 +93,22 @@ def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def rows_in_our_order(cfg, steps: int) -> list[dict]:
+    """The data rows of our first `steps` global batches (one rank), in order: TRL reads
+    them sequentially, so this is the file order to hand it for the same batches."""
+    from trainers.data.sources import training_batches
+    from trainers.model.load import load_tokenizer
+
+    batches, _ = training_batches(cfg, load_tokenizer(cfg.model), 1)
+    rows = read_jsonl(cfg.data.train)
+    out = []
+    for step in range(steps):
+        for k, r in batches.rows(step):
+            src = batches.sources[k]
+            out.append(rows[int(src.store.rows[int(src.examples(r)[0])]) - 1])  # row numbers are 1-based lines
+    return out
+
+
 def build_trainer(
     model_dir,
     rows: list[dict],
