@@ -258,7 +258,7 @@ def test_merged_model_trains_on_as_model_path(sweep, tmp_path):
 
 
 @pytest.mark.parametrize("value, needle", [("soup", "this is a single run (no -m)"),
-                                           ("blend", "method='blend' is not a merge method")])
+                                           ("blend", "merge.after_sweep='blend' is not a merge method")])
 def test_after_sweep_is_checked_before_anything_starts(tmp_path, value, needle):
     from tests.helpers import launch_in_process
 

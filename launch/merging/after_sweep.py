@@ -20,7 +20,7 @@ def check(cfg) -> None:
     from launch import sweep
     from launch.merging.methods import get_method
 
-    get_method(method)
+    get_method(method, "merge.after_sweep")
     if sweep.current() is None:
         raise UserError(f"merge.after_sweep={method} merges a sweep's points when it ends; this is a single run "
                         f"(no -m). Add -m with swept values, or merge runs with python -m launch.merge "

@@ -42,10 +42,12 @@ METHODS = {m.name: m for m in (
 ALIASES = {"soup": "linear", "uniform_soup": "linear"}
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str, key: str = "method") -> Method:
+    """`key` is the setting the name came from (launch.merge's `method`, a sweep's
+    `merge.after_sweep`), so the refusal names what the user typed."""
     name = ALIASES.get(str(name), str(name))
     if name not in METHODS:
-        raise UserError(f"method={name!r} is not a merge method; accepted: {', '.join(METHODS)} "
+        raise UserError(f"{key}={name!r} is not a merge method; accepted: {', '.join(METHODS)} "
                         f"(soup = linear).")
     return METHODS[name]
 
