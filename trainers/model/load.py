@@ -164,6 +164,7 @@ class ModelSource:
         self.seed = seed
         self._files = None
         self._quantizer = None
+        self._filling = None  # (model, placeholder index, quantize op) shared by its fills
         self.read_report: tuple[int, int] | None = None  # (bytes this rank read, checkpoint bytes)
 
     @property
@@ -238,6 +239,16 @@ class ModelSource:
         in bf16 at a time, never a bf16 (or 4-bit) copy of weights it does not keep."""
         from trainers.model.weights import fill_placeholders
 
+        if self._filling is None or self._filling[0] is not model:
+            self._filling = (model, *self._fill_setup(model))
+        _, index, quantize = self._filling
+        fill_placeholders(model, self.files(), device, within, quantize, recurse, index)
+
+    def _fill_setup(self, model: torch.nn.Module):
+        """What every fill of `model` shares, found once: its placeholders' checkpoint keys
+        and, for a 4-bit base, transformers' quantize op bound to the model."""
+        from trainers.model.weights import placeholder_index
+
         quantize = None
         if self._quantizer is not None:
             from trainers.memory import hf_model
@@ -249,7 +260,7 @@ class ModelSource:
             def quantize(name: str, value: torch.Tensor) -> torch.nn.Parameter:
                 name = name.removeprefix(prefix)  # the op looks the weight up in the transformers model
                 return op.convert({name: [value]}, model=hf)[name]
-        fill_placeholders(model, self.files(), device, within, quantize, recurse)
+        return placeholder_index(model, self.files()), quantize
 
     def files(self):
         """The checkpoint's tensors (a hub id is resolved to its local snapshot first)."""
@@ -290,6 +301,7 @@ class ModelSource:
             self.read_report = (self._files.bytes_read, self._files.total_bytes)
             self._files.close()
             self._files = None
+        self._filling = None
 
 
 def local_model_dir(path: str) -> Path:

@@ -205,23 +205,33 @@ def is_4bit(p: torch.Tensor) -> bool:
     return type(p).__name__ == "Params4bit"
 
 
+def placeholder_index(model: nn.Module, files: CheckpointFiles) -> dict[nn.Parameter, tuple[str, str]]:
+    """Each placeholder -> (its parameter name, its checkpoint key), resolved once for the
+    whole model: plans fill a model module by module (ZeRO-3) or unit by unit (FSDP2), and
+    each fill then only looks up its own parameters. Keyed by the placeholder objects, which
+    the index keeps alive until they are filled."""
+    return {model.get_parameter(name): (name, key) for name, key in checkpoint_names(model, files).items()}
+
+
 @torch.no_grad()
 def fill_placeholders(model: nn.Module, files: CheckpointFiles, device: torch.device,
-                      within: nn.Module | None = None, quantize=None, recurse: bool = True) -> None:
+                      within: nn.Module | None = None, quantize=None, recurse: bool = True,
+                      index: dict | None = None) -> None:
     """Each placeholder of `within` (default: the whole model) becomes its full tensor from
     the files, on `device`, one tensor at a time. A 4-bit placeholder is quantized as it
     arrives, by `quantize(name, value)` (trainers/model/load.py: transformers' own quantize op),
-    so its bf16 tensor is alive only until the next one is read."""
-    keys = checkpoint_names(model, files)
-    mine = {id(p) for p in (within if within is not None else model).parameters(recurse=recurse)}
-    for name, key in keys.items():
-        p = model.get_parameter(name)
-        if id(p) not in mine:
+    so its bf16 tensor is alive only until the next one is read. `index` (placeholder_index)
+    is shared by the fills of one model; filled entries leave it."""
+    if index is None:
+        index = placeholder_index(model, files)
+    for p in list((within if within is not None else model).parameters(recurse=recurse)):
+        entry = index.pop(p, None)
+        if entry is None:  # not from the checkpoint, or already filled
             continue
+        name, key = entry
         value = files.read(key, p.dtype).to(device)
         new = quantize(name, value) if is_4bit(p) else nn.Parameter(value)
         replace_parameter(model, name, new.requires_grad_(p.requires_grad))
-
 
 
 @torch.no_grad()
