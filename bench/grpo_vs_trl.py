@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _quiet import describe, wait_for_quiet  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 REPO = Path(__file__).resolve().parent.parent
 RSS = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024); sys.exit(code)")
@@ -85,6 +87,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out")
+    ap.add_argument("--max-busy", type=float, default=0.1, help="wait before each run until at most this share of the CPUs is busy")
     a = ap.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")
     work = Path(tempfile.mkdtemp(prefix="grpo_vs_trl-"))
@@ -92,7 +95,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"ours": [], "trl": []}
     for rep in range(a.repeats):
         for name, fn in (("ours", ours), ("trl", trl)):
-            r = fn(a, work, str(rep), env)
+            load = wait_for_quiet(a.max_busy)
+            r = fn(a, work, str(rep), env) | {"load_before": load}
             runs[name].append(r)
             print(f"[{time.strftime('%H:%M:%S')}] {name} {rep + 1}: {r}", file=sys.stderr, flush=True)
 
@@ -112,6 +116,8 @@ def main() -> None:
                      f"{med(name, 'peak_rss_mib'):,.0f} | {med(name, 'reward_last5'):.3f} |")
     lines.append(f"| **ours / TRL** | **{med('ours', 'tokens_per_s') / med('trl', 'tokens_per_s'):.2f}x** | | "
                  f"**{med('ours', 'peak_rss_mib') / med('trl', 'peak_rss_mib'):.2f}x** | |")
+    lines += ["", "Load average before each run (ours / TRL, per repeat): " + ", ".join(
+        f"{describe(o['load_before'])} / {describe(t['load_before'])}" for o, t in zip(runs["ours"], runs["trl"]))]
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:

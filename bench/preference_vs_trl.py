@@ -27,6 +27,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from _quiet import describe, wait_for_quiet  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import sft_vs_trl as S  # noqa: E402  (helpers: snapshot, runs, summaries)
@@ -60,6 +62,7 @@ def parse_args() -> argparse.Namespace:
                          "micro-batch, as TRL does (default: our default, packed micro-batches)")
     ap.add_argument("--out")
     ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--max-busy", type=float, default=0.1, help="wait before each run until at most this share of the CPUs is busy")
     args = ap.parse_args()
     args.packing = not args.padded_pairs
     if args.steps <= args.skip + 1:
@@ -135,12 +138,13 @@ def report(args, runs: dict, model_desc: str, inputs: str, started: str, seconds
     lines += ["", "Goals (issue 11): tokens/s >= 1.3x TRL, peak RSS <= 0.85x TRL.", "",
               "Every run (pairs back to back, ours first):", "",
               "| repeat | ours tokens/s | TRL tokens/s | ratio | ours tokens/CPU-s | TRL tokens/CPU-s | ratio | "
-              "ours peak RSS | TRL peak RSS | ratio |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "ours peak RSS | TRL peak RSS | ratio | machine before ours / TRL |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for i, (a, b) in enumerate(zip(o, t), start=1):
         lines.append(f"| {i} | {a['tokens_per_s']:,.0f} | {b['tokens_per_s']:,.0f} | "
                      f"{a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {a['tokens_per_cpu_s']:,.0f} | "
                      f"{b['tokens_per_cpu_s']:,.0f} | {a['tokens_per_cpu_s'] / b['tokens_per_cpu_s']:.2f}x | "
-                     f"{a['peak_rss_mib']:,.0f} | {b['peak_rss_mib']:,.0f} | {a['peak_rss_mib'] / b['peak_rss_mib']:.2f}x |")
+                     f"{a['peak_rss_mib']:,.0f} | {b['peak_rss_mib']:,.0f} | {a['peak_rss_mib'] / b['peak_rss_mib']:.2f}x | "
+                     f"{describe(a['load_before'])} / {describe(b['load_before'])} |")
     lines += ["", "Differences that remain: data order (each side shuffles with its own seeded sampler); "
               "warmup (ours (step+1)/(w+1), transformers step/w); TRL's fused LM head computes log-probs "
               "without the full logits; ours exports the adapter and a merged model at the end (inside the peak RSS); "
@@ -160,7 +164,8 @@ def main() -> None:
         for system, fn in (("ours", run_ours), ("trl", run_trl)):
             print(f"[{time.strftime('%H:%M:%S')}] repeat {rep + 1}/{args.repeats} {system} ...", file=sys.stderr,
                   flush=True)
-            r = fn(args, model, work, str(rep))
+            load = wait_for_quiet(args.max_busy)
+            r = fn(args, model, work, str(rep)) | {"load_before": load}
             runs[system].append(r)
             print(f"    {r['tokens_per_s']:,.0f} tokens/s, {r['tokens_per_cpu_s']:,.0f} tokens/CPU-s, "
                   f"peak RSS {r['peak_rss_mib']:,.0f} MiB, final loss {r['final_loss']:.4f}", file=sys.stderr,

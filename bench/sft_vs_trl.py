@@ -57,6 +57,8 @@ from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
+from _quiet import describe, wait_for_quiet  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
 DEFAULT_MODEL = REPO / "assets" / "tiny-llama"
@@ -85,6 +87,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", help="also write the report to this file")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir with run dirs and logs")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    ap.add_argument("--max-busy", type=float, default=0.1,
+                    help="wait (up to 10 min) before each run until at most this share of the CPUs is busy")
     args = ap.parse_args()
     if args.steps <= args.skip + 1:
         ap.error("--steps must exceed --skip + 1")
@@ -299,8 +303,8 @@ def report(args, results: dict, model_desc: str, inputs: str, started: str, seco
         lines.append(f"| {setup} | ratio ours/TRL | " + " | ".join(f"{med(o, k) / med(t, k):.2f}x" for k in keys) + " | |")
     lines += ["", "Every run (each pair ran back to back, ours first):", "",
               "| setup | repeat | ours tokens/s | TRL tokens/s | ratio | ours tokens/CPU-s | TRL tokens/CPU-s | ratio "
-              "| ours peak RSS MiB | TRL peak RSS MiB |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| ours peak RSS MiB | TRL peak RSS MiB | machine before ours / TRL |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for setup, pair in results.items():
         pairs = list(zip(pair["ours"], pair["trl"]))
         for i, (o, t) in enumerate(pairs, start=1):
@@ -308,11 +312,11 @@ def report(args, results: dict, model_desc: str, inputs: str, started: str, seco
                 f"| {setup} | {i} | {o['tokens_per_s']:,.0f} | {t['tokens_per_s']:,.0f} | "
                 f"{o['tokens_per_s'] / t['tokens_per_s']:.2f}x | {o['tokens_per_cpu_s']:,.0f} | "
                 f"{t['tokens_per_cpu_s']:,.0f} | {o['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x | "
-                f"{o['peak_rss_mib']:,.0f} | {t['peak_rss_mib']:,.0f} |"
+                f"{o['peak_rss_mib']:,.0f} | {t['peak_rss_mib']:,.0f} | {describe(o['load_before'])} / {describe(t['load_before'])} |"
             )
         wall = statistics.median(o["tokens_per_s"] / t["tokens_per_s"] for o, t in pairs)
         cpu = statistics.median(o["tokens_per_cpu_s"] / t["tokens_per_cpu_s"] for o, t in pairs)
-        lines.append(f"| {setup} | median of pair ratios | | | {wall:.2f}x | | | {cpu:.2f}x | | |")
+        lines.append(f"| {setup} | median of pair ratios | | | {wall:.2f}x | | | {cpu:.2f}x | | | |")
     same = all(len({round(r["final_loss"], 6) for r in runs}) == 1 for pair in results.values() for runs in pair.values())
     lines += ["", "Final losses " + ("are identical across repeats of each system (seeded runs)."
                                      if same else "differ across repeats of a system (see run logs).")]
@@ -372,7 +376,8 @@ def main() -> None:
             for system, fn in (("ours", run_ours), ("trl", run_trl)):
                 print(f"[{time.strftime('%H:%M:%S')}] repeat {rep + 1}/{args.repeats} {name} {system} ...",
                       file=sys.stderr, flush=True)
-                r = fn(args, model, packing, work, tag)
+                load = wait_for_quiet(args.max_busy)
+                r = fn(args, model, packing, work, tag) | {"load_before": load}
                 results[name][system].append(r)
                 print(f"    {r['tokens_per_s']:,.0f} tokens/s, {r['tokens_per_cpu_s']:,.0f} tokens/CPU-s, peak RSS {r['peak_rss_mib']:,.0f} MiB, "
                       f"final loss {r['final_loss']:.4f}", file=sys.stderr, flush=True)
