@@ -135,7 +135,7 @@ class GRPO:
             from trainers.memory import hf_model
             from trainers.model.load import load_tokenizer
 
-            self._tokenizer = load_tokenizer(plan.cfg.model)
+            self._tokenizer = load_tokenizer(plan.cfg.model, plan.cfg.data.chat_template)
             install(hf_model(plan.inner))
             self._chunk_n = self._chunk(plan)
             self._rewards = load_rewards(self.knobs["rewards"], self.knobs["reward_weights"], plan.compute_dtype,
