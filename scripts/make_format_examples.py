@@ -24,7 +24,7 @@ def main() -> None:
         # ShareGPT: from/value turns; every fourth row carries a system prompt
         "sharegpt.jsonl": [{"conversations": [{"from": "human", "value": m[0]["content"]},
                                               {"from": "gpt", "value": m[1]["content"]}],
-                            **({"system": "Answer with the reversed string only."} if i % 4 == 0 else {})}
+                            **({"system": "Be brief."} if i % 4 == 0 else {})}
                            for i, m in enumerate(chats[N:2 * N])],
         # the OpenAI variant: role/content messages under `conversations`
         "openai_conversations.jsonl": [{"conversations": m} for m in chats[:N]],
