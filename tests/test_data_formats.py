@@ -81,6 +81,7 @@ def test_each_example_file_is_detected_and_converted_to_the_loops_rows():
 def test_text_rows_train_every_token_and_long_documents_become_blocks(tok, tmp_path):
     store = TokenStore(prepare(str(EXAMPLES / "text.jsonl"), tok, data_cfg(), tmp_path / "cache"))
     assert store.meta["format"] == "text" and store.report().rows == 64
+    assert f"64/64 rows kept, {len(store.ids):,} tokens in {len(store)} blocks" in store.report().kept_and_skipped()
     first = json.loads((EXAMPLES / "text.jsonl").read_text().splitlines()[0])["text"]
     blocks = [i for i in range(len(store)) if int(store.rows[i]) == 1]
     assert len(blocks) > 1 and all(len(store.example(i)[0]) <= 64 for i in blocks)  # cut, not truncated

@@ -95,6 +95,7 @@ def derive(store, rows: np.ndarray, part: str, settings: dict, arrays: dict) -> 
                 f.flush()
                 os.fsync(f.fileno())
         meta = dict(store.meta, rows=int(len(rows)), kept=int(len(keep)), tokens=int(lengths.sum()),
+                    kept_rows=int(len(np.unique(out["rows"]))),
                     selection={"part": part, **settings})
         atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
         tmp.rename(final)

@@ -58,10 +58,13 @@ class DataReport:
     tokens: int = 0
     cached: bool = False
     per_row: int = 1  # examples per kept row: 2 for preference pairs
+    kept_rows: int = 0  # data rows kept (a plain-text row may become several blocks)
 
     def kept_and_skipped(self) -> str:
         what = "pairs" if self.per_row == 2 else "rows"
-        s = f"{self.path}: {self.kept // self.per_row}/{self.rows} {what} kept, {self.tokens:,} tokens"
+        s = f"{self.path}: {self.kept_rows}/{self.rows} {what} kept, {self.tokens:,} tokens"
+        if self.kept != self.kept_rows * self.per_row:
+            s += f" in {self.kept} blocks of at most data.max_seq_len tokens"
         if self.truncated:
             s += f", {self.truncated} truncated"
         if self.skipped:
@@ -180,7 +183,7 @@ class TokenStore:
     def report(self) -> DataReport:
         m = self.meta
         return DataReport(m["path"], m["rows"], m["kept"], Counter(m["skipped"]), m["truncated"], m["tokens"], True,
-                          self.per_row)
+                          self.per_row, m["kept_rows"])
 
 
 # --------------------------------------------------------------------------- writing
@@ -256,6 +259,7 @@ def _append(files: dict, enc: EncodedChunk, report: DataReport, path: str) -> No
                       ("margin", enc.margin)):
         files[name].write(np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes())
     report.kept += len(enc.lengths)
+    report.kept_rows += len(np.unique(enc.row_numbers))  # a row's examples never straddle two chunks
     report.tokens += int(enc.lengths.sum())
 
 
@@ -283,7 +287,7 @@ def build(path: str, tokenizer, data_cfg, final: Path, kind: str = "sft") -> Dat
     if report.kept == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"No usable rows in {path} ({report.kept_and_skipped()}).")
-    meta = {"version": CACHE_VERSION, "kind": kind, "format": fmt, "path": str(path), "rows": report.rows, "kept": report.kept,
+    meta = {"version": CACHE_VERSION, "kind": kind, "format": fmt, "path": str(path), "rows": report.rows, "kept": report.kept, "kept_rows": report.kept_rows,
             "skipped": dict(report.skipped), "truncated": report.truncated, "tokens": report.tokens,
             "processes": procs, "build_s": round(time.perf_counter() - t0, 2), "created": time.time()}
     atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
