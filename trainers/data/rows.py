@@ -37,7 +37,7 @@ KIND_FORMATS = {"sft": ("messages", "prompt_completion", "alpaca", "sharegpt", "
                 "pairs_text": ("preference",), "unpaired": ("unpaired_preference",),
                 "prompts": ("prompt_only",)}
 KIND_ROWS = {
-    "sft": "`messages`, `prompt`/`completion` or `text` rows, or Alpaca/ShareGPT rows (objective=sft)",
+    "sft": "`messages` or `prompt`/`completion` rows (objective=sft)",
     "pairs": "`prompt`/`chosen`/`rejected` rows (objective=dpo, ipo, simpo, orpo, reward)",
     "unpaired": "`prompt`/`completion`/`label` rows (objective=kto)",
     "prompts": "`prompt` rows with no answer, plus any columns the rewards read (objective=grpo)",
