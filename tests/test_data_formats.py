@@ -166,6 +166,10 @@ def test_hf_source_saved_to_disk_is_read_by_split_and_keyed_by_its_content(tok, 
     assert content_digest(f"hf:{tmp_path / 'ds2'}:test", root) != before  # another version, another entry
     with pytest.raises(UserError, match="splits"):
         prepare(f"hf:{tmp_path / 'ds'}:validation", tok, data_cfg(), root)
+    repo = tmp_path / "repo"  # a folder laid out as a Hub dataset repository: datasets.load_dataset
+    repo.mkdir()
+    write_jsonl(repo / "test.jsonl", rows[:3])
+    assert len(TokenStore(prepare(f"hf:{repo}:test", tok, data_cfg(), root))) == 3
 
 
 # ------------------------------------------------------- eval_split, max_samples, mixtures

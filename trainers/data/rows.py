@@ -82,13 +82,14 @@ def source_exists(path: str) -> bool:
 
 def hf_dataset(path: str):
     """data.train=hf:NAME[:SPLIT]: a folder saved with save_to_disk (a Dataset, or a
-    DatasetDict's SPLIT, default train) or a Hub dataset through datasets.load_dataset, from
-    the local Hub cache when HF_DATASETS_OFFLINE=1."""
+    DatasetDict's SPLIT, default train), or else datasets.load_dataset(NAME, split=SPLIT): a
+    Hub dataset (from the local Hub cache when HF_DATASETS_OFFLINE=1) or a local folder of
+    data files laid out as a Hub dataset repository."""
     import datasets
 
     name, split = hf_name_split(path)
     try:
-        if Path(name).is_dir():
+        if any((Path(name) / f).is_file() for f in ("dataset_dict.json", "state.json")):
             ds = datasets.load_from_disk(name)
             if isinstance(ds, datasets.DatasetDict):
                 if (split or "train") not in ds:

@@ -36,7 +36,7 @@ from trainers.data.encoding import EncodedChunk, encode_chunk
 from trainers.errors import UserError
 from trainers.files import atomic_write, file_digest, locked, read_json, update_json
 from trainers.data.formats import file_format
-from trainers.data.rows import hf_name_split, is_hf, missing_file_error, read_raw, source_exists
+from trainers.data.rows import hf_dataset, hf_name_split, is_hf, missing_file_error, read_raw, source_exists
 
 log = logging.getLogger("data")
 
