@@ -103,6 +103,10 @@ def test_columns_map_sft_and_preference_rows(tok, tmp_path):
     store = TokenStore(prepare(pairs, tok, data_cfg(columns={"prompt": "q", "chosen": "good", "rejected": "bad"}),
                                tmp_path / "cache", kind="pairs"))
     assert len(store) == 6 and answers(tok, store, 0).startswith("ba") and answers(tok, store, 1).startswith("ab")
+    # GRPO's rewards read the prompt rows' other columns back from the file, renamed alike
+    from trainers.objectives.rollout import raw_rows
+
+    assert raw_rows([(sft, 2)], {"prompt": "question"}) == [{"prompt": "Reverse: ab", "answer": "ba", "id": 1}]
 
 
 BAD = {  # format -> (a bad row, its kind)
