@@ -139,6 +139,11 @@ def test_chat_template_by_name_or_file_and_a_tokenizer_without_one_is_refused(tm
     assert bare.chat_template is None
     with pytest.raises(UserError, match="data.chat_template"):
         prepare(str(EXAMPLES / "sharegpt.jsonl"), bare, data_cfg(), tmp_path / "cache")
+    # through the command line: refused before anything starts, naming the option
+    (plain / "model.safetensors").symlink_to(BUNDLED / "model.safetensors")
+    out = refused(tmp_path / "run", f"model.path={plain}", f"data.train={EXAMPLES / 'sharegpt.jsonl'}",
+                  "data.eval=null", f"data.cache_dir={tmp_path / 'cache'}")
+    assert "no chat template" in out and "data.chat_template=NAME_OR_PATH" in out, out
     chatml = load_tokenizer(model, "chatml")
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     assert chatml.apply_chat_template(msgs, tokenize=False) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
