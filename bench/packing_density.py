@@ -44,7 +44,7 @@ def main() -> None:
     from trainers.data.token_cache import TokenStore, prepare
 
     tok = AutoTokenizer.from_pretrained(REPO / "assets/tiny-llama")
-    cfg = OmegaConf.create(dict(format="auto", max_seq_len=args.max_len, truncation=True, on_bad_row="skip", num_proc=1))
+    cfg = OmegaConf.create(dict(format="auto", max_seq_len=args.max_len, truncation=True, on_bad_row="skip", num_proc=1, columns={}))
     with tempfile.TemporaryDirectory() as cache:
         lengths = TokenStore(prepare(args.data, tok, cfg, Path(cache))).lengths.astype(np.int64)
     total = int(lengths.sum())

@@ -21,7 +21,8 @@ CHOICES: dict[str, tuple] = {
     "train.checkpoint.mode": ("async", "sync"),
     "train.host_memory": ("fast", "compact"),
     "data.on_bad_row": ("error", "skip"),
-    "data.format": ("auto", "messages", "prompt_completion", "preference", "unpaired_preference", "prompt_only"),
+    "data.format": ("auto", "messages", "prompt_completion", "preference", "unpaired_preference", "prompt_only",
+                    "alpaca", "sharegpt", "text"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "parallel.schedule": ("1f1b", "gpipe", "interleaved_1f1b"),
     "train.best_mode": ("min", "max"),
@@ -34,7 +35,8 @@ NAMED_GROUPS = ("method", "parallel", "objective", "launcher", "optim")
 CHECKED_ELSEWHERE = {"objective.loss_type": "TRL's DPO loss types (trainers/objectives/settings.check_knobs)",
                      "objective.kl_pairs": "batch | file_order (trainers/objectives/settings.check_knobs)",
                      "objective.scale_rewards": "group | batch | none (trainers/objectives/grpo_settings.py)",
-                     "objective.importance_sampling_level": "token | sequence (trainers/objectives/grpo_settings.py)"}
+                     "objective.importance_sampling_level": "token | sequence (trainers/objectives/grpo_settings.py)",
+                     "data.chat_template": "a shipped template's name or a jinja file (trainers/data/chat_template.py)"}
 # Settings whose value is `auto` or a number (checked where they are read, before launch).
 AUTO_OR_NUMBER = ("data.num_proc", "train.loss_chunk_tokens", "parallel.reduce_bucket_size",
                   "parallel.stage3_max_live_parameters", "parallel.stage3_max_reuse_distance",

@@ -2,7 +2,7 @@
 UserError naming the bad value and what is accepted, before any process starts)."""
 from __future__ import annotations
 
-from trainers.data.source_specs import parse_sources, probe_specs
+from trainers.data.source_specs import held_out_names, parse_sources, probe_specs
 from trainers.errors import UserError
 from trainers.evaluation.judge import parse_best_metric
 from trainers.metrics.trackers import TRACKERS
@@ -25,7 +25,7 @@ def check_eval_settings(cfg) -> None:
     if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or a <= 0):
         raise UserError(f"eval.forgetting_alarm={a!r} must be a relative rise greater than 0 (0.2: a set's loss "
                         f"20 % above its value before training), or null for no alarm.")
-    names = [s.name for s in parse_sources(cfg.data.eval, "data.eval")]
+    names = [s.name for s in parse_sources(cfg.data.eval, "data.eval")] + held_out_names(cfg)
     names += [s.name for s in probe_specs(cfg, names)]
     if names:
         parse_best_metric(t.best_metric, names)

@@ -37,7 +37,7 @@ def sample_row(cfg) -> list[str]:
     from trainers.errors import UserError
 
     try:
-        tokenizer = load_tokenizer(cfg.model)
+        tokenizer = load_tokenizer(cfg.model, cfg.data.chat_template)
         first = next(read_raw(spec.path, batch=1))[:1]
         enc = encode_chunk(tokenizer, first, cfg.data, row_kind(cfg))
     except (OSError, ValueError, UserError) as e:  # e.g. no tokenizer files, no chat template

@@ -10,6 +10,7 @@ from launch.choices import CHOICES, NAMED_GROUPS
 from launch.config import group_option, world_size
 from launch.eval_checks import check_eval_settings
 from parallel import refusal, resume_refusal
+from trainers.data.formats import check_settings as check_data_settings
 from trainers.data.source_specs import parse_sources
 from trainers.errors import UserError
 from trainers.data.neftune import check_alpha
@@ -92,7 +93,7 @@ def check_values(cfg: DictConfig) -> None:
     chunk_tokens_for(cfg.train.loss_chunk_tokens, 1)
     if not parse_sources(cfg.data.train, "data.train"):
         raise UserError("data.train is empty: give a data file (data.train=PATH).")
-    parse_sources(cfg.data.eval, "data.eval")
+    check_data_settings(cfg.data, bool(parse_sources(cfg.data.eval, "data.eval")))
     check_eval_settings(cfg)
     num_proc = cfg.data.num_proc
     if num_proc != "auto" and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
@@ -201,7 +202,7 @@ def prepare_data(cfg: DictConfig) -> list[str]:
     from trainers.data.sources import prepare_data as prepare
     from trainers.model.load import load_tokenizer
 
-    prepared, reports = prepare(cfg, load_tokenizer(cfg.model))
+    prepared, reports = prepare(cfg, load_tokenizer(cfg.model, cfg.data.chat_template))
     with open_dict(cfg):
         cfg.data.prepared = prepared
     return [r.kept_and_skipped() for r in reports]

@@ -20,7 +20,8 @@ from trainers.data.token_cache import TokenStore, entry_dir, entry_key, prepare
 
 
 def data_cfg(**kw):
-    base = dict(format="auto", max_seq_len=64, truncation=True, on_bad_row="error", packing=True, num_proc=1)
+    base = dict(format="auto", max_seq_len=64, truncation=True, on_bad_row="error", packing=True, num_proc=1,
+                columns={})
     base.update(kw)
     return OmegaConf.create(base)
 

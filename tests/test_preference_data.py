@@ -21,7 +21,8 @@ KTO = REPO / "data/reverse_kto/train.jsonl"
 
 
 def data_cfg(**kw):
-    base = dict(format="auto", max_seq_len=64, truncation=True, on_bad_row="error", packing=False, num_proc=1)
+    base = dict(format="auto", max_seq_len=64, truncation=True, on_bad_row="error", packing=False, num_proc=1,
+                columns={})
     base.update(kw)
     return OmegaConf.create(base)
 

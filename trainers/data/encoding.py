@@ -12,16 +12,18 @@ from typing import Any
 
 import numpy as np
 
+from trainers.data.formats import LOOP_FORMAT, to_loop_row
 from trainers.data.preference_rows import check_preference, stage_cpo_style, stage_dpo_style
 from trainers.data.prompt_rows import stage_prompt
-from trainers.data.rows import BadRow, Staged, assemble, check_kind, decode, row_pieces
+from trainers.data.rows import BadRow, Staged, assemble, check_kind, decode, row_format, row_pieces
 
 
 def stage_row(tokenizer, row: Any, kind: str, fmt_wanted: str) -> Staged:
     """Validate one decoded row of `kind` and stage it for tokenization (raises BadRow)."""
     if kind == "sft":
         pieces = row_pieces(tokenizer, row, fmt_wanted)
-        return Staged([p.text for p in pieces], False, lambda enc: [assemble(tokenizer, pieces, enc)])
+        split = row_format(row) == "text"  # row_pieces accepted it: a dict
+        return Staged([p.text for p in pieces], False, lambda enc: [assemble(tokenizer, pieces, enc)], split=split)
     if isinstance(row, BadRow):
         raise row
     if not isinstance(row, dict):
@@ -61,9 +63,20 @@ def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else []
 
 
-def encode_chunk(tokenizer, chunk: list[tuple[int, Any]], data_cfg, kind: str = "sft") -> EncodedChunk:
-    """Validate, render and tokenize a chunk of raw rows (see `read_raw`) of `kind`."""
-    fmt_wanted, max_len = data_cfg.format, int(data_cfg.max_seq_len)
+def blocks(ids: list[int], mask: list[int], size: int) -> list[tuple[list[int], list[int]]]:
+    """A plain-text example cut into consecutive blocks of `size` tokens (transformers'
+    `group_texts` for one document); a last block with nothing to predict is dropped."""
+    out = [(ids[i : i + size], mask[i : i + size]) for i in range(0, len(ids), size)]
+    return [b for b in out if sum(b[1][1:]) > 0]
+
+
+def encode_chunk(tokenizer, chunk: list[tuple[int, Any]], data_cfg, kind: str = "sft",
+                 fmt: str | None = None) -> EncodedChunk:
+    """Validate, render and tokenize a chunk of raw rows (see `read_raw`) of `kind`. `fmt`:
+    the file's format (trainers/data/formats.file_format); default data.format, where
+    `auto` detects each row's."""
+    fmt, max_len = fmt or data_cfg.format, int(data_cfg.max_seq_len)
+    columns = data_cfg.columns
     skip = data_cfg.on_bad_row == "skip"
     skipped: Counter = Counter()
     error: tuple[int, str, str] | None = None
@@ -85,7 +98,8 @@ def encode_chunk(tokenizer, chunk: list[tuple[int, Any]], data_cfg, kind: str = 
             continue
         rows += 1
         try:
-            staged.append((n, stage_row(tokenizer, row, kind, fmt_wanted)))
+            row = to_loop_row(row, fmt, columns)
+            staged.append((n, stage_row(tokenizer, row, kind, LOOP_FORMAT.get(fmt, fmt))))
         except BadRow as b:
             if bad(n, b):
                 break
@@ -109,6 +123,8 @@ def encode_chunk(tokenizer, chunk: list[tuple[int, Any]], data_cfg, kind: str = 
         examples = st.finish(encoded[st.special][k : k + len(st.texts)])
         try:
             cut = False
+            if st.split:
+                examples = [b for ex_ids, ex_mask in examples for b in blocks(ex_ids, ex_mask, max_len)]
             for j, (ex_ids, ex_mask) in enumerate(examples):
                 if len(ex_ids) > max_len:
                     if not data_cfg.truncation:

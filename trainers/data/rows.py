@@ -19,7 +19,8 @@ from trainers.errors import UserError
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
-FORMATS = ("auto", "messages", "prompt_completion", "preference", "unpaired_preference", "prompt_only")
+FORMATS = ("auto", "messages", "prompt_completion", "preference", "unpaired_preference", "prompt_only",
+           "alpaca", "sharegpt", "text")
 
 # What a row holds, which follows from the objective (trainers/objectives/catalog.py):
 #   sft        messages, or prompt/completion: one example, loss on the answers
@@ -32,7 +33,7 @@ FORMATS = ("auto", "messages", "prompt_completion", "preference", "unpaired_pref
 #   prompts    prompt rows with no answer (GRPO): the prompt as the model will be asked it
 #              (chat template with the generation prompt), other columns go to the rewards
 ROW_KINDS = ("sft", "pairs", "pairs_text", "unpaired", "prompts")
-KIND_FORMATS = {"sft": ("messages", "prompt_completion"), "pairs": ("preference",),
+KIND_FORMATS = {"sft": ("messages", "prompt_completion", "alpaca", "sharegpt", "text"), "pairs": ("preference",),
                 "pairs_text": ("preference",), "unpaired": ("unpaired_preference",),
                 "prompts": ("prompt_only",)}
 KIND_ROWS = {
@@ -58,11 +59,65 @@ def missing_file_error(path: str) -> UserError:
     )
 
 
+HF_PREFIX = "hf:"
+
+
+def is_hf(path: str) -> bool:
+    return str(path).startswith(HF_PREFIX)
+
+
+def hf_name_split(path: str) -> tuple[str, str | None]:
+    """hf:NAME[:SPLIT] -> (NAME, SPLIT or None)."""
+    name, _, split = str(path)[len(HF_PREFIX):].partition(":")
+    return name, split or None
+
+
+def source_exists(path: str) -> bool:
+    """A Hub dataset is looked up when it is read; a local file or folder must exist."""
+    if is_hf(path):
+        name = hf_name_split(path)[0]
+        return bool(name) and (Path(name).exists() or not name.startswith(("/", ".", "~")))
+    return Path(path).exists()
+
+
+def hf_dataset(path: str):
+    """data.train=hf:NAME[:SPLIT]: a folder saved with save_to_disk (a Dataset, or a
+    DatasetDict's SPLIT, default train), or else datasets.load_dataset(NAME, split=SPLIT): a
+    Hub dataset (from the local Hub cache when HF_DATASETS_OFFLINE=1) or a local folder of
+    data files laid out as a Hub dataset repository."""
+    import datasets
+
+    name, split = hf_name_split(path)
+    try:
+        if any((Path(name) / f).is_file() for f in ("dataset_dict.json", "state.json")):
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if (split or "train") not in ds:
+                    raise UserError(f"{path!r}: the saved DatasetDict has splits {list(ds)}, not "
+                                    f"{split or 'train'!r}; name one as hf:{name}:SPLIT.")
+                return ds[split or "train"]
+            if split:
+                raise UserError(f"{path!r}: {name!r} holds one Dataset, without splits; drop ':{split}'.")
+            return ds
+        return datasets.load_dataset(name, split=split or "train")
+    except UserError:
+        raise
+    except Exception as e:  # not found, offline without a cached copy, unknown split...
+        raise UserError(
+            f"Could not read {path!r} with datasets ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"hf:NAME[:SPLIT] takes a folder saved with save_to_disk or a Hub dataset in the local cache "
+            f"(set HF_DATASETS_OFFLINE=1 on a machine without internet)."
+        ) from None
+
+
 def read_raw(path: str, batch: int = 2000) -> Iterator[list[tuple[int, Any]]]:
     """Batches of (row_number, raw) with row numbers 1-based (JSONL: the line number).
 
     JSONL rows stay undecoded bytes here, so the JSON parsing happens in the (parallel)
     workers, not in the one process that reads the file."""
+    if is_hf(path):
+        yield from _iter_dataset(hf_dataset(path), batch)
+        return
     p = Path(path)
     if not p.exists():
         raise missing_file_error(path)
@@ -103,6 +158,10 @@ def _read_datasets_folder(p: Path, batch: int) -> Iterator[list[tuple[int, Any]]
             f"{str(p)!r} is a DatasetDict with splits {list(ds)}; point data.train / data.eval "
             f"at one split's folder, e.g. {p}/{next(iter(ds))}."
         )
+    yield from _iter_dataset(ds, batch)
+
+
+def _iter_dataset(ds, batch: int) -> Iterator[list[tuple[int, Any]]]:
     n = 0
     for cols in ds.iter(batch_size=batch):
         rows = [dict(zip(cols, values)) for values in zip(*cols.values())]
@@ -148,7 +207,11 @@ def row_format(row: dict) -> str:
         return "messages"
     if "prompt" in row or "completion" in row:
         return "prompt_completion"
-    raise BadRow("missing_field", f"row has neither 'messages' nor 'prompt'/'completion' (keys: {sorted(row)})")
+    if "text" in row:
+        return "text"
+    raise BadRow("missing_field", f"row has neither 'messages' nor 'prompt'/'completion' nor 'text' (keys: "
+                                  f"{sorted(row)}); a file of another layout can name its columns with "
+                                  f"data.columns={{prompt: YOUR_COLUMN, completion: YOUR_COLUMN}}")
 
 
 def check_messages(messages: Any) -> None:
@@ -216,6 +279,12 @@ class Piece:
 
 
 def render(tokenizer, messages: list[dict], **kw) -> str:
+    if tokenizer.chat_template is None:  # not a bad row: no conversation of the file can be rendered
+        raise UserError(
+            "The data holds conversations but the tokenizer of model.path has no chat template. Set one "
+            "with data.chat_template=NAME_OR_PATH (a jinja file, or one of the shipped templates: "
+            "chatml, llama3, zephyr), or use prompt/completion or text rows."
+        )
     return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
 
 
@@ -255,6 +324,10 @@ def row_pieces(tokenizer, row: Any, fmt_wanted: str) -> list[Piece]:
     if fmt == "messages":
         check_messages(row["messages"])
         return message_pieces(tokenizer, row["messages"])
+    if fmt == "text":  # continued pre-training: every token is a target
+        if not isinstance(row["text"], str) or not row["text"].strip():
+            raise BadRow("empty_answer", "'text' is empty or not a string")
+        return [Piece(row["text"], True, bos=True, eos=True)]
     check_prompt_completion(row)
     return [Piece(row["prompt"], False, bos=True), Piece(row["completion"], True, eos=True)]
 
@@ -292,6 +365,9 @@ class Staged:
     finish: Any  # (list of encoded texts) -> list[(ids, mask)]
     desirable: int = 0
     margin: float = 0.0  # a preference pair's optional `margin` column (objective=reward)
+    # plain text: an example longer than data.max_seq_len is cut into consecutive blocks of
+    # that many tokens (every token trained once) instead of truncated
+    split: bool = False
 
 
 def labels_of(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -12,8 +12,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from trainers.errors import UserError
 
 SPEC_HELP = (
-    "Accepted: a path (JSONL, parquet or a datasets folder); a list of paths; or a list of "
-    "{path: ..., weight: ..., name: ...} entries (weight and name optional), e.g. "
+    "Accepted: a path (JSONL, parquet or a datasets folder) or hf:NAME[:SPLIT] (datasets' "
+    "load_dataset / a save_to_disk folder); a list of them (concatenated); or a list of "
+    "{path: ..., weight: ..., name: ...} entries (name optional; weights on every entry or on none), e.g. "
     "data.train='[{path: task.jsonl, weight: 0.8}, {path: replay.jsonl, weight: 0.2}]'"
 )
 
@@ -22,10 +23,16 @@ SPEC_HELP = (
 class SourceSpec:
     name: str
     path: str
-    weight: float = 1.0
+    # None: the sources are concatenated, each contributing rows in proportion to its
+    # size (trainers/data/sources.open_data sets the weight to its row count)
+    weight: float | None = 1.0
 
 
 def _default_name(path: str) -> str:
+    if path.startswith("hf:"):
+        name, _, split = path[3:].partition(":")
+        base = re.sub(r"[^\w.-]+", "_", Path(name).name or name)
+        return f"{base}/{split}" if split else base
     p = Path(path)
     stem = p.stem if p.suffix else p.name
     return f"{p.parent.name}/{stem}" if stem in ("train", "eval", "test", "validation") else stem
@@ -49,10 +56,18 @@ def parse_sources(value, key: str) -> list[SourceSpec]:
             entry = {"path": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or set(entry) - {"path", "weight", "name"}:
             raise UserError(f"{key} entry {entry!r} is not a data source. {SPEC_HELP}.")
-        weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        weight = entry.get("weight")
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0):
             raise UserError(f"{key} entry {entry['path']!r} has weight {weight!r}; a weight must be a positive number.")
-        specs.append(SourceSpec(str(entry.get("name") or _default_name(entry["path"])), entry["path"], float(weight)))
+        specs.append(SourceSpec(str(entry.get("name") or _default_name(entry["path"])), entry["path"],
+                                None if weight is None else float(weight)))
+    weighted = [s.name for s in specs if s.weight is not None]
+    if weighted and len(weighted) < len(specs):
+        raise UserError(
+            f"{key} gives a weight to {weighted} but not to {[s.name for s in specs if s.weight is None]}. "
+            f"Weight every entry (a mixture: each source's share of every batch) or none (the files "
+            f"are concatenated: each contributes rows in proportion to its size)."
+        )
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise UserError(f"{key} has two sources named alike ({names}); give them distinct `name:` fields.")
@@ -60,6 +75,14 @@ def parse_sources(value, key: str) -> list[SourceSpec]:
     if bad:
         raise UserError(f"{key} source names {bad} may use only letters, digits, '_', '-', '.', '/'.")
     return specs
+
+
+def held_out_names(cfg) -> list[str]:
+    """The eval sets data.eval_split holds out: one per training source."""
+    if cfg.data.eval_split is None:
+        return []
+    train = parse_sources(cfg.data.train, "data.train")
+    return ["held_out"] if len(train) == 1 else [f"held_out/{s.name}" for s in train]
 
 
 def row_kind(cfg) -> str:

@@ -16,12 +16,13 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from trainers.data.batches import BatchLayout, GlobalBatches, Source
-from trainers.data.source_specs import parse_sources, probe_specs, row_kind
+from trainers.data.source_specs import held_out_names, parse_sources, probe_specs, row_kind
 from trainers.errors import UserError
 from trainers.files import atomic_write, locked
 from trainers.data.packing import best_fit_decreasing
 from trainers.model.peft_methods import SUPPORTS_PACKING
-from trainers.data.token_cache import DataReport, TokenStore, ensure
+from trainers.data.selection import derive, select
+from trainers.data.token_cache import ARRAYS, DataReport, TokenStore, ensure
 
 def is_packed(cfg) -> bool:
     """data.packing, where the method keeps attention inside each packed sequence. SFT rows
@@ -72,17 +73,27 @@ def prepare_data(cfg, tokenizer) -> tuple[dict, list[DataReport]]:
     kind = row_kind(cfg)
     prepared: dict = {"train": [], "eval": []}
     reports = []
+    held_out_sets = iter(held_out_names(cfg))
     for split in ("train", "eval"):
         for spec in parse_sources(cfg.data[split], f"data.{split}"):
             folder, built = ensure(spec.path, tokenizer, cfg.data, root, kind)
-            if packs_bins(cfg):
-                _ensure_bins(folder, int(cfg.data.max_seq_len))
-            report = TokenStore(folder).report()
-            report.cached = not built
-            reports.append(report)
-            prepared[split].append({"name": spec.name, "path": spec.path, "weight": spec.weight, "dir": str(folder)})
+            entries = [(split, spec.name, spec.weight, folder)]
+            if cfg.data.max_samples is not None or (split == "train" and cfg.data.eval_split is not None):
+                kept, held_out = _select(cfg, TokenStore(folder), split)
+                entries = [(split, spec.name, spec.weight, kept)]
+                if held_out is not None:
+                    entries.append(("eval", next(held_out_sets), 1.0, held_out))
+            for part, name, weight, where in entries:
+                if packs_bins(cfg):
+                    _ensure_bins(where, int(cfg.data.max_seq_len))
+                report = TokenStore(where).report()
+                report.cached = not built
+                reports.append(report)
+                prepared[part].append({"name": name, "path": spec.path, "weight": weight, "dir": str(where)})
     for spec in probe_specs(cfg, [e["name"] for e in prepared["eval"]]):
-        folder, built = ensure(spec.path, tokenizer, OmegaConf.merge(cfg.data, {"format": "auto"}), root, kind)
+        probe_cfg = OmegaConf.merge(cfg.data, {"format": "auto"})
+        probe_cfg.columns = {}  # the probes are the launcher's files, not the user's columns
+        folder, built = ensure(spec.path, tokenizer, probe_cfg, root, kind)
         if packs_bins(cfg):
             _ensure_bins(folder, int(cfg.data.max_seq_len))
         reports.append(TokenStore(folder).report())
@@ -90,6 +101,17 @@ def prepare_data(cfg, tokenizer) -> tuple[dict, list[DataReport]]:
         prepared["eval"].append({"name": spec.name, "path": spec.path, "weight": 1.0, "dir": str(folder),
                                  "loss_only": True})
     return prepared, reports
+
+
+def _select(cfg, store: TokenStore, split: str) -> tuple[Path, Path | None]:
+    """data.max_samples and (training sources) data.eval_split: the entries of the rows
+    trained on and of the rows held out (trainers/data/selection.py)."""
+    eval_split = cfg.data.eval_split if split == "train" else None
+    settings = {"max_samples": cfg.data.max_samples, "eval_split": eval_split,
+                "seed": cfg.seed if eval_split is not None else None}
+    train_rows, eval_rows = select(store.rows, cfg.data.max_samples, eval_split, int(cfg.seed))
+    train = derive(store, train_rows, "train", settings, ARRAYS)
+    return train, None if eval_rows is None else derive(store, eval_rows, "held_out", settings, ARRAYS)
 
 
 @dataclass
@@ -110,12 +132,16 @@ def open_data(cfg, tokenizer) -> TrainingData:
     def source(entry) -> Source:
         folder = Path(entry["dir"])
         bins = _open_bins(folder, int(cfg.data.max_seq_len)) if binned else None
-        return Source(entry["name"], TokenStore(folder), entry["weight"], bins, str(entry["path"]))
+        src = Source(entry["name"], TokenStore(folder), 1.0, bins, str(entry["path"]))
+        # no weight: the sources are concatenated, each contributing rows in proportion to its size
+        src.weight = float(len(src)) if entry["weight"] is None else float(entry["weight"])
+        return src
 
     train = [source(e) for e in prepared["train"]]
     evals = [source(e) for e in prepared["eval"]]
     for s, e in zip(evals, prepared["eval"]):
-        s.loss_only = bool(e.get("loss_only", False))
+        # plain text has no answer to generate: scored by loss only
+        s.loss_only = bool(e.get("loss_only", False)) or s.store.meta["format"] == "text"
     return TrainingData(train, evals, packed, [s.store.report() for s in train + evals])
 
 

@@ -35,12 +35,13 @@ import numpy as np
 from trainers.data.encoding import EncodedChunk, encode_chunk
 from trainers.errors import UserError
 from trainers.files import atomic_write, file_digest, locked, read_json, update_json
-from trainers.data.rows import missing_file_error, read_raw
+from trainers.data.formats import file_format
+from trainers.data.rows import hf_dataset, hf_name_split, is_hf, missing_file_error, read_raw, source_exists
 
 log = logging.getLogger("data")
 
 # Bump when the layout or the tokenization rules change: old entries are then ignored.
-CACHE_VERSION = 5  # 5: the margin array
+CACHE_VERSION = 6  # 5: the margin array; 6: the file's format in meta.json
 ARRAYS = {"ids": np.int32, "mask": np.uint8, "offsets": np.int64, "rows": np.int64, "targets": np.int32,
           "desirable": np.uint8, "margin": np.float32}
 # Below this many bytes of input a pool of tokenizer processes costs more than it saves.
@@ -57,10 +58,13 @@ class DataReport:
     tokens: int = 0
     cached: bool = False
     per_row: int = 1  # examples per kept row: 2 for preference pairs
+    kept_rows: int = 0  # data rows kept (a plain-text row may become several blocks)
 
     def kept_and_skipped(self) -> str:
         what = "pairs" if self.per_row == 2 else "rows"
-        s = f"{self.path}: {self.kept // self.per_row}/{self.rows} {what} kept, {self.tokens:,} tokens"
+        s = f"{self.path}: {self.kept_rows}/{self.rows} {what} kept, {self.tokens:,} tokens"
+        if self.kept != self.kept_rows * self.per_row:
+            s += f" in {self.kept} blocks of at most data.max_seq_len tokens"
         if self.truncated:
             s += f", {self.truncated} truncated"
         if self.skipped:
@@ -73,6 +77,11 @@ def content_digest(path: str, cache_root: Path) -> str:
     """Hash of a data file's bytes (or a datasets folder's files). Remembered per
     (path, size, mtime, inode) in the cache root, so a relaunch does not re-read a
     multi-GB file just to learn it has not changed."""
+    if is_hf(path):
+        name, split = hf_name_split(path)
+        if not Path(name).is_dir():  # a Hub dataset: datasets' fingerprint of its cached files
+            return "hf-" + hf_dataset(path)._fingerprint
+        return content_digest(name, cache_root) + f":{split}"
     p = Path(path).resolve()
     files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
     stats = [(str(f), (s := f.stat()).st_size, s.st_mtime_ns, s.st_ino) for f in files]
@@ -117,12 +126,14 @@ def entry_key(path: str, tokenizer, data_cfg, cache_root: Path, kind: str = "sft
         "max_seq_len": int(data_cfg.max_seq_len),
         "truncation": bool(data_cfg.truncation),
         "on_bad_row": data_cfg.on_bad_row,
+        "columns": sorted(dict(data_cfg.columns or {}).items()),
     }
     return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def entry_dir(path: str, key: str, cache_root: Path) -> Path:
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).stem)[:40] or "data"
+    name = hf_name_split(path)[0] if is_hf(path) else path
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(name).stem)[:40] or "data"
     return cache_root / f"{stem}-{key}"
 
 
@@ -172,7 +183,7 @@ class TokenStore:
     def report(self) -> DataReport:
         m = self.meta
         return DataReport(m["path"], m["rows"], m["kept"], Counter(m["skipped"]), m["truncated"], m["tokens"], True,
-                          self.per_row)
+                          self.per_row, m["kept_rows"])
 
 
 # --------------------------------------------------------------------------- writing
@@ -185,12 +196,14 @@ def _init_worker(tokenizer) -> None:
     _worker_tokenizer = tokenizer
 
 
-def _encode_in_worker(chunk, data_cfg, kind) -> EncodedChunk:
-    return encode_chunk(_worker_tokenizer, chunk, data_cfg, kind)
+def _encode_in_worker(chunk, data_cfg, kind, fmt) -> EncodedChunk:
+    return encode_chunk(_worker_tokenizer, chunk, data_cfg, kind, fmt)
 
 
 def _processes(data_cfg, path: str) -> int:
-    p = Path(path)
+    p = Path(hf_name_split(path)[0] if is_hf(path) else path)
+    if not p.exists():  # a Hub dataset: tokenized in this process
+        return 1 if data_cfg.num_proc == "auto" else max(1, int(data_cfg.num_proc))
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
     wanted = data_cfg.num_proc
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -199,11 +212,11 @@ def _processes(data_cfg, path: str) -> int:
     return max(1, int(wanted))
 
 
-def _encoded_chunks(path: str, tokenizer, data_cfg, procs: int, kind: str):
+def _encoded_chunks(path: str, tokenizer, data_cfg, procs: int, kind: str, fmt: str):
     """Encoded chunks in file order; with several processes, a bounded number in flight."""
     if procs == 1:
         for chunk in read_raw(path):
-            yield encode_chunk(tokenizer, chunk, data_cfg, kind)
+            yield encode_chunk(tokenizer, chunk, data_cfg, kind, fmt)
         return
     import multiprocessing as mp
 
@@ -215,7 +228,7 @@ def _encoded_chunks(path: str, tokenizer, data_cfg, procs: int, kind: str):
                              initargs=(tokenizer,)) as pool:
         try:
             for chunk in read_raw(path):
-                pending.append(pool.submit(_encode_in_worker, chunk, data_cfg, kind))
+                pending.append(pool.submit(_encode_in_worker, chunk, data_cfg, kind, fmt))
                 if len(pending) >= 2 * procs:
                     yield pending.pop(0).result()
             while pending:
@@ -246,6 +259,7 @@ def _append(files: dict, enc: EncodedChunk, report: DataReport, path: str) -> No
                       ("margin", enc.margin)):
         files[name].write(np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes())
     report.kept += len(enc.lengths)
+    report.kept_rows += len(np.unique(enc.row_numbers))  # a row's examples never straddle two chunks
     report.tokens += int(enc.lengths.sum())
 
 
@@ -257,11 +271,12 @@ def build(path: str, tokenizer, data_cfg, final: Path, kind: str = "sft") -> Dat
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     report = DataReport(path=path, per_row=2 if kind in ("pairs", "pairs_text") else 1)
+    fmt = file_format(path, data_cfg)
     with ExitStack() as files_open:
         files = {name: files_open.enter_context(open(tmp / f"{name}.bin", "wb")) for name in ARRAYS}
         try:
             files["offsets"].write(np.zeros(1, np.int64).tobytes())
-            for enc in _encoded_chunks(path, tokenizer, data_cfg, procs, kind):
+            for enc in _encoded_chunks(path, tokenizer, data_cfg, procs, kind, fmt):
                 _append(files, enc, report, path)
             for f in files.values():  # durable before the rename makes the entry visible
                 f.flush()
@@ -272,7 +287,7 @@ def build(path: str, tokenizer, data_cfg, final: Path, kind: str = "sft") -> Dat
     if report.kept == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"No usable rows in {path} ({report.kept_and_skipped()}).")
-    meta = {"version": CACHE_VERSION, "kind": kind, "path": str(path), "rows": report.rows, "kept": report.kept,
+    meta = {"version": CACHE_VERSION, "kind": kind, "format": fmt, "path": str(path), "rows": report.rows, "kept": report.kept, "kept_rows": report.kept_rows,
             "skipped": dict(report.skipped), "truncated": report.truncated, "tokens": report.tokens,
             "processes": procs, "build_s": round(time.perf_counter() - t0, 2), "created": time.time()}
     atomic_write(tmp / "meta.json", json.dumps(meta, indent=1))
@@ -290,7 +305,7 @@ def prepare(path: str, tokenizer, data_cfg, cache_root: Path, kind: str = "sft")
 
 def ensure(path: str, tokenizer, data_cfg, cache_root: Path, kind: str = "sft") -> tuple[Path, bool]:
     """(entry folder, whether this call built it)."""
-    if not Path(path).exists():
+    if not source_exists(path):
         raise missing_file_error(path)
     cache_root = Path(cache_root)
     try:

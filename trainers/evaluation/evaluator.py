@@ -21,6 +21,7 @@ from trainers.data.batches import Source, collate, collate_preference, heldout_p
 from trainers.distributed import all_reduce_sum
 from trainers.objectives.catalog import get_objective
 from trainers.data.preference_rows import answer_text
+from trainers.data.formats import to_loop_row
 from trainers.data.rows import read_rows
 
 
@@ -67,7 +68,8 @@ class Evaluator:
             if source.store.kind == "unpaired":
                 numbers = numbers[source.store.desirable.astype(bool)]
             wanted = [int(n) for n in numbers[: self.cfg.data.metric_rows]]
-            found = dict(read_rows(source.path, set(wanted))) if wanted else {}
+            fmt, columns = source.store.meta["format"], self.cfg.data.columns  # the user's format, as trained
+            found = {n: to_loop_row(r, fmt, columns) for n, r in read_rows(source.path, set(wanted))} if wanted else {}
             self._rows[source.name] = [found[n] for n in wanted if n in found]
         return self._rows[source.name]
 

@@ -37,7 +37,8 @@ def _check_path(path: str) -> None:
         )
 
 
-def load_tokenizer(model_cfg):
+def load_tokenizer(model_cfg, chat_template=None):
+    """`chat_template`: data.chat_template (trainers/data/chat_template.py), set on the tokenizer."""
     _check_path(model_cfg.path)
     try:
         tok = AutoTokenizer.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
@@ -45,6 +46,9 @@ def load_tokenizer(model_cfg):
         raise UserError(f"Could not load a tokenizer from model.path={model_cfg.path!r}: {e}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    from trainers.data.chat_template import apply
+
+    apply(tok, chat_template)
     if tok.chat_template is None:
         log.warning("the tokenizer has no chat template: only prompt/completion rows can be used")
     return tok

@@ -135,7 +135,7 @@ class GRPO:
             from trainers.memory import hf_model
             from trainers.model.load import load_tokenizer
 
-            self._tokenizer = load_tokenizer(plan.cfg.model)
+            self._tokenizer = load_tokenizer(plan.cfg.model, plan.cfg.data.chat_template)
             install(hf_model(plan.inner))
             self._chunk_n = self._chunk(plan)
             self._rewards = load_rewards(self.knobs["rewards"], self.knobs["reward_weights"], plan.compute_dtype,
@@ -182,7 +182,7 @@ class GRPO:
         completion_ids = R.generate(plan, tok, prompt_ids, int(k["max_completion_length"]),
                                     int(cfg.train.micro_batch_size), seeds, float(k["temperature"]),
                                     int(k["top_k"]), float(k["top_p"]))
-        rows = R.raw_rows([(it["path"], it["row"]) for it in items])
+        rows = R.raw_rows([(it["path"], it["row"]) for it in items], cfg.data.columns)
         rows = [r for r in rows for _ in range(G)]
         names = [it["name"] for it in items for _ in range(G)]
         prompts = [r["prompt"] for r in rows]
@@ -294,7 +294,7 @@ class GRPO:
         mine = [it for it, _ in shard]
         ids = R.generate(plan, tok, R.prompt_arrays(mine), int(self.knobs["max_completion_length"]),
                          max(int(cfg.train.micro_batch_size), 16), None)
-        rows = R.raw_rows([(it["path"], it["row"]) for it in mine])
+        rows = R.raw_rows([(it["path"], it["row"]) for it in mine], cfg.data.columns)
         prompts = [r["prompt"] for r in rows]
         texts = tok.batch_decode(ids, skip_special_tokens=True)
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper, TopPLogitsWarper
 
+from trainers.data.formats import map_columns
 from trainers.data.rows import IGNORE, read_rows
 
 _MIX = 0x9E3779B97F4A7C15
@@ -121,12 +122,14 @@ def split_rows(batch: dict, size: int) -> list[dict]:
     return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
-def raw_rows(items: list[tuple[str, int]]) -> list[dict]:
-    """The data rows (path, row number) as decoded from their files (the rewards' columns)."""
+def raw_rows(items: list[tuple[str, int]], columns=None) -> list[dict]:
+    """The data rows (path, row number) as decoded from their files (the rewards' columns),
+    renamed by data.columns as the prompts were."""
     by_path: dict[str, set[int]] = {}
     for path, n in items:
         by_path.setdefault(path, set()).add(n)
-    found = {(path, n): row for path, numbers in by_path.items() for n, row in read_rows(path, numbers)}
+    found = {(path, n): map_columns(row, columns) for path, numbers in by_path.items()
+             for n, row in read_rows(path, numbers)}
     return [found[i] for i in items]
 
 
