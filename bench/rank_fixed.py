@@ -9,7 +9,8 @@ every process writes, at exit, the RSS each top-level import added and its VmRSS
 after each named point of the loop (process group, tokenizer, data, model built, each step).
 Runs: the ~360M Llama of bench/memory_estimate.py at N=1 (parallel=none) and N=2 (fsdp2),
 the bundled tiny model likewise, and `python -c "import torch"` (the floor). With
---baseline the same runs from another checkout are made first, in the same invocation.
+--baseline the same runs from another checkout are made first, in the same invocation. Results: --out (bench/results/rank_fixed.json);
+docs/plans-and-memory.md, "The fixed part of a rank".
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--baseline", help="another checkout measured first, same runs")
     ap.add_argument("--plans", nargs="+", default=list(RUNS))
     ap.add_argument("--models", nargs="+", default=["big", "tiny"])
+    ap.add_argument("--out", default=str(HERE / "results" / "rank_fixed.json"))
     args = ap.parse_args()
     from _model100m import build
 
@@ -88,8 +90,12 @@ def main() -> None:
                           + ", ".join(f"{p[0]} {p[1]}/{p[2]}" for p in r["phases"]), flush=True)
                     top = sorted(r["imports"].items(), key=lambda kv: -kv[1])[:8]
                     print("   imports:", ", ".join(f"{k} {v:.0f}" for k, v in top), flush=True)
-    (work / "rank_fixed.json").write_text(json.dumps(result, indent=1))
-    print("wrote", work / "rank_fixed.json")
+    for name, recs in result.items():  # what the docs' table reads: phases and imports of 1 MiB or more
+        if isinstance(recs, list):
+            result[name] = [{"rank": r["rank"], "phases": r["phases"],
+                             "imports_mib": {k: v for k, v in r["imports"].items() if v >= 1}} for r in recs]
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print("wrote", args.out)
 
 
 if __name__ == "__main__":
