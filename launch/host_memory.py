@@ -1,9 +1,11 @@
 """launcher=local: do the workers fit this machine's free memory? Checked before spawning.
 
-Each worker is a whole Python process: the interpreter, torch, transformers and gloo
-(DeepSpeed for the zero plans) take a fixed HOST_PROCESS_MIB before any model state
-(383-444 MiB measured per rank, bench/results/memory_estimate.json `fixed_overhead_mib`),
-and on CPU the model state itself (launch/estimate.py, device="cpu": parameters,
+Each worker is a whole Python process: the interpreter, torch, transformers, PEFT and gloo
+take a fixed HOST_PROCESS_MIB before any model state, DeepSpeed another DEEPSPEED_MIB under
+the zero plans, and a launch of several workers keeps the launcher itself (torch's elastic
+agent, which has imported torch and transformers to prepare the data) alive beside them:
+LAUNCHER_MIB (each measured by bench/rank_fixed.py, docs/plans-and-memory.md "The fixed part
+of a rank"). On CPU the model state itself (launch/estimate.py, device="cpu": parameters,
 gradients, optimizer, activations, load peak) lives in the same RAM. On a GPU only the
 offloaded state does. N workers that cannot fit would otherwise start, swap and get
 killed one by one (64 workers of the tiny model held 23 GB of a 24 GiB machine).
@@ -18,7 +20,9 @@ from omegaconf import DictConfig
 from trainers.errors import UserError
 
 MIB = 2**20
-HOST_PROCESS_MIB = 400
+HOST_PROCESS_MIB = 470
+DEEPSPEED_MIB = 150
+LAUNCHER_MIB = 360
 
 
 @dataclass
@@ -27,10 +31,12 @@ class HostNeed:
     ranks: int
     available: float  # bytes
     model_state: float | None  # bytes per rank from the estimate (None: no architecture known)
+    fixed_mib: int = HOST_PROCESS_MIB  # per process, before any model state
+    launcher: float = 0.0  # bytes: the launcher process beside several workers
 
     @property
     def total(self) -> float:
-        return self.per_rank * self.ranks
+        return self.per_rank * self.ranks + self.launcher
 
     @property
     def fits(self) -> bool:
@@ -40,7 +46,8 @@ class HostNeed:
         state = ("model state not estimated (no architecture)" if self.model_state is None
                  else f"{self.model_state / MIB:,.0f} MiB of model state")
         return (f"host memory: {self.ranks} local process(es) x {self.per_rank / MIB:,.0f} MiB "
-                f"({HOST_PROCESS_MIB} MiB per process for Python and the libraries + {state}) = "
+                f"({self.fixed_mib} MiB per process for Python and the libraries + {state})"
+                + (f" + {self.launcher / MIB:,.0f} MiB launcher" if self.launcher else "") + " = "
                 f"{self.total / MIB:,.0f} MiB, of {self.available / MIB:,.0f} MiB available -> "
                 + ("fits" if self.fits else "does NOT fit"))
 
@@ -67,8 +74,13 @@ def host_need(cfg: DictConfig) -> HostNeed:
                         if k in offload)
         else:
             state = est.total
+    from parallel import plan_spec
+    from parallel.specs import DeepSpeedZeroSpec
+
     ranks = int(cfg.launcher.nproc_per_node)
-    return HostNeed(HOST_PROCESS_MIB * MIB + (state or 0.0), ranks, float(psutil.virtual_memory().available), state)
+    fixed = HOST_PROCESS_MIB + (DEEPSPEED_MIB if isinstance(plan_spec(cfg.parallel.name), DeepSpeedZeroSpec) else 0)
+    return HostNeed(fixed * MIB + (state or 0.0), ranks, float(psutil.virtual_memory().available), state, fixed,
+                    LAUNCHER_MIB * MIB if ranks > 1 else 0.0)
 
 
 def check_host_memory(cfg: DictConfig) -> HostNeed | None:
@@ -78,7 +90,7 @@ def check_host_memory(cfg: DictConfig) -> HostNeed | None:
     need = host_need(cfg)
     if need.fits or not cfg.launcher.check_memory:
         return need
-    most = int(need.available // need.per_rank)
+    most = int((need.available - need.launcher) // need.per_rank)
     raise UserError(
         f"launcher.nproc_per_node={need.ranks} would start {need.ranks} processes needing about "
         f"{need.total / 2**30:.1f} GiB of host memory, but this machine has {need.available / 2**30:.1f} GiB "

@@ -64,6 +64,9 @@ def run(cfg, on_hang=None) -> int:
     """Train, turning expected failures into a message and an exit code (no traceback).
     `on_hang(summary)`: what the launcher does when the hang watchdog stops the run (the
     SLURM task requeues the job), called before the rank exits."""
+    from launch.lean_imports import defer_unused_imports
+
+    defer_unused_imports()  # before anything imports a model
     from trainers.errors import TrainingError, UserError
     from parallel import build_plan
     from trainers.loop import train

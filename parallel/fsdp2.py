@@ -102,8 +102,11 @@ class FSDP2(Plan):
         model = source.skeleton()
         files = source.files()
         from_files = checkpoint_names(model, files)
-        fresh = {n: p.detach().clone() for n, p in model.named_parameters() if n not in from_files}
-        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        # The skeleton's own tensors (fresh adapters, buffers), kept by reference: params_to_meta
+        # only swaps the modules' parameters, so no copy is needed (a copy of LoRA's
+        # adapters is 34 MiB per rank at 360M, 0.8 GB at 70B).
+        fresh = {n: p.detach() for n, p in model.named_parameters() if n not in from_files}
+        buffers = {n: b.detach() for n, b in model.named_buffers()}
         params_to_meta(model)
         self._shard(model, mesh)
         # With CPU offload the sharded state lives in host memory (FSDP2 moves each unit's

@@ -306,6 +306,21 @@ class ModelSource:
             self._files.close()
             self._files = None
         self._filling = None
+        release_freed_host_memory()
+
+
+def release_freed_host_memory() -> None:
+    """Give the host memory loading freed back to the system. Blocks under glibc's mmap
+    threshold (the skeleton's fresh adapter weights once copied into their shards, one
+    tensor's read buffer at a time) are freed into the heap, where RSS still counts them until
+    `malloc_trim` returns their pages; measured by bench/rank_fixed.py (docs/plans-and-memory.md,
+    "The fixed part of a rank"). Not glibc: its allocator decides."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def local_model_dir(path: str) -> Path:
