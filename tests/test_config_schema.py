@@ -131,8 +131,8 @@ def enumerated_cases():
 
     special = {"method.quantize": "int8", "optim.name": "adamw_8bit", "method.peft": "lokr"}
     keys = [*CHOICES, *CHECKED_ELSEWHERE, *AUTO_OR_NUMBER, *(f"{g}.name" for g in NAMED_GROUPS)]
-    defaults = {next(iter(d)): d[next(iter(d))] for d in OmegaConf.load(REPO / "conf" / "config.yaml").defaults
-                if isinstance(d, dict) or OmegaConf.is_dict(d)}
+    listed = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "config.yaml"), resolve=False)["defaults"]
+    defaults = {next(iter(d)): d[next(iter(d))] for d in listed if isinstance(d, dict)}
     # the default option first, so that a key it defines is tested on the default run
     trees = sorted(option_trees(), key=lambda t: defaults.get(t[0]) != t[1])
     cases = []

@@ -108,6 +108,33 @@ def test_user_reward_rises_and_kill_relaunch_resumes_exactly(tmp_path, tiny_mode
     assert summary(run)["final_eval_reward"] == pytest.approx(summary(ref)["final_eval_reward"], rel=1e-6)
 
 
+@pytest.mark.slow
+def test_kill_inside_a_generation_resumes_on_the_stored_rollout(tmp_path, tiny_model, outside, monkeypatch):
+    """num_iterations=2 and a checkpoint at step 3: the kill lands between the two steps of
+    the generation drawn at step 3, so the relaunch must train step 4 on that generation's
+    completions, advantages and old log-probs as the checkpoint holds them (objective/
+    rank0.pt); regenerating them with step 3's weights gives other old log-probs (and
+    other completions), so another loss."""
+    monkeypatch.syspath_prepend(str(outside))
+    args = job(tiny_model, outside, "train.max_steps=6", "train.save_every=3", "train.eval_every=1000",
+               "data.eval=null", "objective.num_iterations=2")
+    ref = tmp_path / "ref"
+    train_in_process(args, ref)
+    want = {r["step"]: r for r in metrics(ref) if "loss" in r}
+    assert want[3]["reward"] == want[4]["reward"] and want[4]["clip_ratio/region_mean"] >= 0  # one generation
+
+    run = tmp_path / "run"
+    proc = start(run, *args, env=user_env(outside))
+    assert kill_once_committed(proc, run) == 3
+    assert (run / "checkpoints" / "step_3" / "objective" / "rank0.pt").exists()
+    launch(*args, f"hydra.run.dir={run}", env=user_env(outside))
+    got = {r["step"]: r for r in metrics(run) if "loss" in r}
+    assert sorted(got) == list(range(1, 7)), sorted(got)
+    for s in range(1, 7):
+        for k in ("loss", "reward", "grad_norm", "clip_ratio/region_mean"):
+            assert abs(got[s][k] - want[s][k]) <= 1e-6 * max(abs(want[s][k]), 1e-3), (s, k, got[s], want[s])
+
+
 PLANS = ("ddp", "zero2", "zero3", "fsdp2")
 
 

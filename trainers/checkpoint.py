@@ -65,8 +65,12 @@ class Checkpointer:
     wait for it. mode="sync" writes in the foreground.
     """
 
-    def __init__(self, run_dir: Path, plan, env: DistEnv, keep_last: int, mode: str):
+    def __init__(self, run_dir: Path, plan, env: DistEnv, keep_last: int, mode: str, objective=None):
         self.root = Path(run_dir) / "checkpoints"
+        # An objective with state of its own between steps (grpo's rollout reused over
+        # num_iterations steps) hands it over by checkpoint_state() / load_checkpoint_state():
+        # one file per rank, objective/rank<r>.pt, loadable with weights_only=True.
+        self.objective = objective if hasattr(objective, "checkpoint_state") else None
         # Testing only (an environment variable, no user setting): every rank holds its
         # finished write this many seconds before the ranks agree to commit, so a test's
         # kill lands mid-write.
@@ -96,6 +100,8 @@ class Checkpointer:
                      method=cfg.method.name, checkpoint_format=self.plan.checkpoint_format,
                      scheduler=self.plan.scheduler_state())
         rng = rng_state()
+        if self.objective is not None:  # taken now: training goes on while a save is in flight
+            rng = {"rng": rng, "objective": self.objective.checkpoint_state()}
         with self._disk_errors(final):
             if self.env.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -128,6 +134,11 @@ class Checkpointer:
             write()
             if self.commit_delay_s:
                 time.sleep(self.commit_delay_s)
+            if "objective" in rng:
+                objective, rng = rng["objective"], rng["rng"]
+                if objective is not None:
+                    (tmp / "objective").mkdir(exist_ok=True)
+                    torch.save(objective, tmp / "objective" / f"rank{self.env.rank}.pt")
             torch.save(rng, tmp / "rng" / f"rank{self.env.rank}.pt")
         except BaseException as e:
             error = e
@@ -284,10 +295,15 @@ class Checkpointer:
         self.plan.load(directory)
         self.plan.load_scheduler_state(state["scheduler"] if before_step is None else self.plan.scheduler_state())
         rng_file = directory / "rng" / f"rank{self.env.rank}.pt"
-        if state["world_size"] == self.env.world_size and rng_file.exists():
+        same_world = state["world_size"] == self.env.world_size
+        if same_world and rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=True))
         else:
             log.warning("world size changed (%s -> %s): RNG streams restart from the seed",
                         state["world_size"], self.env.world_size)
+        if self.objective is not None:  # a rank's share of the objective's state is its own: same world only
+            own = directory / "objective" / f"rank{self.env.rank}.pt"
+            self.objective.load_checkpoint_state(torch.load(own, weights_only=True)
+                                                 if same_world and own.exists() else None)
         state["path"] = str(directory)
         return state

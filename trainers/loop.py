@@ -136,7 +136,7 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
             read, whole = source.read_report
             log.info("weights: rank 0 read %.1f MiB of the checkpoint's %.1f MiB", read / 2**20, whole / 2**20)
 
-    ckpt = Checkpointer(run_dir, plan, env, cfg.train.keep_last, cfg.train.checkpoint.mode)
+    ckpt = Checkpointer(run_dir, plan, env, cfg.train.keep_last, cfg.train.checkpoint.mode, objective)
     resumed = ckpt.restore()
     start = resumed["step"] if resumed else 0
     tokens_seen = resumed["tokens_seen"] if resumed else 0

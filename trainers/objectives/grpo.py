@@ -169,6 +169,7 @@ class GRPO:
         iters = int(self.knobs["num_iterations"])
         gen_step = step - step % iters
         if self._cache is not None and self._cache[0] == gen_step:
+            self._setup(plan)  # (a relaunch reuses the checkpoint's rollout before anything else set up)
             _, batches, count, metrics = self._cache
             self._step_metrics = metrics
             return batches, count
@@ -203,6 +204,23 @@ class GRPO:
         self._last_samples = list(zip(names, texts))
         self._cache = (gen_step, batches, count, metrics) if iters > 1 else None
         return batches, count
+
+    # ----------------------------------------------------------- checkpoint state
+    def checkpoint_state(self) -> dict | None:
+        """The generation in progress (num_iterations > 1), so that a relaunch from a
+        checkpoint taken between its iterations trains on the same completions, advantages
+        and old log-probs instead of regenerating them with the checkpoint's weights. This
+        rank's micro-batches only: small tensors (completion ids, per-token log-probs),
+        plain types, loadable with torch.load(weights_only=True)."""
+        if self._cache is None:
+            return None
+        gen_step, batches, count, metrics = self._cache
+        return {"gen_step": gen_step, "count": float(count), "metrics": dict(metrics),
+                "batches": [{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]}
+
+    def load_checkpoint_state(self, state: dict | None) -> None:
+        self._cache = None if state is None else (int(state["gen_step"]), state["batches"], float(state["count"]),
+                                                  dict(state["metrics"]))
 
     def score_and_build(self, per_func_local: torch.Tensor, prompt_ids, completion_ids, tok, rank: int, world: int,
                         micro_size: int | None = None):
