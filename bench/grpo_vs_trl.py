@@ -8,7 +8,11 @@ the bundled prompts (data/reverse_rl), the built-in partial-credit reward, LoRA 
 alpha=32 dropout 0 all-linear, fp32 CPU, 16 completions x 2 accumulation steps per
 optimizer step (4 prompts x 8 generations), at most 16 completion tokens, AdamW at a
 constant lr. tokens/s = (generated completion tokens + trained prompt/completion tokens)
-of steps skip+1..N / their wall time, from each side's own per-step timestamps.
+of steps skip+1..N / their wall time, from each side's own per-step timestamps; tokens per
+CPU-second = the same tokens / the process CPU time (user + sys) over the same steps, which
+other processes on a shared machine disturb much less than wall time (ours runs launch.py
+unchanged through bench/_ours_launch.py, which records the CPU time at each logged step, as
+for bench/sft_vs_trl.py; TRL's side records it at on_step_end).
 """
 from __future__ import annotations
 
@@ -40,20 +44,23 @@ def run(cmd: list[str], log: Path, env: dict) -> float:
 
 
 def ours(a, work: Path, tag: str, env: dict) -> dict:
-    run_dir = work / f"ours-{tag}"
-    rss = run([sys.executable, str(REPO / "launch.py"), "objective=grpo", f"data.train={a.data}", "data.eval=null",
+    run_dir, result = work / f"ours-{tag}", work / f"ours-{tag}.json"
+    rss = run([sys.executable, str(REPO / "bench" / "_ours_launch.py"), str(REPO), str(result), "objective=grpo", f"data.train={a.data}", "data.eval=null",
                f"model.path={a.model_path}", "method.dropout=0", f"train.max_steps={a.steps}",
                f"train.micro_batch_size={a.micro_batch}", f"train.grad_accum={a.grad_accum}",
                f"objective.num_generations={a.generations}", f"objective.max_completion_length={a.completion_len}",
                f"optim.lr={a.lr}", "optim.schedule=constant", "optim.warmup_steps=0", "train.precision=fp32",
                "objective.rewards=[{fn: trainers.objectives.reverse_rewards:partial_credit}]",
-               f"train.save_every={a.steps}", f"hydra.run.dir={run_dir}"], work / f"ours-{tag}.log", env)
+               f"train.save_every={a.steps}", "train.log_every=1", f"hydra.run.dir={run_dir}"],
+              work / f"ours-{tag}.log", env)
+    cpu_s = json.loads(result.read_text())["cpu_s"]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = sorted((r for r in rows if "loss" in r), key=lambda r: r["step"])
     n = a.micro_batch * a.grad_accum
     tokens = [r["tokens"] + r["completions/mean_length"] * n for r in rows]
     ends = [r["elapsed_s"] for r in rows]
-    return summary(ends, tokens, rss, a.skip, [r["reward"] for r in rows])
+    cpu = [cpu_s[str(r["step"])] for r in rows]
+    return summary(ends, cpu, tokens, rss, a.skip, [r["reward"] for r in rows])
 
 
 def trl(a, work: Path, tag: str, env: dict) -> dict:
@@ -64,12 +71,13 @@ def trl(a, work: Path, tag: str, env: dict) -> dict:
                str(a.generations), "--completion-len", str(a.completion_len), "--lr", str(a.lr)],
               work / f"trl-{tag}.log", env)
     r = json.loads(result.read_text())
-    return summary(r["step_end_s"], r["tokens"], rss, a.skip, r["reward"])
+    return summary(r["step_end_s"], r["step_cpu_s"], r["tokens"], rss, a.skip, r["reward"])
 
 
-def summary(ends: list[float], tokens: list[float], rss: float, skip: int, reward: list) -> dict:
+def summary(ends: list[float], cpu: list[float], tokens: list[float], rss: float, skip: int, reward: list) -> dict:
     span = ends[-1] - ends[skip - 1]
     return {"tokens_per_s": sum(tokens[skip:]) / span, "s_per_step": span / (len(ends) - skip), "peak_rss_mib": rss,
+            "tokens_per_cpu_s": sum(tokens[skip:]) / (cpu[-1] - cpu[skip - 1]),
             "reward_last5": statistics.mean(x for x in reward[-5:] if x is not None)}
 
 
@@ -109,13 +117,21 @@ def main() -> None:
              f"- job: {a.micro_batch} x {a.grad_accum} completions/step ({a.generations} per prompt), <= "
              f"{a.completion_len} completion tokens, LoRA r16 fp32 CPU, {a.steps} steps (first {a.skip} not timed), "
              f"medians of {a.repeats} interleaved repeats", "",
-             "| system | generated + trained tokens/s | s/step | peak RSS MiB | reward (last 5 steps) |",
-             "|---|---:|---:|---:|---:|"]
+             "| system | generated + trained tokens/s | tokens per CPU-s | s/step | peak RSS MiB | reward (last 5 steps) |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name, label in (("ours", "ours (launch.py objective=grpo)"), ("trl", "TRL GRPOTrainer")):
-        lines.append(f"| {label} | {med(name, 'tokens_per_s'):,.0f} | {med(name, 's_per_step'):.2f} | "
+        lines.append(f"| {label} | {med(name, 'tokens_per_s'):,.0f} | {med(name, 'tokens_per_cpu_s'):,.0f} | "
+                     f"{med(name, 's_per_step'):.2f} | "
                      f"{med(name, 'peak_rss_mib'):,.0f} | {med(name, 'reward_last5'):.3f} |")
-    lines.append(f"| **ours / TRL** | **{med('ours', 'tokens_per_s') / med('trl', 'tokens_per_s'):.2f}x** | | "
+    lines.append(f"| **ours / TRL** | **{med('ours', 'tokens_per_s') / med('trl', 'tokens_per_s'):.2f}x** | "
+                 f"**{med('ours', 'tokens_per_cpu_s') / med('trl', 'tokens_per_cpu_s'):.2f}x** | | "
                  f"**{med('ours', 'peak_rss_mib') / med('trl', 'peak_rss_mib'):.2f}x** | |")
+    lines += ["", "| repeat | ours tokens/s | TRL tokens/s | ours tokens/CPU-s | TRL tokens/CPU-s | ratio (wall / CPU) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for i, (o, t) in enumerate(zip(runs["ours"], runs["trl"])):
+        lines.append(f"| {i + 1} | {o['tokens_per_s']:,.0f} | {t['tokens_per_s']:,.0f} | {o['tokens_per_cpu_s']:,.0f} | "
+                     f"{t['tokens_per_cpu_s']:,.0f} | {o['tokens_per_s'] / t['tokens_per_s']:.2f}x / "
+                     f"{o['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:.2f}x |")
     lines += ["", "Load average before each run (ours / TRL, per repeat): " + ", ".join(
         f"{describe(o['load_before'])} / {describe(t['load_before'])}" for o, t in zip(runs["ours"], runs["trl"]))]
     text = "\n".join(lines) + "\n"
