@@ -43,9 +43,9 @@ def run(cmd: list[str], log: Path, env: dict) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def ours(a, work: Path, tag: str, env: dict) -> dict:
+def ours(a, work: Path, tag: str, env: dict, src: Path = REPO) -> dict:
     run_dir, result = work / f"ours-{tag}", work / f"ours-{tag}.json"
-    rss = run([sys.executable, str(REPO / "bench" / "_ours_launch.py"), str(REPO), str(result), "objective=grpo", f"data.train={a.data}", "data.eval=null",
+    rss = run([sys.executable, str(REPO / "bench" / "_ours_launch.py"), str(src), str(result), "objective=grpo", f"data.train={a.data}", "data.eval=null",
                f"model.path={a.model_path}", "method.dropout=0", f"train.max_steps={a.steps}",
                f"train.micro_batch_size={a.micro_batch}", f"train.grad_accum={a.grad_accum}",
                f"objective.num_generations={a.generations}", f"objective.max_completion_length={a.completion_len}",
@@ -95,14 +95,20 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out")
+    ap.add_argument("--baseline-src", help="also run our launcher from this source tree (e.g. `git archive` of an "
+                    "older commit), interleaved, as a before/after row")
     ap.add_argument("--max-busy", type=float, default=0.1, help="wait before each run until at most this share of the CPUs is busy")
     a = ap.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), PYTHONUNBUFFERED="1")
     work = Path(tempfile.mkdtemp(prefix="grpo_vs_trl-"))
     load0, t0 = os.getloadavg()[0], time.time()
-    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+    runs: dict[str, list[dict]] = {"ours": [], "trl": [], "before": []}
+    systems = [("ours", ours), ("trl", trl)]
+    if a.baseline_src:
+        src = Path(a.baseline_src).resolve()
+        systems.insert(0, ("before", lambda a, work, tag, env: ours(a, work, "before-" + tag, env, src)))
     for rep in range(a.repeats):
-        for name, fn in (("ours", ours), ("trl", trl)):
+        for name, fn in systems:
             load = wait_for_quiet(a.max_busy)
             r = fn(a, work, str(rep), env) | {"load_before": load}
             runs[name].append(r)
@@ -119,13 +125,24 @@ def main() -> None:
              f"medians of {a.repeats} interleaved repeats", "",
              "| system | generated + trained tokens/s | tokens per CPU-s | s/step | peak RSS MiB | reward (last 5 steps) |",
              "|---|---:|---:|---:|---:|---:|"]
-    for name, label in (("ours", "ours (launch.py objective=grpo)"), ("trl", "TRL GRPOTrainer")):
+    labels = [("ours", "ours (launch.py objective=grpo)"), ("trl", "TRL GRPOTrainer")]
+    if a.baseline_src:
+        labels.insert(0, ("before", f"ours from {a.baseline_src}"))
+    for name, label in labels:
         lines.append(f"| {label} | {med(name, 'tokens_per_s'):,.0f} | {med(name, 'tokens_per_cpu_s'):,.0f} | "
                      f"{med(name, 's_per_step'):.2f} | "
                      f"{med(name, 'peak_rss_mib'):,.0f} | {med(name, 'reward_last5'):.3f} |")
     lines.append(f"| **ours / TRL** | **{med('ours', 'tokens_per_s') / med('trl', 'tokens_per_s'):.2f}x** | "
                  f"**{med('ours', 'tokens_per_cpu_s') / med('trl', 'tokens_per_cpu_s'):.2f}x** | | "
                  f"**{med('ours', 'peak_rss_mib') / med('trl', 'peak_rss_mib'):.2f}x** | |")
+    if a.baseline_src:
+        for num, den in (("before", "trl"), ("ours", "before")):
+            lines.append(f"| {num} / {den} | {med(num, 'tokens_per_s') / med(den, 'tokens_per_s'):.2f}x | "
+                         f"{med(num, 'tokens_per_cpu_s') / med(den, 'tokens_per_cpu_s'):.2f}x | | "
+                         f"{med(num, 'peak_rss_mib') / med(den, 'peak_rss_mib'):.2f}x | |")
+        lines += ["", "Baseline runs (tokens/s, tokens/CPU-s, peak RSS MiB, load): " + ", ".join(
+            f"{b['tokens_per_s']:,.0f}, {b['tokens_per_cpu_s']:,.0f}, {b['peak_rss_mib']:,.0f}, {describe(b['load_before'])}"
+            for b in runs["before"])]
     lines += ["", "| repeat | ours tokens/s | TRL tokens/s | ours tokens/CPU-s | TRL tokens/CPU-s | ratio (wall / CPU) |",
               "|---|---:|---:|---:|---:|---:|"]
     for i, (o, t) in enumerate(zip(runs["ours"], runs["trl"])):
