@@ -1,6 +1,6 @@
 """Throughput and memory of our objective=grpo vs TRL's GRPOTrainer on the same job.
 
-    python bench/grpo_vs_trl.py [--steps 20] [--repeats 2] [--model-path PATH] [--out bench/results/grpo_vs_trl.md]
+    python bench/grpo_vs_trl.py [--steps 20] [--repeats 2] [--model-path PATH] [--baseline-src DIR] [--out bench/results/grpo_vs_trl.md]
 
 Each run is its own subprocess (peak RSS = the largest ru_maxrss of its processes), runs
 are interleaved (ours, TRL, ours, TRL, ...) with OMP/MKL threads pinned equal. Job (both):
