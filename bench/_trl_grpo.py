@@ -1,6 +1,6 @@
 """TRL side of bench/grpo_vs_trl.py: one GRPOTrainer run in its own process (never
 imported), so its peak RSS is TRL's alone. Writes JSON: per optimizer step the wall-clock
-time at `on_step_end`, the tokens generated (completion lengths) and trained (prompt +
+time and the process CPU time at `on_step_end`, the tokens generated (completion lengths) and trained (prompt +
 completion, TRL's num_tokens), the logged loss and reward; ru_maxrss at exit."""
 from __future__ import annotations
 
@@ -37,10 +37,12 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(a.model_path)
     model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32)
     ends: list[float] = []
+    cpu: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             ends.append(time.perf_counter())
+            cpu.append(time.process_time())
 
     args = GRPOConfig(
         output_dir=a.output_dir, per_device_train_batch_size=a.micro_batch, gradient_accumulation_steps=a.grad_accum,
@@ -61,7 +63,7 @@ def main() -> None:
         before = h["num_tokens"]
         tokens.append(trained + h["completions/mean_length"] * n)
     Path(a.result).write_text(json.dumps({
-        "start_s": start, "step_end_s": ends, "tokens": tokens, "loss": [h["loss"] for h in logs],
+        "start_s": start, "step_end_s": ends, "step_cpu_s": cpu, "tokens": tokens, "loss": [h["loss"] for h in logs],
         "reward": [h.get("reward") for h in logs], "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 

@@ -50,7 +50,8 @@ is what one rank holds at its peak, the larger of training and loading:
              k = t tokens, or k = train.loss_chunk_tokens when the loss is chunked.
              objective=grpo: a row is a prompt (data.max_seq_len) plus its completion
              (objective.max_completion_length), and the rollout before the step's forwards
-             holds, for one generate call of `rows` sequences, the KV cache
+             holds, for one generate call of the rank's micro_batch_size x grad_accum
+             sequences (the rank's whole step batch, as TRL generates), the KV cache
              (2 * kv * layers elements per token) and fp32 scores of V per row: the larger
              of that and the training activations counts (the reference pass, no grad,
              holds less than either).
@@ -143,7 +144,7 @@ class Setup:
     loss_chunk_tokens: int | None = None
     device: str = "gpu"  # "gpu": overhead and offload apply; "cpu": one memory for all
     forwards_per_step: int = 1  # micro-batches (pipeline: pipeline micro-batches) per rank per step
-    rollout_rows: int = 0  # objective=grpo: sequences per generate call (0: no rollout)
+    rollout_rows: int = 0  # objective=grpo: sequences per generate call (0: no rollout): the rank's step batch
 
 
 @dataclass
@@ -267,7 +268,8 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
         dora=m.peft == "lora" and bool(m.use_dora),
         virtual_tokens=int(m.num_virtual_tokens) if m.peft in ("prefix", "prompt") else 0,
         plan=cfg.parallel.name, layout=layout, world=world, nodes=nodes(cfg),
-        tokens=rows * seq, act_bytes=2 if bf16 else 4, rollout_rows=rows if on_policy else 0,
+        tokens=rows * seq, act_bytes=2 if bf16 else 4,
+        rollout_rows=int(cfg.train.micro_batch_size) * int(cfg.train.grad_accum) if on_policy else 0,
         activation_checkpointing=bool(cfg.train.activation_checkpointing),
         loss_chunk_tokens=int(chunk) if chunk else None, device=device,
         forwards_per_step=max(1, int(cfg.train.micro_batch_size) * int(cfg.train.grad_accum) // rows),
@@ -326,7 +328,7 @@ def estimate(a: Arch, s: Setup) -> Estimate:
     logit_tokens = min(s.tokens, s.loss_chunk_tokens) if s.loss_chunk_tokens else s.tokens
     activations = layer_acts * c + logit_tokens * a.vocab * (c + 8)
     if s.rollout_rows:  # GRPO's generation: KV cache of one generate call + its fp32 scores
-        rollout = s.tokens * layers_here * 2 * a.kv_dim * c + s.rollout_rows * a.vocab * 4
+        rollout = s.tokens * s.forwards_per_step * layers_here * 2 * a.kv_dim * c + s.rollout_rows * a.vocab * 4
         activations = max(activations, rollout)
 
     layer = a.layer_linear_params + 2 * a.hidden

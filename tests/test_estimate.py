@@ -326,8 +326,10 @@ def test_grpo_counts_prompt_plus_completion_rows_and_the_rollout_kv_cache(tmp_pa
     sft = for_config(cfg_for(tmp_path, *base))
     grpo = cfg_for(tmp_path, *base, "objective=grpo", "objective.max_completion_length=1024")
     s = setup_of(grpo)
-    assert s.tokens == 2 * sft.setup.tokens and s.rollout_rows == grpo.train.micro_batch_size
+    # one generate call holds the rank's whole step batch (micro_batch_size x grad_accum rows)
+    assert s.tokens == 2 * sft.setup.tokens
+    assert s.rollout_rows == grpo.train.micro_batch_size * grpo.train.grad_accum == s.forwards_per_step * grpo.train.micro_batch_size
     est = estimate(arch_of(grpo.model), s)
     a = arch_of(grpo.model)
-    kv = s.tokens * a.layers * 2 * a.kv_dim * s.act_bytes + s.rollout_rows * a.vocab * 4
+    kv = s.tokens * s.forwards_per_step * a.layers * 2 * a.kv_dim * s.act_bytes + s.rollout_rows * a.vocab * 4
     assert est.activations >= kv and est.activations > sft.activations

@@ -13,6 +13,12 @@ on how the batch is split over ranks and micro-batches, nor on anything a checkp
 carry, so a relaunch draws exactly what the uninterrupted run drew. `Sampler` does this as
 a logits processor that returns a one-hot choice which greedy search then takes; the
 temperature, top_k and top_p are applied as transformers' warpers apply them.
+
+The draw is torch.multinomial's own algorithm for one sample, written out so that only the
+random numbers are drawn row by row: torch takes argmax(p / q), q ~ Exp(1) from the row's
+generator, for n_sample=1 (aten/src/ATen/native/Distributions.cpp); per-row multinomial
+calls also ran torch's validity checks (max, min, a host sync) on every row at every token,
+4x the cost of the draw (tests/test_grpo_sampler.py holds the two equal, token for token).
 """
 from __future__ import annotations
 
@@ -45,14 +51,22 @@ class Sampler(LogitsProcessor):
             [TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.float() / self.temperature
+        scores = scores.float()
+        if self.temperature != 1.0:  # (x / 1.0 is x: skipping it changes no bit)
+            scores = scores / self.temperature
         for w in self.warpers:
             scores = w(input_ids, scores)
         probs = scores.softmax(-1)
-        picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
-        out = torch.full_like(scores, -math.inf)
-        out[torch.arange(len(picks)), picks] = 0.0
-        return out
+        return torch.full_like(scores, -math.inf).scatter_(1, draw(probs, self.generators)[:, None], 0.0)
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One index per row of `probs`, row i drawn with generators[i]: equal to
+    torch.multinomial(probs[i], 1, generator=generators[i]) for every row."""
+    q = torch.empty_like(probs)
+    for row, g in zip(q, generators):
+        row.exponential_(1, generator=g)
+    return (probs / q).argmax(-1)
 
 
 def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
