@@ -114,8 +114,9 @@ class Runner:
 
 
 class Setup:
-    """What differs between a GPU machine and the CPU rehearsal: devices, precision,
-    tolerance, the model the plans train."""
+    """What differs between a GPU machine and the CPU rehearsal: the device count, the
+    parity tolerance (fp32 on CPU, bf16 on a GPU: train.precision=auto either way), the
+    model the plans train."""
 
     def __init__(self, args):
         self.rehearse = args.rehearse_on_cpu
@@ -301,7 +302,12 @@ def estimated_tensor_bytes(run: Run) -> float:
 
 def memory_row(run: Run) -> Row:
     lo, hi = MEMORY_RATIO
-    name, expected = f"memory {run.name}", f"estimate/measured in [{lo:g}, {hi:g}]"
+    try:
+        done = json.loads((run.dir / "summary.json").read_text())
+        name = f"memory {done['plan']} x{done['world_size']} {done['method']}"
+    except (OSError, ValueError, KeyError):
+        name = f"memory {run.name}"
+    expected = f"estimate/measured in [{lo:g}, {hi:g}]"
     if not run.ok:
         return Row(name, expected, run.failure(), "FAIL")
     peaks = [d["cuda_max_memory_allocated"] for d in run.devices() if d["cuda_max_memory_allocated"] is not None]
