@@ -65,6 +65,7 @@ def exit_code(rows: list[Row]) -> int:
 
 
 def gpu_count() -> int:
+    """Visible GPUs, without creating a CUDA context in this process (the runs need the memory)."""
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -200,15 +201,13 @@ def parity(run: Run, ref: Run, tolerance: float, label: str) -> tuple[str, bool]
 
 
 def check_precision(s: Setup) -> list[Row]:
-    import torch
-
-    if s.rehearse:
-        want = "float32"
-    else:
-        want = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     ref = s.reference()
+    # whether the GPU supports bf16 is torch's word about the device, recorded by the worker
+    # (asking here would create a CUDA context in this process, on GPU 0, for the whole check)
+    capable = bool(ref.devices()) and all(d["bf16_supported"] for d in ref.devices())
+    want = "bfloat16" if capable and not s.rehearse else "float32"
     if not ref.ok:
-        return [Row("precision=auto", want, ref.failure(), "FAIL")]
+        return [Row("precision=auto", "bfloat16 on a bf16 GPU", ref.failure(), "FAIL")]
     got = sorted({d["compute_dtype"] for d in ref.devices()})
     where = sorted({d["device_name"] for d in ref.devices()})
     return [Row("precision=auto", want, f"{','.join(got) or 'not recorded'} on {','.join(where)}",

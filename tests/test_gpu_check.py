@@ -113,3 +113,26 @@ def test_a_mismatch_fails_the_row(rehearsal, tmp_path):
     row = gpu_check.memory_row(failed)
     assert row.verdict == "FAIL" and "run failed (exit 1)" in row.measured
     assert gpu_check.exit_code([row]) == 1
+
+
+@pytest.mark.slow
+def test_memory_row_compares_the_estimate_with_the_recorded_cuda_peak(rehearsal, tmp_path):
+    """The memory row's arithmetic on a real run's config: a recorded CUDA peak equal to the
+    estimate's tensor bytes passes; half of it (ratio 2) and twice it (0.5) fail."""
+    import json
+    import shutil
+
+    work, _ = rehearsal
+    shutil.copytree(work / "runs" / "ref", tmp_path / "ref")
+    run = gpu_check.Run("ref", tmp_path / "ref", 0, tmp_path / "ref.log")
+    est = gpu_check.estimated_tensor_bytes(run)
+    assert est > 0
+    record = tmp_path / "ref" / "device" / "rank-0.json"
+    verdicts = []
+    for peak in (est, est / 2, est * 2):
+        record.write_text(json.dumps({**json.loads(record.read_text()), "cuda_max_memory_allocated": peak}))
+        row = gpu_check.memory_row(run)
+        verdicts.append(row.verdict)
+    assert verdicts == ["PASS", "FAIL", "FAIL"] and row.check == "memory none x1 lora", row
+    assert row.measured.endswith("= 0.50")
+
