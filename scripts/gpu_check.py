@@ -104,12 +104,17 @@ class Runner:
             shutil.rmtree(run_dir, ignore_errors=True)
             print(f"gpu-check: {name}: python launch.py {' '.join(overrides)}", flush=True)
             with open(log, "w") as out:
+                proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.run.dir={run_dir}"],
+                                        cwd=REPO, env={**self.env, **(env or {})}, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
                 try:
-                    code = subprocess.run([sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.run.dir={run_dir}"],
-                                          cwd=REPO, env={**self.env, **(env or {})}, stdout=out,
-                                          stderr=subprocess.STDOUT, timeout=self.timeout).returncode
+                    code = proc.wait(timeout=self.timeout)
                 except subprocess.TimeoutExpired:
+                    from tests.helpers import kill_tree
+
+                    kill_tree(proc)  # the workers too: they hold the GPUs the next run needs
                     code = -1
+                    out.write(f"\ngpu-check: killed after --timeout {self.timeout:g} s\n")
             self.done[name] = Run(name, run_dir, code, log)
         return self.done[name]
 
