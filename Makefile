@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench clean gpu-check
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not slurm" $(PYTEST_ARGS)
+
+# On a machine with GPUs: what CPU cannot test (docs/gpu-check.md); without GPUs it says so and exits 0.
+gpu-check: setup
+	$(BIN)/python scripts/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs multirun outputs

@@ -32,6 +32,7 @@ from trainers.distributed import (
 from trainers.errors import TrainingError
 from trainers.evaluation.rounds import EvalRounds
 from trainers.model.export import export
+from trainers.metrics.device import record_device
 from trainers.metrics.sinks import MetricsLogger, plot_losses, write_summary
 from trainers.model.load import ModelSource, count_parameters, load_tokenizer
 from trainers.objectives.catalog import get_objective
@@ -236,6 +237,7 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
         if env.is_main:
             plot_losses(run_dir)
             write_summary(run_dir, summary)
+        record_device(run_dir, env, plan.compute_dtype)  # precision, backend, CUDA peak: scripts/gpu_check.py
         plan.close()
     if not leave_process_group:
         shutdown()
