@@ -38,6 +38,20 @@ def on_cpu(cfg: DictConfig) -> bool:
     return cfg.launcher.name == "local" and not uses_gpu()
 
 
+def bitsandbytes_refusal(name: str, version: tuple[int, int] | None, cpu: bool) -> str | None:
+    """Why bitsandbytes' optimizer `name` cannot run (None: it can): not installed, or a
+    version whose optimizers need CUDA on a CPU run. Names the optimizers that do run."""
+    runs_here = "|".join(n for n in OPTIMIZERS if n not in BITSANDBYTES)
+    if version is None:
+        return (f"optim={name} is bitsandbytes' optimizer, and bitsandbytes is not installed. Install it "
+                f"(pip install bitsandbytes), or use optim={runs_here}.")
+    if cpu and version < BNB_CPU_SINCE:
+        return (f"optim={name} needs CUDA with the installed bitsandbytes {'.'.join(map(str, version))}, and this "
+                f"run trains on CPU. On CPU use optim={runs_here}, or install bitsandbytes >= "
+                f"{'.'.join(map(str, BNB_CPU_SINCE))}, whose optimizers all run on CPU.")
+    return None
+
+
 def check_length(cfg: DictConfig) -> None:
     t = cfg.train
     steps, epochs = t.max_steps, t.epochs
@@ -86,18 +100,14 @@ def check_optimizer(cfg: DictConfig) -> None:
         raise UserError(f"optim.momentum={o.momentum!r} must be a number >= 0, and above 0 with optim.nesterov=true.")
     if name == "adafactor" and o.beta1 is not None and (not _number(o.beta1) or not 0 <= o.beta1 < 1):
         raise UserError(f"optim.beta1={o.beta1!r} must be null (no first moment) or a number in [0, 1).")
-    runs_here = [n for n in OPTIMIZERS if n not in BITSANDBYTES]
     if name in BITSANDBYTES:
         try:
             version = tuple(int(x) for x in metadata.version("bitsandbytes").split(".")[:2])
         except metadata.PackageNotFoundError:
-            raise UserError(f"optim={name} is bitsandbytes' optimizer, and bitsandbytes is not installed. Install "
-                            f"it (pip install bitsandbytes), or use optim={'|'.join(runs_here)}.") from None
-        if on_cpu(cfg) and version < BNB_CPU_SINCE:
-            raise UserError(
-                f"optim={name} needs CUDA with the installed bitsandbytes {'.'.join(map(str, version))}, and this "
-                f"run trains on CPU. On CPU use optim={'|'.join(runs_here)}, or bitsandbytes >= "
-                f"{'.'.join(map(str, BNB_CPU_SINCE))}, where every optimizer here runs on CPU.")
+            version = None
+        reason = bitsandbytes_refusal(name, version, on_cpu(cfg))
+        if reason:
+            raise UserError(reason)
     plan = cfg.parallel.name
     if plan not in PLANS[name]:
         works = [n for n, plans in PLANS.items() if plan in plans]
