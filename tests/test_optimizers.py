@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import FAST, launch_many, losses, refused, rel, summary
+from tests.helpers import FAST, REPO, launch_in_process, launch_many, losses, refused, rel, summary
 
 RUNNABLE = ["adamw8bit", "paged_adamw8bit", "paged_adamw32bit", "adafactor", "lion", "sgd"]
 EXTRA = {"lion": ["optim.lr=1e-3", "optim.bits=8"], "sgd": ["optim.lr=0.05", "optim.momentum=0.9"],
@@ -45,14 +45,27 @@ def cut_back_to(run_dir: Path, step: int) -> None:
     shutil.rmtree(run_dir / "export", ignore_errors=True)
 
 
+def epochs_overrides(data: Path) -> list[str]:
+    """1.5 epochs of 40 unpacked rows at 4 x 2 rows per step: ceil(7.5) = 8 steps."""
+    fast = [o for o in FAST if not o.startswith(("train.max_steps", "train.save_every"))]
+    return [*fast, f"data.train={data}", "data.packing=false", "train.epochs=1.5", "train.save_every=3",
+            "train.keep_last=3", "data.eval=null", "train.report_to=[]", "train.checkpoint.mode=sync"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """Every runnable optimizer, and an adamw run of train.epochs=1.5 ("epochs"), each
+    resumed from its step-3 checkpoint."""
     root = tmp_path_factory.mktemp("optimizers")
-    launch_many(root / "first", {n: (root / n, overrides(n)) for n in RUNNABLE})
-    for n in RUNNABLE:
+    data = root / "forty.jsonl"
+    data.write_text("\n".join((REPO / "data" / "reverse" / "train.jsonl").read_text().splitlines()[:40]) + "\n")
+    names = {**{n: overrides(n) for n in RUNNABLE}, "epochs": epochs_overrides(data)}
+    first = launch_many(root / "first", {n: (root / n, o) for n, o in names.items()})
+    (root / "epochs.log").write_text(first["epochs"].stdout + first["epochs"].stderr)
+    for n in names:
         shutil.copytree(root / n, root / f"{n}-resumed")
         cut_back_to(root / f"{n}-resumed", 3)
-    launch_many(root / "second", {n: (root / f"{n}-resumed", overrides(n)) for n in RUNNABLE})
+    launch_many(root / "second", {n: (root / f"{n}-resumed", o) for n, o in names.items()})
     return root
 
 
@@ -71,3 +84,77 @@ def test_optimizer_under_an_untested_plan_is_refused_naming_what_works(tmp_path)
     text = refused(tmp_path / "r", "optim=adafactor", "parallel=zero2", "launcher.nproc_per_node=2")
     assert "optim=adafactor under parallel=zero2" in text and "unfactored" in text
     assert "optim=adafactor runs under parallel=none|ddp" in text and "use optim=adamw" in text
+
+
+def test_epochs_become_steps_from_the_rows_and_resume_mid_epoch_exactly(runs):
+    """The launcher derives max_steps from the prepared rows, says how, saves it in the run's
+    config; a resume in the middle of the first epoch (step 3 of 5 per epoch) continues with
+    the same rows (a step's rows depend on (seed, step) only), so the same losses."""
+    from omegaconf import OmegaConf
+
+    log = (runs / "epochs.log").read_text()
+    assert ("train.epochs=1.5: 40 training rows (after packing) / global batch 8 = 5 steps per epoch -> "
+            "train.max_steps=8") in log
+    saved = OmegaConf.load(runs / "epochs" / "config.yaml")
+    assert (saved.train.epochs, saved.train.max_steps) == (1.5, 8)
+    full, resumed = losses(runs / "epochs"), losses(runs / "epochs-resumed")
+    assert sorted(full) == sorted(resumed) == list(range(1, 9))
+    for s in range(4, 9):
+        assert rel(resumed[s], full[s]) < 1e-6, (s, resumed[s], full[s])
+    assert summary(runs / "epochs-resumed")["final_step"] == 8
+
+
+def test_epoch_arithmetic_for_a_weighted_mixture():
+    """An epoch is as many rows as the sources hold together, drawn at the mixture's shares:
+    300 + 100 rows weighted 1:3 at 32 rows per step is 12.5 steps per epoch; two epochs
+    (25 steps, 800 rows) read the large file 400/300 times and the small one 400/100."""
+    from trainers.data.epochs import EpochPlan, rows_per_step
+
+    plan = EpochPlan(2, [("big", 300, 1.0), ("small", 100, 3.0)], 32)
+    assert plan.steps == 25
+    assert plan.passes() == [("big", pytest.approx(800 * 0.25 / 300)), ("small", pytest.approx(800 * 0.75 / 100))]
+    assert "(passes per source: big 0.67, small 6.00)" in plan.line()
+    assert EpochPlan(1, [("a", 33, 1.0)], 8).steps == 5  # the last, partial step completes the epoch
+    cfg = {"train": {"micro_batch_size": 4, "grad_accum": 4}, "objective": {"name": "grpo", "num_generations": 8}}
+    from omegaconf import OmegaConf
+
+    assert rows_per_step(OmegaConf.create(cfg), 2) == 4  # GRPO: 16 completions per rank = 2 prompts, x 2 ranks
+
+
+def test_dry_run_prints_the_epochs_steps_and_the_optimizer_state(tmp_path):
+    proc = launch_in_process(tmp_path / "dry", "dry_run=true", "train.epochs=2", "optim=adamw8bit", "method=full",
+                             "launcher.nproc_per_node=2", "parallel=ddp")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    # the bundled 4000 rows pack into bins of 64 tokens; 8 x 2 x 2 ranks = 32 rows per step
+    line = next(x for x in out.splitlines() if x.startswith("  length"))
+    rows = int(line.split(": ")[1].split(" training rows")[0].replace(",", ""))
+    assert line.endswith(f"/ global batch 32 = {rows / 32:.4g} steps per epoch -> train.max_steps={-(-2 * rows // 32)}")
+    assert "optimizer optim=adamw8bit, schedule cosine" in out
+    assert "optim=adamw8bit, 2.03 B/trainable param" in out  # 2 x (1 + 4/256): 8-bit moments + absmax
+
+
+@pytest.mark.parametrize("args, says", [
+    (["train.epochs=2", "train.max_steps=100"], "train.max_steps=100 and train.epochs=2 are both set"),
+    (["train.max_steps=null"], "train.max_steps and train.epochs are both null"),
+    (["train.epochs=0"], "train.epochs=0 must be a number above 0"),
+    (["optim.warmup_ratio=0.1", "optim.warmup_steps=5"], "optim.warmup_steps=5 and optim.warmup_ratio=0.1 are both"),
+    (["optim.warmup_ratio=1.5"], "optim.warmup_ratio=1.5 must be a number in [0, 1)"),
+    (["optim.schedule=polynomial", "optim.lr_end=0.1"], "optim.lr_end=0.1 must be a number >= 0 and below optim.lr"),
+    (["optim.lr_embeddings=1e-5"], "method=lora does not train them"),
+    (["optim=sgd", "optim.nesterov=true"], "above 0 with optim.nesterov=true"),
+    (["optim=adafactor", "parallel=zero2", "launcher.nproc_per_node=2"], "unfactored"),
+    (["optim=adamw8bit", "parallel=fsdp2", "launcher.nproc_per_node=2"], "under parallel=fsdp2 use optim=adamw"),
+])
+def test_bad_schedule_and_optimizer_settings_are_refused_naming_them(tmp_path, args, says):
+    assert says in refused(tmp_path / "r", *args)
+
+
+def test_bitsandbytes_without_cpu_optimizers_is_refused_on_cpu_naming_the_ones_that_run():
+    from launch.optim_checks import bitsandbytes_refusal
+
+    assert bitsandbytes_refusal("adamw8bit", (0, 50), cpu=True) is None  # the installed one: measured here
+    old = bitsandbytes_refusal("paged_adamw8bit", (0, 43), cpu=True)
+    assert "needs CUDA with the installed bitsandbytes 0.43" in old and "use optim=adamw|adafactor|sgd" in old
+    assert bitsandbytes_refusal("lion", (0, 43), cpu=False) is None  # on GPUs it runs
+    assert "bitsandbytes is not installed" in bitsandbytes_refusal("lion", None, cpu=False)
