@@ -158,3 +158,21 @@ def test_bitsandbytes_without_cpu_optimizers_is_refused_on_cpu_naming_the_ones_t
     assert "needs CUDA with the installed bitsandbytes 0.43" in old and "use optim=adamw|adafactor|sgd" in old
     assert bitsandbytes_refusal("lion", (0, 43), cpu=False) is None  # on GPUs it runs
     assert "bitsandbytes is not installed" in bitsandbytes_refusal("lion", None, cpu=False)
+
+
+@pytest.mark.slow
+def test_optimizer_state_reshards_from_one_process_to_ddp_over_two(runs):
+    """bitsandbytes' 8-bit state (nested under its own key) and Adafactor's factored state
+    saved by one process load into 2 ddp ranks (DCP): the resumed steps equal the
+    uninterrupted single-process run's (to float summation order)."""
+    names = ["adamw8bit", "adafactor"]
+    for n in names:
+        shutil.copytree(runs / n, runs / f"{n}-ddp")
+        cut_back_to(runs / f"{n}-ddp", 3)
+    launch_many(runs / "ddp", {n: (runs / f"{n}-ddp", [*overrides(n), "parallel=ddp", "launcher.nproc_per_node=2"])
+                               for n in names})
+    for n in names:
+        full, resharded = losses(runs / n), losses(runs / f"{n}-ddp")
+        assert sorted(resharded) == list(range(1, 7))
+        for s in (4, 5, 6):
+            assert rel(resharded[s], full[s]) < 1e-5, (n, s, resharded[s], full[s])
