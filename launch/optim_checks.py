@@ -113,12 +113,19 @@ def check_optimizer(cfg: DictConfig) -> None:
         works = [n for n, plans in PLANS.items() if plan in plans]
         raise UserError(
             f"optim={name} under parallel={plan} is not supported: "
-            + ("DeepSpeed steps a client optimizer on flat fp32 partitions, where Adafactor's factored second "
-               "moment becomes an unfactored one (another optimizer, 4 bytes per parameter). "
-               if name == "adafactor" and plan.startswith("zero") else
-               "its state was not trained and resumed under this plan here. ")
+            + _why_not(name, plan)
             + f"optim={name} runs under parallel={'|'.join(PLANS[name])}; under parallel={plan} use "
               f"optim={'|'.join(works)}.")
+
+
+def _why_not(name: str, plan: str) -> str:
+    if name == "adafactor" and plan.startswith("zero"):
+        return ("DeepSpeed steps a client optimizer on flat fp32 partitions, where Adafactor's factored second "
+                "moment becomes an unfactored one (another optimizer, 4 bytes per parameter). ")
+    if name in BITSANDBYTES and plan == "fsdp2":
+        return ("bitsandbytes' update kernels take plain tensors and FSDP2's parameters are DTensors (measured: "
+                "'got mixed torch.Tensor and DTensor' at the first step). ")
+    return "its state was not trained and resumed under this plan here. "
 
 
 def check(cfg: DictConfig) -> None:
