@@ -176,3 +176,28 @@ def test_optimizer_state_reshards_from_one_process_to_ddp_over_two(runs):
         assert sorted(resharded) == list(range(1, 7))
         for s in (4, 5, 6):
             assert rel(resharded[s], full[s]) < 1e-5, (n, s, resharded[s], full[s])
+
+
+def test_the_estimate_counts_each_optimizers_state_bytes():
+    """Per trainable parameter: AdamW 8 B, 8-bit moments with their blockwise absmax, Lion
+    one moment, SGD a momentum buffer or nothing; Adafactor a row and a column vector per
+    matrix of the model's real shapes (counted on the bundled model's modules)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from launch.estimate import for_config
+    from tests.helpers import compose
+
+    def optim_bytes(*args):
+        return for_config(compose("method=full", *args), "cpu").optim
+
+    n = for_config(compose("method=full"), "cpu").trainable
+    assert optim_bytes("optim=adamw") == 8 * n
+    assert optim_bytes("optim=adamw8bit") == pytest.approx(2 * (1 + 4 / 256) * n)
+    assert optim_bytes("optim=lion") == 4 * n and optim_bytes("optim=lion", "optim.bits=8") == pytest.approx(
+        (1 + 4 / 256) * n)
+    assert optim_bytes("optim=sgd") == 0 and optim_bytes("optim=sgd", "optim.momentum=0.9") == 4 * n
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(REPO / "assets" / "tiny-llama"))
+    factored = sum(4 * (sum(p.shape) if p.dim() == 2 else p.numel()) for p in model.parameters())
+    assert optim_bytes("optim=adafactor") == factored
+    assert optim_bytes("optim=adafactor", "optim.beta1=0.9") == factored + 4 * n
+    assert sum(p.numel() for p in model.parameters()) == n
