@@ -20,14 +20,14 @@ log = logging.getLogger("launch")
 # bitsandbytes' optimizers ran on CPU (8-bit blockwise, paged, Lion) from this version:
 # measured with 0.50.2 (tests/test_optimizers.py); older ones need CUDA.
 BNB_CPU_SINCE = (0, 50)
-# The plans each optimizer trains and resumes exactly under (tests/test_optimizers.py). The
-# others resumed under parallel=none only: a one-process checkpoint of adamw8bit or
-# Adafactor resumed under ddp over 2 ranks gave other losses from the first resumed step
-# (3.35 vs 3.44, 5.22 vs 5.84), so ddp is refused for them until that is fixed. DeepSpeed
+# The plans each optimizer trains and resumes exactly under (tests/test_optimizers.py: a
+# one-process checkpoint of adamw8bit and of Adafactor resumes bit for bit under ddp over 2
+# ranks). Measured and refused: bitsandbytes' kernels fail on FSDP2's DTensors; DeepSpeed
 # steps a client optimizer on flat fp32 partitions, so Adafactor there would keep an
-# unfactored second moment; bitsandbytes' kernels fail on FSDP2's DTensors.
+# unfactored second moment, and its universal checkpoint (another world size) expects
+# AdamW's exp_avg (KeyError with adamw8bit under ZeRO-2, which resumes at the same world).
 PLANS = {"adamw": ("none", "ddp", "fsdp2", "zero1", "zero2", "zero3", "zero3_offload", "pipeline")}
-PLANS.update({name: ("none",) for name in (*BITSANDBYTES, "adafactor", "sgd")})
+PLANS.update({name: ("none", "ddp") for name in (*BITSANDBYTES, "adafactor", "sgd")})
 
 
 def _number(value) -> bool:
@@ -128,9 +128,9 @@ def _why_not(name: str, plan: str) -> str:
     if name in BITSANDBYTES and plan == "fsdp2":
         return ("bitsandbytes' update kernels take plain tensors and FSDP2's parameters are DTensors (measured: "
                 "'got mixed torch.Tensor and DTensor' at the first step). ")
-    if plan == "ddp":
-        return ("its checkpoint does not resume exactly under ddp yet (measured: a one-process checkpoint "
-                "resumed over 2 ranks gives other losses from the first resumed step). ")
+    if name != "adafactor" and plan.startswith("zero"):
+        return ("DeepSpeed's universal checkpoint, which resuming under another world size needs, reads "
+                "AdamW's exp_avg from the optimizer state (measured: KeyError 'exp_avg' with adamw8bit). ")
     return "its state was not trained and resumed under this plan here. "
 
 
