@@ -15,8 +15,9 @@ from __future__ import annotations
 CHOICES: dict[str, tuple] = {
     "method.peft": (None, "lora", "prefix", "prompt", "ia3"),
     "method.quantize": (None, "nf4"),  # NF4 with double quantization (method=qlora)
-    "optim.name": ("adamw",),
-    "optim.schedule": ("cosine", "linear", "constant"),
+    "optim.name": ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw32bit", "adafactor", "lion", "sgd"),
+    "optim.schedule": ("cosine", "linear", "constant", "cosine_with_restarts", "polynomial", "constant_with_warmup"),
+    "optim.bits": (32, 8),  # optim=lion: bitsandbytes' Lion or Lion8bit
     "train.precision": ("auto", "fp32", "bf16"),
     "train.checkpoint.mode": ("async", "sync"),
     "train.host_memory": ("fast", "compact"),

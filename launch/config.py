@@ -11,9 +11,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def register_resolvers() -> None:
-    """`${repo:path}` makes bundled assets work from any working directory."""
+    """`${repo:path}` makes bundled assets work from any working directory;
+    `${unless_set:${train.epochs},200}` is 200 while train.epochs is null and null once it
+    is set, so a setting with an alternative (max_steps / epochs, warmup_steps /
+    warmup_ratio) is turned off by giving the other one alone."""
     if not OmegaConf.has_resolver("repo"):
         OmegaConf.register_new_resolver("repo", lambda p="": str(REPO_ROOT / p))
+    if not OmegaConf.has_resolver("unless_set"):
+        OmegaConf.register_new_resolver("unless_set", lambda other, value: value if other is None else None)
 
 
 def finalize(cfg: DictConfig, run_dir: str) -> DictConfig:

@@ -145,6 +145,9 @@ class Setup:
     device: str = "gpu"  # "gpu": overhead and offload apply; "cpu": one memory for all
     forwards_per_step: int = 1  # micro-batches (pipeline: pipeline micro-batches) per rank per step
     rollout_rows: int = 0  # objective=grpo: sequences per generate call (0: no rollout): the rank's step batch
+    optimizer: str = "adamw"  # optim.name; optim_moments: SGD's momentum / Adafactor's beta1 (0: none), Lion's bits
+    optim_moments: float = 0.0
+    optim_bits: int = 32
 
 
 @dataclass
@@ -161,6 +164,7 @@ class Estimate:
     load: float = 0.0    # load-time peak, overhead included
     grads_and_activations: float = 0.0  # what the two hold together at their peak (see `estimate`)
     step_extra: float = 0.0  # the optimizer step's transients, counted inside grads & activations
+    optim_per_param: float = 8.0  # the optimizer's state bytes per trainable parameter (master copy apart)
 
     @property
     def train(self) -> float:
@@ -184,7 +188,7 @@ class Estimate:
             f"  parameters   {_bytes(self.params)}   {_count(self.total_params)} params"
             + (", 4-bit base" if s.quantized else "") + _sharded("params", s),
             f"  gradients    {_bytes(self.grads)}   {_count(self.trainable)} trainable" + _sharded("grads", s),
-            f"  optimizer    {_bytes(self.optim)}   AdamW, {12 if s.layout.master_copy else 8} B/trainable param"
+            f"  optimizer    {_bytes(self.optim)}   {optimizer_text(self.optim_per_param, s)}"
             + _sharded("optim", s),
             f"  step         {_bytes(self.step_extra)}   the optimizer step's transients (alive with the "
             f"gradients, after the activations)",
@@ -197,6 +201,39 @@ class Estimate:
             + (f"   of launcher.gpu_mem_gb={gpu_mem_gb:g}" if gpu_mem_gb else "   (launcher.gpu_mem_gb not set: not checked)"),
         ]
         return "\n".join(lines)
+
+
+# bitsandbytes quantizes 8-bit state blockwise: one fp32 absmax per block of 256 values.
+BNB_BLOCK = 256
+EIGHT_BIT = 1 + 4 / BNB_BLOCK
+
+
+def optimizer_state(a: Arch, s: Setup, trainable: int) -> float:
+    """The optimizer's state bytes for the trainable parameters, unsharded: AdamW 8 B/param
+    (two fp32 moments), 8-bit AdamW 2 x (1 + 4/256), Lion one moment (4, or 8-bit), SGD a
+    momentum buffer or nothing, Adafactor a row and a column vector per matrix (plus beta1's
+    first moment when set)."""
+    per = {"adamw": 8.0, "paged_adamw32bit": 8.0, "adamw8bit": 2 * EIGHT_BIT, "paged_adamw8bit": 2 * EIGHT_BIT,
+           "lion": 4.0 if s.optim_bits == 32 else EIGHT_BIT, "sgd": 4.0 if s.optim_moments else 0.0}
+    if s.optimizer != "adafactor":
+        return per[s.optimizer] * trainable
+    if s.peft is None:
+        mats = [shape for shape in a.linear_shapes().values()] * a.layers + [(a.vocab, a.hidden)] * (1 if a.tied else 2)
+        vectors = (2 * a.layers + 1) * a.hidden
+    elif s.peft == "lora":
+        shapes = a.linear_shapes()
+        mats = [m for t in s.lora_targets for m in ((s.lora_r, shapes[t][0]), (shapes[t][1], s.lora_r))] * a.layers
+        vectors = trainable - sum(r * c for r, c in mats)  # DoRA's magnitudes
+    else:  # IA3 vectors, prompt / prefix tables: counted unfactored
+        mats, vectors = [], trainable
+    factored = 4.0 * (sum(r + c for r, c in mats) + vectors)
+    return factored + (4.0 * trainable if s.optim_moments else 0.0)
+
+
+def optimizer_text(per_param: float, s: Setup) -> str:
+    master = ", + 4 B fp32 master copy" if s.layout.master_copy else ""
+    factored = " (factored: a row and a column per matrix)" if s.optimizer == "adafactor" else ""
+    return f"optim={s.optimizer}, {per_param:.3g} B/trainable param{factored}{master}"
 
 
 def _bytes(b: float) -> str:
@@ -243,7 +280,7 @@ def layout_of(cfg: DictConfig, world: int) -> StateLayout:
 def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
     from launch.config import nodes, world_size
 
-    m = cfg.method
+    m, o = cfg.method, cfg.optim
     targets = m.target_modules if m.peft in ("lora", "ia3") else None
     if targets is None or targets == "all-linear":
         targets = LINEARS
@@ -273,6 +310,8 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
         activation_checkpointing=bool(cfg.train.activation_checkpointing),
         loss_chunk_tokens=int(chunk) if chunk else None, device=device,
         forwards_per_step=max(1, int(cfg.train.micro_batch_size) * int(cfg.train.grad_accum) // rows),
+        optimizer=o.name, optim_bits=int(o.bits) if o.name == "lion" else 32,
+        optim_moments=float(o.momentum if o.name == "sgd" else (o.beta1 or 0) if o.name == "adafactor" else 0),
     )
 
 
@@ -308,7 +347,8 @@ def estimate(a: Arch, s: Setup) -> Estimate:
     else:
         params = total * c + adapters * 4
     grads = trainable * (8 if L.grad_buckets else 4)
-    optim = trainable * (12 if L.master_copy else 8)
+    optim = optimizer_state(a, s, trainable) + (trainable * 4 if L.master_copy else 0)
+    optim_per_param = (optim / trainable if trainable else 0.0) - (4 if L.master_copy else 0)
 
     def per_rank(part: str, value: float) -> float:
         if part in L.offload and s.device == "gpu":
@@ -387,7 +427,7 @@ def estimate(a: Arch, s: Setup) -> Estimate:
     load_state = params + in_flight
     load = load_state + (CUDA_OVERHEAD + FRAGMENTATION * load_state if s.device == "gpu" else 0.0)
     return Estimate(s, total, trainable, params, grads, optim, activations, buffers, overhead, load,
-                    grads_and_activations, step_extra)
+                    grads_and_activations, step_extra, optim_per_param)
 
 
 # ------------------------------------------------------------------- the check

@@ -14,6 +14,7 @@ from launch.credentials import check_config as check_credentials
 from launch.estimate import check as memory_check
 from launch.schema import check_closed
 from launch.host_memory import check_host_memory
+from launch.optim_checks import apply_epochs
 from launch.relaunch import check_relaunch
 from launch.run_lock import RunDirLock, refuse_active_job
 from launch.validate import check, check_data_suits_model, prepare_data
@@ -51,6 +52,8 @@ def run(cfg: DictConfig, run_dir: str) -> int:
         check_data_suits_model(cfg)
         for line in prepare_data(cfg):
             log.info("data ok: %s", line)
+        if epochs := apply_epochs(cfg):  # train.epochs -> train.max_steps, from the prepared rows
+            log.info("length: %s", epochs)
         config_path = Path(cfg.run_dir) / "config.yaml"
         config_io.save(cfg, config_path)
         sweep.register(cfg, config_path)  # no-op outside `-m`
@@ -79,7 +82,10 @@ def dry_run(cfg: DictConfig) -> int:
     from launch.plan_report import dry_run_report
 
     checks(cfg, dry=True)
-    print(dry_run_report(cfg))
+    if cfg.train.epochs is not None:  # counting the rows needs the token cache (built once, kept)
+        check_data_suits_model(cfg)
+        prepare_data(cfg)
+    print(dry_run_report(cfg, apply_epochs(cfg)))
     return 0
 
 

@@ -9,7 +9,8 @@ from launch.config import REPO_ROOT, world_size
 from launch.sample_row import sample_row
 
 
-def dry_run_report(cfg: DictConfig) -> str:
+def dry_run_report(cfg: DictConfig, epochs: str | None = None) -> str:
+    """`epochs`: how train.epochs became train.max_steps (launch/optim_checks.apply_epochs)."""
     lines = [
         "dry run: nothing started",
         f"  model     {cfg.model.name} ({cfg.model.path})",
@@ -19,6 +20,8 @@ def dry_run_report(cfg: DictConfig) -> str:
         f"  run dir   {cfg.run_dir}",
         "  global batch "
         f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum} x {world_size(cfg)} rows of <= {cfg.data.max_seq_len} tokens",
+        f"  length    {epochs or f'train.max_steps={cfg.train.max_steps} optimizer steps'}",
+        f"  optimizer optim={cfg.optim.name}, schedule {cfg.optim.schedule}",
     ]
     lines += ["", memory(cfg)]
     if cfg.launcher.name == "local":

@@ -86,6 +86,8 @@ def check_relaunch(cfg: DictConfig) -> dict[str, tuple]:
         return {}
     old = OmegaConf.load(saved)
     changed = changes(old, cfg)
+    if cfg.train.epochs is not None:  # derived from the data after these checks (launch/optim_checks.py)
+        changed.pop("train.max_steps", None)
     refused = {k: v for k, v in changed.items() if _matches(k, SHAPE_KEYS)}
     if any(_matches(k, MODEL_KEYS) for k in changed):
         before, after = _arch(old.model), _arch(cfg.model)

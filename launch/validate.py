@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from launch.choices import CHOICES, NAMED_GROUPS
 from launch.config import group_option, world_size
 from launch.eval_checks import check_eval_settings
+from launch.optim_checks import check as check_optim
 from parallel import refusal, resume_refusal
 from trainers.data.formats import check_settings as check_data_settings
 from trainers.data.source_specs import parse_sources
@@ -18,7 +19,7 @@ from trainers.memory import chunk_tokens_for
 from trainers.data.rows import KIND_FORMATS
 
 POSITIVE_INTS = (
-    "train.max_steps", "train.micro_batch_size", "train.grad_accum", "train.save_every",
+    "train.micro_batch_size", "train.grad_accum", "train.save_every",
     "train.eval_every", "train.keep_last", "train.log_every", "data.max_seq_len",
     "launcher.nproc_per_node", "launcher.nodes", "launcher.gpus_per_node",
 )
@@ -103,6 +104,7 @@ def check_values(cfg: DictConfig) -> None:
     lr = cfg.optim.lr
     if not isinstance(lr, (int, float)) or not 0 < lr < 1:
         raise UserError(f"optim.lr={lr!r} must be a number between 0 and 1 (e.g. 2e-4).")
+    check_optim(cfg)  # the run's length (max_steps | epochs), warmup, schedule, optimizer x device x plan
     m = cfg.method
     if m.peft == "lora":
         if not isinstance(m.r, int) or m.r < 1:

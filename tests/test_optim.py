@@ -12,15 +12,16 @@ from trainers.optim import SCHEDULES, build_optimizer, build_scheduler, lr_facto
 
 
 def optim_cfg(**kw):
-    base = dict(lr=1e-3, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8, schedule="cosine", warmup_steps=4,
-                min_lr_ratio=0.1)
+    base = dict(name="adamw", lr=1e-3, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8, schedule="cosine",
+                warmup_steps=4, warmup_ratio=None, min_lr_ratio=0.1, num_cycles=1, power=1.0, lr_end=1e-7,
+                lr_embeddings=None)
     return OmegaConf.create({**base, **kw})
 
 
 def test_warmup_is_linear_from_one_step_to_the_full_rate():
     """warmup_steps=4: the first four steps run at 1/5 .. 4/5 of the lr, the fifth at the full lr
     (under every schedule: the decay starts after the warmup)."""
-    for schedule in SCHEDULES:
+    for schedule in ("cosine", "linear", "constant"):
         cfg = optim_cfg(schedule=schedule)
         assert [lr_factor(s, cfg, 20) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0], abs=1e-12)
 
@@ -69,7 +70,8 @@ def test_scheduler_applies_the_factor_to_every_param_group():
 
 def test_unknown_schedule_is_a_user_error():
     opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], optim_cfg())
-    with pytest.raises(UserError, match="optim.schedule='wavy' is unknown; use one of cosine, linear, constant"):
+    with pytest.raises(UserError, match="optim.schedule='wavy' is unknown; use one of cosine, linear, constant, "
+                                        "cosine_with_restarts, polynomial, constant_with_warmup"):
         build_scheduler(opt, optim_cfg(schedule="wavy"), 10)
 
 
@@ -95,3 +97,111 @@ def test_loraplus_puts_b_matrices_in_a_group_at_lr_times_ratio():
     model.requires_grad_(False)
     with pytest.raises(UserError, match="no trainable parameter"):
         param_groups(model, optim_cfg(), OmegaConf.create({"peft": None}))
+
+
+def lrs(scheduler, steps: int) -> list[list[float]]:
+    """Each param group's lr at steps 0..steps-1, stepping the optimizer as the loop does."""
+    out = []
+    for _ in range(steps):
+        out.append([g["lr"] for g in scheduler.optimizer.param_groups])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return out
+
+
+@pytest.mark.parametrize("schedule, extra, kwargs", [
+    ("cosine_with_restarts", {"num_cycles": 3}, {"num_cycles": 3}),
+    ("polynomial", {"power": 2.0, "lr_end": 1e-5}, {"power": 2.0, "lr_end": 1e-5}),
+    ("constant_with_warmup", {}, None),
+])
+@pytest.mark.parametrize("warmup", [{"warmup_steps": 5}, {"warmup_steps": None, "warmup_ratio": 0.07}])
+def test_transformers_schedules_equal_get_scheduler_step_for_step(schedule, extra, kwargs, warmup):
+    """Both param groups (LoRA+'s B at 4x) follow transformers' get_scheduler curve with the
+    same warmup; warmup_ratio=0.07 of 40 steps is ceil(2.8) = 3 warmup steps, as
+    TrainingArguments.get_warmup_steps counts them."""
+    from transformers import get_scheduler
+
+    from trainers.optim import warmup_steps
+
+    cfg = optim_cfg(schedule=schedule, **extra, **warmup)
+    assert warmup_steps(cfg, 40) == (5 if warmup.get("warmup_steps") else 3)
+
+    def groups():
+        return [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3},
+                {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 4e-3}]
+
+    ours = build_scheduler(build_optimizer(groups(), cfg), cfg, max_steps=40)
+    theirs = get_scheduler(schedule, torch.optim.AdamW(groups(), lr=1e-3), num_warmup_steps=warmup_steps(cfg, 40),
+                           num_training_steps=40, scheduler_specific_kwargs=kwargs)
+    assert lrs(ours, 45) == lrs(theirs, 45)  # past the end too (a resume with a longer horizon asks)
+    got = [a for a, _ in lrs(build_scheduler(build_optimizer(groups(), cfg), cfg, max_steps=40), 41)]
+    if schedule == "cosine_with_restarts":  # three cycles: the lr comes back to the top twice after warmup
+        after = got[warmup_steps(cfg, 40):]
+        assert sum(1 for a, b in zip(after, after[1:]) if b > a) == 2
+    if schedule == "polynomial":
+        assert got[-1] == pytest.approx(1e-5)
+
+
+def test_warmup_ratio_feeds_the_launchers_own_schedules():
+    cfg = optim_cfg(schedule="linear", warmup_steps=None, warmup_ratio=0.1, min_lr_ratio=0.0)
+    # 0.1 x 20 steps = 2 warmup steps: 1/3, 2/3, then the decay from the full lr
+    assert [lr_factor(s, cfg, 20) for s in range(3)] == pytest.approx([1 / 3, 2 / 3, 1.0])
+
+
+class TinyCausal(torch.nn.Module):
+    """Embeddings, a layer and an untied LM head, with transformers' accessors."""
+
+    def __init__(self, tied: bool = False):
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(10, 4)
+        self.layer = torch.nn.Linear(4, 4)
+        self.lm_head = torch.nn.Linear(4, 10, bias=False)
+        if tied:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lr_embeddings_puts_embeddings_and_lm_head_in_their_own_group(tied):
+    model = TinyCausal(tied)
+    full = OmegaConf.create({"peft": None})
+    rest, emb = param_groups(model, optim_cfg(lr=1e-4, lr_embeddings=1e-5), full)
+    assert (rest["lr"], emb["lr"]) == (1e-4, 1e-5)
+    assert {id(p) for p in emb["params"]} == {id(model.embed_tokens.weight), id(model.lm_head.weight)}
+    assert {id(p) for p in rest["params"]} == {id(model.layer.weight), id(model.layer.bias)}
+    assert len(emb["params"]) == (1 if tied else 2)  # a tied matrix is one parameter, in one group
+    (one,) = param_groups(model, optim_cfg(lr=1e-4), full)  # null: one group at optim.lr
+    assert len(one["params"]) == (3 if tied else 4)
+
+
+@pytest.mark.parametrize("name, state_keys", [
+    ("adamw8bit", {"state1", "state2", "absmax1", "absmax2"}), ("paged_adamw8bit", {"state1", "state2"}),
+    ("paged_adamw32bit", {"state1", "state2"}), ("lion", {"state1"}),
+    ("adafactor", {"exp_avg_sq_row", "exp_avg_sq_col"}), ("sgd", {"momentum_buffer"}),
+])
+def test_each_optimizer_is_its_librarys_class_built_from_optim_settings(name, state_keys):
+    import bitsandbytes as bnb
+    from transformers.optimization import Adafactor
+
+    extra = {"adafactor": dict(eps=[1e-30, 1e-3], clip_threshold=1.0, decay_rate=-0.8, beta1=None),
+             "sgd": dict(momentum=0.9, nesterov=False), "lion": dict(bits=32, betas=[0.9, 0.99])}.get(name, {})
+    cfg = optim_cfg(name=name, min_8bit_size=64, **extra)
+    layer = torch.nn.Linear(16, 32)
+    opt = build_optimizer(layer.parameters(), cfg)
+    expected = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
+                "paged_adamw32bit": bnb.optim.PagedAdamW32bit, "lion": bnb.optim.Lion, "adafactor": Adafactor,
+                "sgd": torch.optim.SGD}[name]
+    assert type(opt) is expected
+    layer(torch.randn(3, 16)).pow(2).sum().backward()
+    opt.step()
+    state = opt.state_dict()["state"][0]
+    state = state.get("__bnb_optimizer_quant_state__", state)
+    assert state_keys <= set(state), sorted(state)
+    if name == "lion":
+        assert type(build_optimizer(layer.parameters(), optim_cfg(name="lion", min_8bit_size=64, bits=8,
+                                                                   betas=[0.9, 0.99]))) is bnb.optim.Lion8bit
