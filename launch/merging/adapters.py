@@ -85,9 +85,9 @@ def check_inputs(inputs: list, ctype: str) -> str:
             raise UserError(f"input {item.given!r} cannot be combined with adapters=true: it is a model folder, not a "
                             f"run with a PEFT adapter (export/adapter) or an adapter folder (adapter_config.json). "
                             f"Drop adapters=true to merge models.")
-        conf = _adapter_config(item.adapter_dir)
-        if conf.get("peft_type") != "LORA" or conf.get("use_dora"):
-            kind = "DoRA" if conf.get("use_dora") else conf.get("peft_type")
+        values = _adapter_config(item.adapter_dir)  # adapter_config.json, not ours
+        if values.get("peft_type") != "LORA" or values.get("use_dora"):
+            kind = "DoRA" if values.get("use_dora") else values.get("peft_type")
             raise UserError(f"input {item.given!r} is a {kind} adapter; PEFT's add_weighted_adapter combines LoRA "
                             f"adapters only. Drop adapters=true to merge the runs' merged models.")
         if item.run_cfg is not None and item.run_cfg.objective.name == "reward":
