@@ -10,12 +10,7 @@ the merge imports. Resident memory is split (polling /proc/PID/status) into priv
 (RssAnon: tensors, buffers) and file-backed pages of the memory-mapped safetensors inputs
 (RssFile: page cache the kernel can drop at any time), since ru_maxrss counts both.
 
-`--mmap-threshold BYTES` runs the merges with glibc's mmap threshold fixed
-(MALLOC_MMAP_THRESHOLD_), which turns off its dynamic raise: by default, once a freed block
-was mmapped, glibc moves the threshold up to that size (up to 32 MiB), so later tensors of
-up to the largest tensor's size come from the heap, where freed space is kept, not returned.
-
-    python bench/merge_memory.py [--layers 2,8] [--work /tmp/merge-bench] [--keep] [--mmap-threshold 131072]
+    python bench/merge_memory.py [--layers 2,8] [--work /tmp/merge-bench] [--keep]
 """
 from __future__ import annotations
 
@@ -41,14 +36,14 @@ def baseline_mib() -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def merge(method: str, models: list[Path], base: Path, out: Path, env: dict | None = None) -> dict:
+def merge(method: str, models: list[Path], base: Path, out: Path) -> dict:
     args = [sys.executable, "-m", "launch.merge", f"method={method}",
             f"inputs=[{','.join(map(str, models))}]", f"out={out}", "eval=false", "out_shard_mib=64"]
     if method != "linear":
         args.append(f"base={base}")
     dry = subprocess.run(args + ["dry_run=true"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     estimate = next(line for line in dry.splitlines() if line.startswith("memory estimate"))
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     anon = file = 0
     while proc.poll() is None:  # resident memory by kind: private (heap) and file-backed (mapped inputs)
         anon, file = max(anon, _status(proc.pid, "RssAnon")), max(file, _status(proc.pid, "RssFile"))
@@ -77,12 +72,7 @@ def main() -> None:
     ap.add_argument("--methods", default="linear,ties")
     ap.add_argument("--work", default="/tmp/merge-bench")
     ap.add_argument("--keep", action="store_true", help="keep the built models")
-    ap.add_argument("--mmap-threshold", type=int, default=None,
-                    help="run the merges with MALLOC_MMAP_THRESHOLD_ set to this (bytes)")
     a = ap.parse_args()
-    env = dict(os.environ)
-    if a.mmap_threshold is not None:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(a.mmap_threshold)
     from _model100m import build
 
     work = Path(a.work)
@@ -95,7 +85,7 @@ def main() -> None:
         for method in a.methods.split(","):
             out = folder / f"out-{method}"
             shutil.rmtree(out, ignore_errors=True)
-            r = merge(method, models[1:], models[0], out, env)
+            r = merge(method, models[1:], models[0], out)
             n = 3 + (method != "linear")
             rows.append((layers, method, n, r))
             print(f"layers={layers} {method}: peak {r['peak']:.0f} MiB, model {r['model']:.0f} MiB", flush=True)
@@ -103,7 +93,7 @@ def main() -> None:
         if not a.keep:
             shutil.rmtree(folder, ignore_errors=True)
     print(f"\nprocess baseline (torch, transformers, mergekit imported): {base_rss:.0f} MiB; "
-          f"{os.cpu_count()} CPUs; MALLOC_MMAP_THRESHOLD_={a.mmap_threshold or 'glibc default (dynamic)'}\n")
+          f"{os.cpu_count()} CPUs\n")
     print("| model (fp32) | largest tensor | method | models read | all models | peak RSS | of which private "
           "(heap) | of which file-backed (mapped inputs) | private - baseline | estimate | time |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
