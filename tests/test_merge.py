@@ -264,3 +264,119 @@ def test_after_sweep_is_checked_before_anything_starts(tmp_path, value, needle):
 
     proc = launch_in_process(tmp_path / "run", f"merge.after_sweep={value}")
     assert proc.returncode == 2 and needle in proc.stderr and not proc.calls, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ adapters=true (PEFT)
+def _peft_reference(base: str, adapter_dirs: list, weights: list, ctype: str, density=None, seed: int = 0):
+    """PEFT itself: the adapters loaded on the base, add_weighted_adapter called directly."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                      str(adapter_dirs[0]), adapter_name="a0")
+    for k, a in enumerate(adapter_dirs[1:], 1):
+        model.load_adapter(str(a), adapter_name=f"a{k}")
+    torch.manual_seed(seed)
+    model.add_weighted_adapter([f"a{k}" for k in range(len(adapter_dirs))], weights, "m", combination_type=ctype,
+                               density=density)
+    model.set_adapter("m")
+    return model
+
+
+def _rank8_adapter(base: str, out: Path) -> Path:
+    """An adapter of another rank on the same base (PEFT's own, non-zero B)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(5)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.mul_(0.05)
+    model.save_pretrained(str(out))
+    return out
+
+
+# (method, merge_cfg values, PEFT combination_type, weights handed to PEFT, density)
+ADAPTER_CASES = [
+    ("task_arithmetic", {"weights": [1.0, -0.5, 0.7], "lambda": 0.8}, "cat", [0.8, -0.4, 0.56], None),
+    ("ties", {"density": 0.4}, "ties_svd", [1.0, 1.0, 1.0], 0.4),
+    ("dare_linear", {"density": 0.5, "seed": 3}, "dare_linear_svd", [1.0, 1.0, 1.0], 0.5),
+    ("ties", {"density": 0.4, "combination": "ties"}, "ties", [1.0, 1.0, 1.0], 0.4),
+    ("linear", {"combination": "cat", "weights": [1.0, 3.0]}, "cat", [0.25, 0.75], None),  # ranks 16 and 8
+]
+
+
+def test_adapters_equal_peft_add_weighted_adapter(sweep, tmp_path):
+    """adapters=true writes PEFT's own combined adapter (out/adapter) and the base with it merged
+    (out), tensor for tensor and logit for logit against add_weighted_adapter called here; a
+    cat of ranks 16 and 8 works; the linear soup of adapters equals the soup of the merged models."""
+    import torch
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from launch.merging.run import execute, prepare
+
+    runs = [str(p) for p in sweep["points"]]
+    adapters = [p / "export" / "adapter" for p in sweep["points"]]
+    rank8 = _rank8_adapter(sweep["base"], tmp_path / "rank8")
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7, 22, 11]])
+    for k, (method, values, ctype, weights, density) in enumerate(ADAPTER_CASES):
+        inputs, dirs = (runs, adapters) if method != "linear" else ([runs[0], str(rank8)], [adapters[0], rank8])
+        out = tmp_path / f"out{k}"
+        rep = execute(prepare(merge_cfg(method=method, inputs=inputs, out=str(out), eval=False, adapters=True,
+                                        **values)))
+        assert rep["peft"]["add_weighted_adapter"]["combination_type"] == ctype
+        ref = _peft_reference(sweep["base"], dirs, weights, ctype, density, int(values.get("seed", 0)))
+        want = {k2.replace(".m.", "."): v for k2, v in get_peft_model_state_dict(ref, adapter_name="m").items()}
+        got = load_file(out / "adapter" / "adapter_model.safetensors")
+        assert set(got) == set(want) and got, (method, sorted(set(got) ^ set(want))[:4])
+        for name, v in want.items():
+            assert torch.allclose(got[name], v, rtol=1e-5, atol=1e-7), (method, name)
+        merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)  # an ordinary export
+        with torch.no_grad():
+            theirs, ours = ref(input_ids=ids).logits, merged(input_ids=ids).logits
+        assert float((ours - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max()), method
+        if method == "linear":  # cat: exactly the weighted sum of the deltas, as a soup of merged models
+            base = merged_tensors(Path(sweep["base"]))
+            one = merged_tensors(Path(runs[0]) / "export" / "merged")
+            eight = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sweep["base"], dtype=torch.float32),
+                                              str(rank8)).merge_and_unload().state_dict()
+            got_m = merged_tensors(out)
+            for n, b in base.items():
+                want_m = b + 0.25 * (one[n] - b) + 0.75 * (eight[n] - b)
+                assert float((got_m[n] - want_m).abs().max()) <= 1e-5 * max(1.0, float(want_m.abs().max())), n
+
+
+@pytest.mark.parametrize("case", ["mixed bases", "not an adapter", "slerp", "ranks"])
+def test_adapters_refusals_write_nothing(sweep, tmp_path, case):
+    from launch.merging.run import prepare
+    from trainers.errors import UserError
+
+    p0, p1, _ = sweep["points"]
+    values, inputs = {}, [str(p0), str(p1)]
+    if case == "mixed bases":
+        from tests.conftest import build_tiny_model
+
+        other = build_tiny_model(tmp_path / "other-base")
+        bad = shutil.copytree(p1 / "export" / "adapter", tmp_path / "bad")
+        conf = json.loads((bad / "adapter_config.json").read_text())
+        (bad / "adapter_config.json").write_text(json.dumps({**conf, "base_model_name_or_path": str(other)}))
+        inputs, expect = [str(p0), str(bad)], "trained on different ones"
+    elif case == "not an adapter":
+        inputs, expect, bad = [str(p0), sweep["base"]], "not a run with a PEFT adapter", sweep["base"]
+    elif case == "slerp":
+        values, expect, bad = {"method": "slerp"}, "no form of method=slerp", "linear, task_arithmetic, ties"
+    else:
+        bad = _rank8_adapter(sweep["base"], tmp_path / "bad")
+        inputs, values, expect = [str(p0), str(bad)], {"method": "ties", "combination": "ties"}, "one rank"
+    with pytest.raises(UserError) as e:
+        prepare(merge_cfg(inputs=inputs, out=str(tmp_path / "out"), adapters=True, **values))
+    assert expect in str(e.value) and str(bad) in str(e.value), str(e.value)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

@@ -28,6 +28,15 @@ class MergeInput:
     shapes: dict = field(default_factory=dict)  # tensor name -> (dtype, shape), from headers
 
     @property
+    def score_dir(self) -> Path | None:
+        """The model folder its held-out score is measured on: an adapter's, its run's merged
+        export (None for a bare adapter folder, which is then not scored)."""
+        if self.adapter_dir is None:
+            return self.model_dir
+        merged = self.run_dir / "export" / "merged" if self.run_dir is not None else None
+        return merged if merged is not None and is_model_dir(merged) else None
+
+    @property
     def base_path(self) -> str | None:
         """The model the run started from (its model.path), None for a model folder."""
         return str(self.run_cfg.model.path) if self.run_cfg is not None else None

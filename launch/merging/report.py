@@ -5,7 +5,9 @@ from pathlib import Path
 
 from trainers.files import atomic_write, write_json
 
-COLUMNS = (("eval_loss", "eval loss"), ("eval_exact_match", "exact match"))
+# held-out metric -> its column (which ones a report shows: scoring.SCORED, by objective)
+NAMES = {"eval_loss": "eval loss", "eval_exact_match": "exact match", "eval_rewards/accuracies": "preference accuracy",
+         "eval_rewards/margins": "reward margin", "eval_accuracy": "accuracy", "eval_margin": "margin"}
 
 
 def _fmt(v) -> str:
@@ -14,8 +16,11 @@ def _fmt(v) -> str:
 
 def table(report: dict) -> str:
     scored = report.get("scores") is not None
-    head = ["model", "role", *(name for _, name in COLUMNS)] if scored else ["model", "role"]
+    columns = [(k, NAMES.get(k, k)) for k in report.get("columns") or ("eval_loss", "eval_exact_match")]
+    head = ["model", "role", *(name for _, name in columns)] if scored else ["model", "role"]
     lines = [f"# Merge: {report['method']}", "", f"output: `{report['out']}`  ",
+             *([f"scored as objective={report['objective']} runs on {report['scored_on']}'s held-out sets  "]
+               if scored and report.get("objective") else []),
              f"inputs: {len(report['inputs'])}"
              + (f"; base: `{report['base']}`" if report.get("base") else "")
              + (f"; parameters: {report['parameters']}" if report.get("parameters") else ""), ""]
@@ -25,7 +30,7 @@ def table(report: dict) -> str:
     for row in report["rows"]:
         cells = [row["label"], row["role"]]
         if scored:
-            cells += [_fmt((row.get("scores") or {}).get(k)) for k, _ in COLUMNS]
+            cells += [_fmt((row.get("scores") or {}).get(k)) for k, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     if report.get("greedy"):
         lines += ["", "Greedy soup (inputs in order of their score; kept if the soup's score improved):", "",

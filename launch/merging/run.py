@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch.config import REPO_ROOT
-from launch.merging import estimate, report
+from launch.merging import adapters, estimate, report
 from launch.merging.inputs import MergeInput, check_compatible, default_base, resolve, sweep_inputs
 from launch.merging.methods import Method, check_count, get_method, input_weights, mergekit_config
-from launch.merging.scoring import Scorer, better, check_metric
+from launch.merging.scoring import SCORED, Scorer, better, check_metric, check_scored_metric
 from trainers.errors import UserError
 
 log = logging.getLogger("merge")
@@ -38,6 +38,16 @@ class MergePlan:
     eval_from: str | None = None
     estimate: dict | None = None
     kept: list[MergeInput] | None = None  # greedy_soup: the inputs its soup kept
+    combination: str | None = None  # adapters=true: PEFT's combination_type
+
+    def peft(self) -> dict:
+        """adapters=true: the add_weighted_adapter call (launch/merging/adapters.py)."""
+        weights = input_weights(self.cfg.weights, len(self.inputs))
+        return {"add_weighted_adapter": {
+            "adapters": [str(i.adapter_dir) for i in self.inputs], "base": str(self.base.model_dir),
+            "weights": adapters.peft_weights(self.method.name, weights, float(self.cfg["lambda"])),
+            "combination_type": self.combination,
+            "density": float(self.cfg.density) if self.combination in adapters.USES_DENSITY else None}}
 
     def mergekit(self, models: list[MergeInput] | None = None, method: Method | None = None) -> dict:
         models = self.inputs if models is None else models
@@ -62,9 +72,10 @@ def prepare(cfg) -> MergePlan:
     check_metric(cfg.metric)
     if str(cfg.dtype) not in MATH_BYTES:
         raise UserError(f"dtype={cfg.dtype!r} is not a dtype mergekit computes in; accepted: {', '.join(MATH_BYTES)}.")
-    if cfg.adapters:
-        raise UserError("adapters=true (PEFT's add_weighted_adapter) is not available yet: drop it to merge the "
-                        "runs' merged models, which gives the exact weighted sum of the adapters' deltas.")
+    ctype = adapters.combination_type(method.name, cfg.combination) if cfg.adapters else None
+    if cfg.combination is not None and not cfg.adapters:
+        raise UserError(f"combination={cfg.combination!r} is PEFT's combination_type for adapters=true; add "
+                        f"adapters=true, or drop combination=.")
     if cfg.sweep and cfg.inputs:
         raise UserError("give either sweep=SWEEP_DIR (its completed points) or inputs=[...], not both.")
     left_out = []
@@ -85,7 +96,13 @@ def prepare(cfg) -> MergePlan:
         raise UserError("method=greedy_soup averages the models it keeps with equal weights; drop weights=.")
     input_weights(cfg.weights, len(inputs))
     base = None
-    if method.base:
+    if ctype is not None:
+        recorded = adapters.check_inputs(inputs, ctype)
+        base = resolve(str(cfg.base) if cfg.base else recorded)
+        if cfg.base:
+            adapters.check_base(base.model_dir, recorded)
+        base.label = f"base ({Path(str(base.model_dir)).name})"
+    elif method.base:
         base_path = str(cfg.base) if cfg.base else default_base(inputs, method.name)
         base = resolve(base_path)
         if base.run_dir is not None:
@@ -95,12 +112,13 @@ def prepare(cfg) -> MergePlan:
     elif cfg.base:
         raise UserError(f"base={cfg.base!r} is read by the task-vector methods (task_arithmetic, ties, dare_ties, "
                         f"dare_linear, model_stock); method={method.name} does not use a base: drop base=.")
-    check_compatible(inputs, base)
+    if ctype is None:
+        check_compatible(inputs, base)
     out = Path(str(cfg.out)).expanduser() if cfg.out else default_out(cfg, method)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"out={str(out)!r} already exists and is not empty; a merge never overwrites: give another "
                         f"out= or remove it.")
-    plan = MergePlan(cfg, method, inputs, base, out.resolve(), left_out)
+    plan = MergePlan(cfg, method, inputs, base, out.resolve(), left_out, combination=ctype)
     if cfg.eval:
         source = cfg.eval_from or next((str(i.run_dir) for i in inputs if i.run_dir is not None), None)
         if source is not None:
@@ -112,13 +130,19 @@ def prepare(cfg) -> MergePlan:
                 raise UserError(f"eval_from={source!r} has no config.yaml; give a run directory whose data.eval "
                                 f"should score the merge.")
             plan.eval_run, plan.eval_from = load(path), str(source)
+            objective = plan.eval_run.objective.name
+            if objective not in SCORED:
+                raise UserError(f"merge evaluation scores runs of objective {', '.join(SCORED)}, and {source} trained "
+                                f"objective={objective}: pass eval=false to merge without scoring.")
+            if method.name == "greedy_soup":
+                check_scored_metric(cfg.metric, objective, str(source))
         elif method.name == "greedy_soup":
             raise UserError("method=greedy_soup ranks and keeps inputs by their held-out score, and no input is a "
                             "run: give eval_from=RUN_DIR (a run whose data.eval to score on).")
     if method.name == "greedy_soup" and not cfg.eval:
         raise UserError("method=greedy_soup needs held-out scores to decide what to keep: drop eval=false.")
     shapes = (base or inputs[0]).shapes
-    if shapes:
+    if shapes and ctype is None:
         n_models = len(inputs) + (1 if base is not None and method.name != "model_stock" else 0)
         n_models += 1 if method.name == "model_stock" else 0
         plan.estimate = estimate.estimate(method.name, shapes, n_models if method.name != "greedy_soup" else 2,
@@ -141,7 +165,10 @@ def dry_run_text(plan: MergePlan) -> str:
     if plan.estimate:
         n = len(plan.inputs) + (plan.base is not None)
         lines.append(estimate.describe(plan.estimate, n))
-    if plan.method.name == "greedy_soup":
+    if plan.combination is not None:
+        lines += ["PEFT (the base loaded whole, in fp32, with every adapter):",
+                  yaml.safe_dump(plan.peft(), sort_keys=False).rstrip()]
+    elif plan.method.name == "greedy_soup":
         lines.append("mergekit config: linear merges of the kept inputs, one candidate soup per input")
     else:
         lines += ["mergekit config:", yaml.safe_dump(plan.mergekit(), sort_keys=False).rstrip()]
@@ -164,14 +191,15 @@ def merge_into(out: Path, config: dict, cfg, tokenizer_from: Path) -> None:
     _copy_tokenizer(tokenizer_from, out)
 
 
-def _copy_tokenizer(src: Path, out: Path) -> None:
+def _copy_tokenizer(src: Path, out: Path, generation_from: Path | None = None) -> None:
     """The inputs' tokenizer (chat template included) and generation settings, so the merge is
     an ordinary export that `model.path=` trains on."""
     from transformers import AutoTokenizer, GenerationConfig
 
     AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(out))
-    if (src / "generation_config.json").exists():
-        GenerationConfig.from_pretrained(str(src)).save_pretrained(str(out))
+    gen = generation_from or src
+    if (gen / "generation_config.json").exists():
+        GenerationConfig.from_pretrained(str(gen)).save_pretrained(str(out))
 
 
 def execute(plan: MergePlan) -> dict:
@@ -185,12 +213,18 @@ def execute(plan: MergePlan) -> dict:
     scores: dict[Path, dict] = {}
     if scorer is not None:
         for i in plan.inputs + ([plan.base] if plan.base is not None else []):
-            log.info("scoring %s", i.label)
-            scores[i.model_dir] = scorer(i.model_dir)
+            if i.score_dir is not None:
+                log.info("scoring %s", i.label)
+                scores[i.model_dir] = scorer(i.score_dir)
     try:
         greedy = None
         if plan.method.name == "greedy_soup":
             greedy = _greedy_soup(plan, scorer, scores, work)
+        elif plan.combination is not None:
+            call = plan.peft()["add_weighted_adapter"]
+            adapters.combine(plan.base.model_dir, plan.inputs, call["weights"], plan.combination, cfg.density,
+                             int(cfg.seed), work)
+            _copy_tokenizer(plan.inputs[0].adapter_dir, work, plan.base.model_dir)
         else:
             merge_into(work, plan.mergekit(), cfg, plan.inputs[0].model_dir)
         merged_scores = scorer(work) if scorer is not None else None
@@ -267,11 +301,14 @@ def _report(plan: MergePlan, scores: dict, merged_scores: dict | None, greedy, s
                    for i in plan.inputs],
         "kept": [str(i.model_dir) for i in plan.kept or plan.inputs],
         "metric": cfg.metric, "scored_on": plan.eval_from,
+        "objective": plan.eval_run.objective.name if plan.eval_run is not None else None,
+        "columns": list(SCORED[plan.eval_run.objective.name]) if plan.eval_run is not None else [],
         "scores": merged_scores, "not_scored": None if merged_scores is not None else
         "eval=false" if not cfg.eval else "no input is a run (give eval_from=RUN_DIR)",
         "rows": rows, "greedy": greedy, "left_out": plan.left_out,
-        "mergekit": plan.mergekit() if method.name != "greedy_soup" else
+        "mergekit": None if plan.combination is not None else plan.mergekit() if method.name != "greedy_soup" else
         plan.mergekit(plan.kept or plan.inputs, method),
+        "peft": plan.peft() if plan.combination is not None else None,
         "estimate": plan.estimate, "seed": int(cfg.seed), "wall_time_s": round(seconds, 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

@@ -1,6 +1,16 @@
 """Scores a model folder on a run's held-out sets with the training loop's own evaluator
-(trainers/evaluate.py: eval loss and exact match of greedy generations on data.eval), in
-this process on the CPU, so an input's score and the merge's are measured alike.
+(trainers/evaluation/evaluator.py), in this process on the CPU, so an input's score and the
+merge's are measured alike, with the metrics of the run's objective:
+- sft: eval loss and exact match of greedy generations on data.eval;
+- dpo, ipo, simpo, orpo, kto: the objective's held-out loss, TRL's preference accuracy
+  (`eval_rewards/accuracies`, not for kto) and reward margin, and exact match of
+  generations against the chosen answers. DPO, IPO and KTO compare with a reference
+  model: the run's model.path (what its own evaluation compared with: the base with the
+  adapter disabled, or the initial model of method=full), whose held-out log-probs are
+  computed once here (trainers/objectives/reference.heldout_reference);
+- reward: the reward model's loss, accuracy (pairs whose chosen answer scores higher) and
+  margin; nothing is generated.
+grpo runs are not scored (their evaluation generates and calls the reward functions).
 """
 from __future__ import annotations
 
@@ -13,7 +23,13 @@ from trainers.distributed import DistEnv
 from trainers.errors import UserError
 
 # metric -> True when higher is better
-METRICS = {"eval_loss": False, "eval_exact_match": True}
+METRICS = {"eval_loss": False, "eval_exact_match": True, "eval_rewards/accuracies": True,
+           "eval_rewards/margins": True, "eval_accuracy": True, "eval_margin": True}
+_PAIRS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_exact_match")
+# what the evaluator reports for each objective's runs: the report's columns, greedy_soup's metrics
+SCORED = {"sft": ("eval_loss", "eval_exact_match"), "dpo": _PAIRS, "ipo": _PAIRS, "simpo": _PAIRS, "orpo": _PAIRS,
+          "kto": ("eval_loss", "eval_rewards/margins", "eval_exact_match"),
+          "reward": ("eval_loss", "eval_accuracy", "eval_margin")}
 
 
 class _OneProcess:
@@ -34,6 +50,13 @@ def check_metric(metric: str) -> None:
                         f"{', '.join(METRICS)}.")
 
 
+def check_scored_metric(metric: str, objective: str, where: str) -> None:
+    """greedy_soup ranks by `metric`: it must be one the objective's evaluation reports."""
+    if metric not in SCORED[objective]:
+        raise UserError(f"metric={metric!r}: {where} trained objective={objective}, whose held-out evaluation "
+                        f"reports {', '.join(SCORED[objective])}; greedy_soup ranks by one of those.")
+
+
 def better(a: float, b: float, metric: str) -> bool:
     """Whether score `a` is strictly better than `b`."""
     return a > b if METRICS[metric] else a < b
@@ -46,9 +69,10 @@ class Scorer:
     def __init__(self, run_cfg, where: str):
         from trainers.data.sources import open_data
         from trainers.model.load import load_tokenizer
+        from trainers.objectives.catalog import get_objective
 
-        if run_cfg.objective.name != "sft":
-            raise UserError(f"merge evaluation scores runs of objective=sft, and {where} trained "
+        if run_cfg.objective.name not in SCORED:
+            raise UserError(f"merge evaluation scores runs of objective {', '.join(SCORED)}, and {where} trained "
                             f"objective={run_cfg.objective.name}: pass eval=false to merge without scoring.")
         if not run_cfg.data.eval:
             raise UserError(f"{where} has no held-out set (data.eval is null), so the merge cannot be scored: pass "
@@ -60,13 +84,26 @@ class Scorer:
         data = open_data(self.cfg, self.tokenizer)
         self.sets, self.packed = data.eval, data.packed
         self.names = [s.name for s in self.sets]
+        self.objective = get_objective(self.cfg.objective)
+        self.columns = SCORED[self.objective.name]
+        if self.objective.reference:  # dpo, ipo, kto: log-probs of the run's starting model
+            from trainers.objectives.reference import heldout_reference
+
+            base = self._load(self.cfg.model.path)
+            heldout_reference(_OneProcess(base), self.sets, int(self.cfg.train.micro_batch_size),
+                              self.tokenizer.pad_token_id, self.objective.name == "kto",
+                              int(self.cfg.data.max_seq_len))
+            del base
+
+    def _load(self, model_dir) -> torch.nn.Module:
+        from trainers.model.load import HEADS
+
+        return HEADS[self.objective.head].from_pretrained(str(model_dir), dtype=torch.float32)
 
     def __call__(self, model_dir) -> dict:
-        from transformers import AutoModelForCausalLM
-
         from trainers.evaluation.evaluator import Evaluator
 
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        model = self._load(model_dir)
         try:
             return Evaluator(self.cfg, _OneProcess(model), self.tokenizer, self.sets, self.packed).run()
         finally:

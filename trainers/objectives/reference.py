@@ -172,9 +172,7 @@ def precompute_kl_reference(plan, batches: GlobalBatches, eval_sources: list[Sou
                      steps, batches.layout.rows_per_step)
     batches.kl_reference = values.reshape(steps, batches.layout.rows_per_step)
     for source in eval_sources:
-        n = len(source)
-        rows = np.arange(n)
-        pairs = np.stack([np.zeros(n), rows, np.zeros(n), heldout_partners(rows, n)], axis=1).astype(np.int64)
+        pairs = _heldout_pairs(len(source))
         path = _path(run_dir, source).with_name(
             f"{source.store.folder.name}.kl-{_fingerprint(pairs, [source], eval_max_len)}.npy")
         values = _stored(plan, path, n)
@@ -182,3 +180,22 @@ def precompute_kl_reference(plan, batches: GlobalBatches, eval_sources: list[Sou
             values = compute_mismatched(plan, [source], pairs, micro_batch_size, pad_id, eval_max_len)
             _save(plan, path, values)
         source.kl_reference = values
+
+
+def _heldout_pairs(n: int) -> np.ndarray:
+    """A held-out KTO set's mismatched pairs: each row with its fixed rotated partner."""
+    rows = np.arange(n)
+    return np.stack([np.zeros(n), rows, np.zeros(n), heldout_partners(rows, n)], axis=1).astype(np.int64)
+
+
+def heldout_reference(plan, sources: list[Source], micro_batch_size: int, pad_id: int, kto: bool,
+                      max_len: int | None) -> None:
+    """Set the held-out sets' reference log-probs (and KTO's mismatched ones) from the model
+    `plan` runs, computed now and kept in memory only: how a merge scores plain model
+    folders of a dpo/ipo/kto run against that run's reference, its model.path
+    (launch/merging/scoring.py), as the run's own evaluation did."""
+    for source in sources:
+        source.reference = compute(plan, source, micro_batch_size * source.per_row, pad_id)
+        if kto:
+            source.kl_reference = compute_mismatched(plan, [source], _heldout_pairs(len(source)), micro_batch_size,
+                                                     pad_id, max_len)

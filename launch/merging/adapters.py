@@ -1,0 +1,142 @@
+"""adapters=true: combine the runs' LoRA adapters into one adapter with PEFT's own
+`add_weighted_adapter` (called, not rewritten), then merge it into the base, so the result
+is, like every merge, a model folder that loads with transformers (and `out/adapter`, the
+combined adapter, for those who serve adapters on a shared base).
+
+Why offer it beside merging the runs' merged models: the combined adapter is small and
+swappable. Which of our methods PEFT has an adapter form of, and which of its
+combination types computes our method's math on the weight deltas (dW = scale * B @ A):
+- linear (soup): `cat` with the weights normalised to sum 1: the adapters stacked, so
+  B_cat @ A_cat = sum_i w_i dW_i exactly (rank = the sum of the ranks).
+- task_arithmetic: `cat` with weights lambda * w_i: exactly base + lambda * sum_i w_i dW_i.
+- ties, dare_ties, dare_linear: the `*_svd` types: PEFT's TIES / DARE on the full deltas
+  dW_i, then a rank-r SVD of the result (r = the largest input rank): the SVD truncation is
+  the approximation. PEFT's plain `ties`, `dare_*`, `magnitude_prune` and `linear` apply
+  the method to the A and B factors separately, which is not the method's math on dW
+  (PEFT's docstring calls `linear` a rough approximation); `combination=` selects them.
+slerp, model_stock and greedy_soup have no adapter form in PEFT and are refused.
+
+Unlike mergekit's streamed merge, this loads the base model once, whole (in fp32), plus
+the adapters: an adapter merge is sized like one model, not like one tensor.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainers.errors import UserError
+
+# our method -> the PEFT combination_type whose math on the deltas is ours
+COMBINATION = {"linear": "cat", "task_arithmetic": "cat", "ties": "ties_svd", "dare_ties": "dare_ties_svd",
+               "dare_linear": "dare_linear_svd"}
+# every combination_type of peft 0.21's LoraModel.add_weighted_adapter
+PEFT_TYPES = ("svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
+              "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd")
+SAME_RANK = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")  # PEFT needs equal r for these
+USES_DENSITY = tuple(t for t in PEFT_TYPES if t.startswith(("ties", "dare", "magnitude")))
+
+
+def combination_type(method_name: str, combination) -> str:
+    """The PEFT combination_type for `method` (or the one `combination=` names), or a refusal
+    naming the methods PEFT has an adapter form of."""
+    if method_name not in COMBINATION:
+        raise UserError(f"adapters=true combines PEFT adapters with add_weighted_adapter, which has no form of "
+                        f"method={method_name}; with adapters=true use method= one of {', '.join(COMBINATION)} "
+                        f"(PEFT's {', '.join(sorted(set(COMBINATION.values())))}), or drop adapters=true to merge "
+                        f"the runs' merged models with mergekit.")
+    if combination is None:
+        return COMBINATION[method_name]
+    if str(combination) not in PEFT_TYPES:
+        raise UserError(f"combination={combination!r} is not a combination_type of PEFT's add_weighted_adapter; "
+                        f"accepted: {', '.join(PEFT_TYPES)} (or null: {COMBINATION[method_name]} for "
+                        f"method={method_name}).")
+    return str(combination)
+
+
+def peft_weights(method_name: str, weights: list[float], lam: float) -> list[float]:
+    """The weights handed to PEFT: a soup's normalised to sum 1 (mergekit's linear with
+    normalize), the task-vector methods' scaled by lambda (which scales the summed deltas)."""
+    if method_name == "linear":
+        total = sum(weights)
+        if total == 0:
+            raise UserError(f"weights={weights} sum to 0, and method=linear divides by their sum.")
+        return [w / total for w in weights]
+    return [w * lam for w in weights]
+
+
+def _adapter_config(folder: Path) -> dict:
+    return json.loads((folder / "adapter_config.json").read_text())
+
+
+def recorded_base(item) -> str | None:
+    """The model an input's adapter was trained on: its run's model.path, else what the
+    adapter's config records."""
+    if item.base_path is not None:
+        return item.base_path
+    return _adapter_config(item.adapter_dir).get("base_model_name_or_path")
+
+
+def check_inputs(inputs: list, ctype: str) -> str:
+    """Every input a LoRA adapter on one base model, of ranks PEFT can combine with
+    `ctype`; returns that base's path. Refusals name the input and the reason."""
+    bases = {}
+    for item in inputs:
+        if item.adapter_dir is None:
+            raise UserError(f"input {item.given!r} cannot be combined with adapters=true: it is a model folder, not a "
+                            f"run with a PEFT adapter (export/adapter) or an adapter folder (adapter_config.json). "
+                            f"Drop adapters=true to merge models.")
+        values = _adapter_config(item.adapter_dir)  # adapter_config.json, not ours
+        if values.get("peft_type") != "LORA" or values.get("use_dora"):
+            kind = "DoRA" if values.get("use_dora") else values.get("peft_type")
+            raise UserError(f"input {item.given!r} is a {kind} adapter; PEFT's add_weighted_adapter combines LoRA "
+                            f"adapters only. Drop adapters=true to merge the runs' merged models.")
+        if item.run_cfg is not None and item.run_cfg.objective.name == "reward":
+            raise UserError(f"input {item.given!r} is a reward model whose score head is trained in full beside "
+                            f"its adapter, which add_weighted_adapter cannot combine: drop adapters=true.")
+        base = recorded_base(item)
+        if not base:
+            raise UserError(f"input {item.given!r}: its adapter records no base model (base_model_name_or_path), so "
+                            f"it is not known to share the others' base.")
+        bases[item.given] = str(Path(base).expanduser().resolve())
+    if len(set(bases.values())) > 1:
+        listed = "; ".join(f"{g}: {b}" for g, b in bases.items())
+        raise UserError(f"adapters=true combines adapters of one base model, and these were trained on different "
+                        f"ones ({listed}). Combine adapters of one base, or drop adapters=true to merge the merged "
+                        f"models (of one architecture).")
+    ranks = {item.given: _adapter_config(item.adapter_dir)["r"] for item in inputs}
+    if ctype in SAME_RANK and len(set(ranks.values())) > 1:
+        raise UserError(f"combination {ctype} needs adapters of one rank, and these differ "
+                        f"({', '.join(f'{g}: r={r}' for g, r in ranks.items())}); cat and the *_svd types "
+                        f"combine different ranks.")
+    return next(iter(bases.values()))
+
+
+def check_base(base_dir: Path, recorded: str) -> None:
+    """base=PATH given: it must be the model the adapters were trained on (same config)."""
+    given, want = json.loads((base_dir / "config.json").read_text()), Path(recorded) / "config.json"
+    if want.exists() and json.loads(want.read_text()) != given:
+        raise UserError(f"base={str(base_dir)!r} is not the model the adapters were trained on ({recorded}): their "
+                        f"config.json differ. Leave base= unset to use {recorded}.")
+
+
+def combine(base_dir: Path, inputs: list, weights: list[float], ctype: str, density: float, seed: int,
+            out: Path) -> None:
+    """PEFT loads every adapter on the base and adds their weighted combination as the
+    adapter `default`; `out/adapter` gets it, `out` the base with it merged in."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    names = [f"input{k}" for k in range(len(inputs))]
+    model = PeftModel.from_pretrained(base, str(inputs[0].adapter_dir), adapter_name=names[0])
+    for name, item in zip(names[1:], inputs[1:]):
+        model.load_adapter(str(item.adapter_dir), adapter_name=name)
+    torch.manual_seed(seed)  # dare_*: the drop masks
+    model.add_weighted_adapter(names, weights, "default", combination_type=ctype,
+                               density=float(density) if ctype in USES_DENSITY else None)
+    model.set_adapter("default")
+    for name in names:
+        model.delete_adapter(name)
+    model.save_pretrained(str(out / "adapter"), selected_adapters=["default"], safe_serialization=True)
+    model.merge_and_unload().save_pretrained(str(out), safe_serialization=True)
