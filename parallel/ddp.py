@@ -58,5 +58,5 @@ def rank_share(state: dict, rank: int, world: int) -> dict:
         owner[name] = min(range(world), key=lambda r: (load[r], r))
         load[owner[name]] += nbytes(name)
     mine = {n for n, r in owner.items() if r == rank}
-    return {"model": {n: v for n, v in model.items() if n in mine},
+    return {**state, "model": {n: v for n, v in model.items() if n in mine},
             "optim": {**optim, "state": {n: v for n, v in per_param.items() if n in mine}}}

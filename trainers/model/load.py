@@ -287,12 +287,15 @@ class ModelSource:
         return self.load(self.skeleton(), device)
 
     def load(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        """Every placeholder left in `model` read onto `device`, then DoRA's magnitudes."""
+        """Every placeholder left in `model` read onto `device`, then DoRA's magnitudes and
+        PiSSA/OLoRA's adapters (both computed from the loaded base weights)."""
+        from trainers.model.peft_methods import init_from_base
         from trainers.model.weights import init_dora_magnitudes
 
         self.fill(model, device)
         model.to(device)
         init_dora_magnitudes(model)
+        init_from_base(model, self.method_cfg, self.seed)
         return model
 
     def close(self) -> None:
