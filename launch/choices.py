@@ -14,7 +14,7 @@ from __future__ import annotations
 
 CHOICES: dict[str, tuple] = {
     "method.peft": (None, "lora", "prefix", "prompt", "ia3", "adalora", "vera"),
-    "method.quantize": (None, "nf4"),  # NF4 with double quantization (method=qlora)
+    "method.quantize": (None, "nf4", "int8"),  # NF4 with double quantization (method=qlora); LLM.int8
     "optim.name": ("adamw",),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "fp32", "bf16"),

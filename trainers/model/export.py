@@ -38,6 +38,18 @@ def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
     return bnbf.dequantize_4bit(packed, state).float()
 
 
+def int8_roundtrip(weight: torch.Tensor) -> torch.Tensor:
+    """What a bf16 weight becomes once bitsandbytes has stored it as LLM.int8's row-wise
+    absmax int8 (Int8Params), back in fp32: the weight the 8-bit base multiplies with."""
+    import bitsandbytes.functional as bnbf
+
+    codes, scales, _ = bnbf.int8_vectorwise_quant(weight.to(torch.bfloat16).to(torch.float16))
+    return codes.float() * scales.float().unsqueeze(1) / 127
+
+
+ROUNDTRIPS = {"nf4": nf4_roundtrip, "int8": int8_roundtrip}
+
+
 def quantized_keys(model: torch.nn.Module) -> set[str]:
     """Checkpoint keys of the weights transformers stores in 4 bits: every nn.Linear but the
     output embedding (transformers' get_keys_to_not_convert)."""
@@ -176,12 +188,15 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> dict
     four_bit = quantized_keys(model) if cfg.method.quantize else set()
     wanted = set(names.values())
     writer = SafetensorsShards(out, shard_bytes(cfg))
+    # modules trained in full beside the adapter (method.modules_to_save, a reward model's
+    # score head): written from their trained copy below, not from the base
+    trained_in_full = {checkpoint_key(n) for n, _ in model.named_parameters() if ".modules_to_save." in n}
     for key in files.keys():
-        if key not in wanted:
+        if key not in wanted or key in trained_in_full:
             continue  # e.g. a tied lm_head saved twice: the model does not own it
         value = files.read(key, torch.float32)
         if key in four_bit:
-            value = nf4_roundtrip(value)
+            value = ROUNDTRIPS[cfg.method.quantize](value)
         elif cfg.method.quantize:  # the 4-bit model holds the rest in bf16
             value = value.to(torch.bfloat16).float()
         module, mname = owner.get(key, (None, None))

@@ -59,8 +59,12 @@ def load_config(model_cfg):
 
 
 def quantization_config(method_cfg):
+    """method.quantize as transformers' BitsAndBytesConfig: nf4 (QLoRA's 4-bit base) or
+    int8 (LLM.int8: row-wise absmax int8 weights, outlier features above 6.0 in 16 bits)."""
     from transformers import BitsAndBytesConfig
 
+    if method_cfg.quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -120,8 +124,9 @@ def head_config(config, head: str):
 
 
 def load_quantized_model(model_cfg, method_cfg, device: torch.device, head: str = "lm"):
-    """The 4-bit NF4 base: transformers quantizes tensor by tensor while it loads (no full
-    bf16 copy); the other weights (embeddings, lm_head, norms) stay frozen in bf16."""
+    """The 4-bit NF4 (or 8-bit LLM.int8) base: transformers quantizes tensor by tensor while
+    it loads (no full bf16 copy); the other weights (embeddings, lm_head, norms) stay frozen
+    in bf16."""
     _check_path(model_cfg.path)
     try:
         model = HEADS[head].from_pretrained(

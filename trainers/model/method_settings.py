@@ -33,10 +33,14 @@ INIT_REFUSED = {
 # init_lora_weights values that read and rewrite the base weights (the residual W - B A)
 FROM_BASE = re.compile(r"^(olora|pissa(_niter_[1-9][0-9]*)?)$")
 # plans that hold every base weight whole on every rank when the adapter is initialised
-WHOLE_BASE_PLANS = ("none", "ddp", "zero1", "zero2", "pipeline")
+WHOLE_BASE_PLANS = ("none", "ddp", "zero1", "zero2")
 # AdaLoRA: its rank allocator reads every adapter weight and gradient whole and masks them in
 # place on every rank, between the optimizer step and zero_grad
 ADALORA_PLANS = ("none", "ddp")
+# method.quantize=int8: bitsandbytes' Int8Params (int8 codes plus per-row scales in a
+# separate SCB buffer) loaded whole by transformers; the plans that shard or load part by
+# part build the base from NF4 placeholders and DeepSpeed casts the module's weights
+INT8_PLANS = ("none", "ddp")
 
 
 def init_from_base(m) -> bool:
@@ -50,6 +54,17 @@ def check_method(m) -> None:
         if not isinstance(names, (list, tuple, ListConfig)) or not all(isinstance(n, str) for n in names):
             raise UserError(f"method.modules_to_save={names!r} must be a list of module names trained in full "
                             f"beside the adapter, e.g. [lm_head, embed_tokens], or [] for none.")
+    if m.quantize == "int8" and m.peft != "lora":
+        raise UserError(
+            f"method.quantize=int8 with method={m.name} is refused: an 8-bit base is frozen int8 codes (bitsandbytes "
+            f"LLM.int8), trained through LoRA-family adapters on top. Use method=lora (or dora, rslora, loraplus) "
+            f"with method.quantize=int8, or method.quantize=null for method={m.name}.")
+    if m.quantize and m.peft in ("adalora", "vera"):
+        raise UserError(
+            f"method.quantize={m.quantize} with method={m.name} is refused: this launcher's quantized bases are "
+            f"built and exported for LoRA-family adapters only (PEFT's {m.name} layers on bitsandbytes weights are "
+            f"untested here). Use method=qlora (or method=lora method.quantize=int8), or method.quantize=null "
+            f"for method={m.name}.")
     if m.peft == "lora":
         check_init(m)
     if m.peft == "adalora":
@@ -115,6 +130,15 @@ def plan_refusal(cfg, plan: str) -> str | None:
                "gives each stage only its own layers, so each would allocate its own budget")
             + f". Use parallel=ddp for method={m.name} (every rank holds the whole adapter), or method=lora "
               f"under parallel={plan}.")
+    if m.quantize == "int8" and plan not in INT8_PLANS:
+        return (
+            f"method={m.name} with method.quantize=int8 is refused under parallel={plan}: an 8-bit base is "
+            f"bitsandbytes' Int8Params (int8 codes with their row scales in a separate buffer), which "
+            f"transformers loads whole; parallel={plan} "
+            + ("shards parameters (FSDP2/ZeRO-3 would split codes from their scales)" if plan in ("fsdp2", "zero3", "zero3_offload")
+               else "builds each stage's share from 4-bit placeholders" if plan == "pipeline"
+               else "hands every weight to DeepSpeed, which casts and flattens them")
+            + f". Use parallel=ddp for method.quantize=int8, or method=qlora (4-bit NF4) under parallel={plan}.")
     if init_from_base(m) and plan not in WHOLE_BASE_PLANS:
         return (
             f"method={m.name} with method.init_lora_weights={m.init_lora_weights} is refused under "
