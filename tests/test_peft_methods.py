@@ -164,3 +164,18 @@ def test_int8_merge_uses_the_dequantized_base_and_the_trained_head(runs):
     x = _inputs()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=x).logits, reference(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", [["method=adalora"], ["method=vera", "method.r=64"]])
+def test_estimate_counts_the_trainable_parameters_peft_creates(method):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from launch.estimate import arch_of, setup_of, trainable_params
+    from tests.helpers import compose
+    from trainers.model.peft_methods import apply_method
+
+    cfg = compose(*method)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model.path))
+    peft = apply_method(model, cfg.method)
+    built = sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    assert trainable_params(arch_of(cfg.model), setup_of(cfg)) == built

@@ -274,6 +274,10 @@ def export(plan, cfg, tokenizer, run_dir: Path) -> dict:
     sd = {k: v for k, v in plan.export_tensors(trainable_only=True) if v is not None}
     if not plan.env.is_main:
         return written
+    if method.peft == "vera":  # its shared projections, under every name PEFT saves them by (a plan
+        # that gives a tensor once gives them under one layer's name); buffers, the same on every rank
+        sd.update({k: v.detach().cpu() for k, v in plan.inner.state_dict().items()
+                   if (".vera_A." in k or ".vera_B." in k) and k not in sd})
     adapter = out / "adapter"
     from_base = init_from_base_weights(method)
     if not from_base:

@@ -141,8 +141,25 @@ def load_quantized_model(model_cfg, method_cfg, device: torch.device, head: str 
     except OSError as e:
         raise UserError(f"Could not load model weights from model.path={model_cfg.path!r}: {e}") from None
     disable_cpu_weight_repacking(model)
+    drop_int8_state_extras(model)
     model.train()  # from_pretrained returns eval mode (dropout off; see bnb note above)
     return model
+
+
+def drop_int8_state_extras(model: torch.nn.Module) -> None:
+    """An 8-bit linear adds its row scales and weight format to its state dict under names
+    that are no attributes (`SCB`, `weight_format`), which torch.distributed.checkpoint
+    cannot resolve to a module. They belong to the frozen base, which a resume rebuilds
+    from the model files: leave them out of this model's state dicts."""
+    import bitsandbytes as bnb
+
+    def drop(module, state_dict, prefix, local_metadata):
+        for name in ("SCB", "weight_format"):
+            state_dict.pop(prefix + name, None)
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            m.register_state_dict_post_hook(drop)
 
 
 class ModelSource:
