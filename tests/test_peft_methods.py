@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (FAST, assert_resumed_exactly, assert_trains_like, launch_many, losses, refused,
+from tests.helpers import (FAST, REPO, assert_resumed_exactly, assert_trains_like, launch_many, losses, refused,
                            summary)
 
 STEPS = 10
@@ -27,10 +27,15 @@ RUNS = {  # name -> the method's overrides
 RESUMES = {"adalora": (4, 8), "vera": (4,), "pissa": (4,), "int8": (4,)}  # steps the resumed copies start from
 
 
-def common() -> list[str]:
-    # the bundled (trained) base: its loss falls within 10 steps, a random one's barely moves
-    return [*FAST, f"train.max_steps={STEPS}", "optim.warmup_steps=0",
-            "optim.schedule=constant", "train.save_every=4", "train.keep_last=5"]
+EVAL_ROWS = 16
+
+
+def common(eval_file: Path) -> list[str]:
+    # the bundled (trained) base: its loss falls within 10 steps, a random one's barely moves;
+    # a small eval set and no forgetting probes: the evals are not what is tested here
+    return [*FAST, f"train.max_steps={STEPS}", "optim.warmup_steps=0", "optim.schedule=constant",
+            "train.save_every=4", "train.keep_last=5", f"data.eval={eval_file}", "eval.probes=null",
+            "data.metric_rows=2"]
 
 
 def cut_back_to(run: Path, copy: Path, step: int) -> Path:
@@ -52,17 +57,19 @@ def cut_back_to(run: Path, copy: Path, step: int) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("peft-methods")
+    eval_file = root / "eval.jsonl"
+    eval_file.write_text("\n".join((REPO / "data" / "reverse" / "eval.jsonl").read_text().splitlines()[:EVAL_ROWS]) + "\n")
     first = {}
     for name, method in RUNS.items():
-        first[name] = (root / name, [*common(), *method])
-        first[f"{name}_ddp"] = (root / f"{name}_ddp", [*common(), *method, "parallel=ddp",
+        first[name] = (root / name, [*common(eval_file), *method])
+        first[f"{name}_ddp"] = (root / f"{name}_ddp", [*common(eval_file), *method, "parallel=ddp",
                                                        "launcher.nproc_per_node=2", "train.micro_batch_size=2"])
     launch_many(root / "first", first)
     resumed = {}
     for name, steps in RESUMES.items():
         for step in steps:
             copy = cut_back_to(root / name, root / f"{name}_from_{step}", step)
-            resumed[copy.name] = (copy, [*common(), *RUNS[name]])
+            resumed[copy.name] = (copy, [*common(eval_file), *RUNS[name]])
     launch_many(root / "resumed", resumed)
     return {name: run_dir for name, (run_dir, _) in {**first, **resumed}.items()}
 
