@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (FAST, REPO, assert_resumed_exactly, assert_trains_like, launch_many, losses, refused,
-                           summary)
+from tests.helpers import (FAST, REPO, assert_resumed_exactly, assert_trains_like, launch_many, metrics, refused,
+                           rel, summary)
 
 STEPS = 10
 RUNS = {  # name -> the method's overrides
@@ -77,10 +77,21 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RUNS)
 def test_trains_with_ddp_parity(runs, name):
-    curve = losses(runs[name])
+    # each step is another batch, so the held-out loss says whether it learned: 7.9 before,
+    # measured after 10 steps 4.9 (adalora), 5.8 (vera), 3.0 (pissa), 1.0 (int8)
+    before = next(r["eval_loss"] for r in metrics(runs[name]) if r["step"] == 0 and "eval_loss" in r)
     assert summary(runs[name])["status"] == "completed"
-    assert curve[STEPS] < 0.8 * curve[1], curve
-    assert_trains_like(runs[f"{name}_ddp"], runs[name], STEPS)
+    assert summary(runs[name])["final_eval_loss"] < 0.8 * before, (before, summary(runs[name]))
+    if name != "int8":
+        assert_trains_like(runs[f"{name}_ddp"], runs[name], STEPS)
+        return
+    # LLM.int8 quantizes activations per row in bf16 kernels whose sums depend on the
+    # micro-batch shape: measured 1e-4 (loss) and 1e-3 (grad norm) apart at step 2
+    ref = {r["step"]: r for r in metrics(runs[name]) if "loss" in r}
+    got = {r["step"]: r for r in metrics(runs[f"{name}_ddp"]) if "loss" in r}
+    assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
+    for step, r in ref.items():
+        assert rel(got[step]["loss"], r["loss"]) < 1e-3 and rel(got[step]["grad_norm"], r["grad_norm"]) < 1e-2, step
 
 
 @pytest.mark.slow
