@@ -120,9 +120,9 @@ def test_adalora_prunes_to_its_budget_and_exports_the_pattern(runs):
     assert kept == 3 * len(pattern)  # target_r on average
     assert len({sum(v) for v in pattern.values()}) > 1  # ranks differ by layer
     tensors = load_file(runs["adalora"] / "export" / "adapter" / "adapter_model.safetensors")
-    for name, keep in pattern.items():
+    for name, keep in pattern.items():  # PEFT saves each adapter cut to its kept ranks
         e = tensors[f"base_model.model.{name}"].flatten()
-        assert all(bool(k) or float(x) == 0.0 for k, x in zip(keep, e)), name  # pruned singular values are 0
+        assert e.numel() == sum(keep) and bool((e != 0).all()), name
 
 
 @pytest.mark.slow
