@@ -13,8 +13,8 @@ so a new enumerated setting cannot be added without its accepted set.
 from __future__ import annotations
 
 CHOICES: dict[str, tuple] = {
-    "method.peft": (None, "lora", "prefix", "prompt", "ia3"),
-    "method.quantize": (None, "nf4"),  # NF4 with double quantization (method=qlora)
+    "method.peft": (None, "lora", "prefix", "prompt", "ia3", "adalora", "vera"),
+    "method.quantize": (None, "nf4", "int8"),  # NF4 with double quantization (method=qlora); LLM.int8
     "optim.name": ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw32bit", "adafactor", "lion", "sgd"),
     "optim.schedule": ("cosine", "linear", "constant", "cosine_with_restarts", "polynomial", "constant_with_warmup"),
     "optim.bits": (32, 8),  # optim=lion: bitsandbytes' Lion or Lion8bit
@@ -37,11 +37,13 @@ CHECKED_ELSEWHERE = {"objective.loss_type": "TRL's DPO loss types (trainers/obje
                      "objective.kl_pairs": "batch | file_order (trainers/objectives/settings.check_knobs)",
                      "objective.scale_rewards": "group | batch | none (trainers/objectives/grpo_settings.py)",
                      "objective.importance_sampling_level": "token | sequence (trainers/objectives/grpo_settings.py)",
-                     "data.chat_template": "a shipped template's name or a jinja file (trainers/data/chat_template.py)"}
+                     "data.chat_template": "a shipped template's name or a jinja file (trainers/data/chat_template.py)",
+                     "method.init_lora_weights": "true | gaussian | pissa | pissa_niter_N | olora "
+                                                 "(trainers/model/method_settings.check_init)"}
 # Settings whose value is `auto` or a number (checked where they are read, before launch).
 AUTO_OR_NUMBER = ("data.num_proc", "train.loss_chunk_tokens", "parallel.reduce_bucket_size",
                   "parallel.stage3_max_live_parameters", "parallel.stage3_max_reuse_distance",
                   "parallel.stage3_prefetch_bucket_size")
 FREE_TEXT = ("run_name", "train.best_metric", "train.tracker_project", "model.name", "model.path", "model.arch.model_type", "data.name", "data.train", "data.eval",
-             "data.cache_dir", "method.target_modules", "launcher.partition", "launcher.account", "launcher.qos",
+             "data.cache_dir", "method.target_modules", "method.modules_to_save", "launcher.partition", "launcher.account", "launcher.qos",
              "launcher.constraint")

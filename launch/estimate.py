@@ -281,7 +281,7 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
     from launch.config import nodes, world_size
 
     m, o = cfg.method, cfg.optim
-    targets = m.target_modules if m.peft in ("lora", "ia3") else None
+    targets = m.target_modules if m.peft in ("lora", "ia3", "adalora", "vera") else None
     if targets is None or targets == "all-linear":
         targets = LINEARS
     elif isinstance(targets, str):
@@ -301,7 +301,7 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
         chunk = max(1, (128 * 2**20) // (4 * a.vocab)) if a else 0
     return Setup(
         method=m.name, peft=m.peft, quantized=m.quantize == "nf4",
-        lora_r=int(m.r) if m.peft == "lora" else 0, lora_targets=tuple(t for t in targets if t in LINEARS),
+        lora_r=int(m.init_r) if m.peft == "adalora" else int(m.r) if m.peft in ("lora", "vera") else 0, lora_targets=tuple(t for t in targets if t in LINEARS),
         dora=m.peft == "lora" and bool(m.use_dora),
         virtual_tokens=int(m.num_virtual_tokens) if m.peft in ("prefix", "prompt") else 0,
         plan=cfg.parallel.name, layout=layout, world=world, nodes=nodes(cfg),
@@ -323,6 +323,12 @@ def trainable_params(a: Arch, s: Setup) -> int:
         shapes = a.linear_shapes()
         per_layer = sum(s.lora_r * sum(shapes[t]) + (shapes[t][1] if s.dora else 0) for t in s.lora_targets)
         return a.layers * per_layer
+    if s.peft == "adalora":  # P (r x in), Q (out x r) and the r singular values, at init_r
+        shapes = a.linear_shapes()
+        return a.layers * sum(s.lora_r * (sum(shapes[t]) + 1) for t in s.lora_targets)
+    if s.peft == "vera":  # per layer: d (r) and b (out); the shared projections are frozen buffers
+        shapes = a.linear_shapes()
+        return a.layers * sum(s.lora_r + shapes[t][1] for t in s.lora_targets)
     if s.peft == "ia3":
         return a.layers * (2 * a.kv_dim + a.intermediate)
     if s.peft == "prompt":

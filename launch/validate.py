@@ -16,6 +16,7 @@ from trainers.data.source_specs import parse_sources
 from trainers.errors import UserError
 from trainers.data.neftune import check_alpha
 from trainers.memory import chunk_tokens_for
+from trainers.model.method_settings import check_method
 from trainers.data.rows import KIND_FORMATS
 
 POSITIVE_INTS = (
@@ -111,6 +112,7 @@ def check_values(cfg: DictConfig) -> None:
             raise UserError(f"method.r={m.r!r} must be a positive integer (LoRA rank, e.g. 8, 16, 64).")
         if not 0 <= m.dropout < 1:
             raise UserError(f"method.dropout={m.dropout!r} must be in [0, 1).")
+    check_method(m)
 
 
 def check_spike_guard(train: DictConfig) -> None:

@@ -55,6 +55,9 @@ class Plan:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
         self._stager: DefaultStager | None = None
+        # State a method keeps outside the model and optimizer (AdaLoRA's rank allocator,
+        # trainers/model/method_step.py): state_dict() / load_state_dict(), checkpointed with them.
+        self.extra_state = None
 
     # --------------------------------------------------------------------- topology
     @property
@@ -170,16 +173,20 @@ class Plan:
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
 
-    def step(self, skip=None) -> float:
+    def step(self, skip=None, after_update=None) -> float:
         """Clip, then apply the update; returns the pre-clip global gradient norm.
 
         `skip(norm)` (the spike guard's, trainers/spike_guard.py) decides once the norm is
         known: a skipped step zeroes the gradients instead of applying them, and the
-        schedule still advances so that the lr stays a function of the step number."""
+        schedule still advances so that the lr stays a function of the step number.
+        `after_update()` runs after an applied update, while the gradients are still there
+        (AdaLoRA's rank allocation, trainers/model/method_step.py)."""
         norm = self.clip_grad_norm()
         value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if not (skip is not None and skip(value)):
             self.optimizer.step()
+            if after_update is not None:
+                after_update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return value
@@ -193,7 +200,10 @@ class Plan:
 
     def _checkpoint_state(self) -> dict:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._sd_options)
-        return {"model": model_sd, "optim": optim_sd}
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.extra_state is not None:
+            state["extra"] = self.extra_state.state_dict()
+        return state
 
     def save(self, directory: Path) -> None:
         """Write this plan's model + optimizer state (every rank calls this)."""
@@ -216,7 +226,11 @@ class Plan:
     def load(self, directory: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._sd_options)
         state = {"model": model_sd, "optim": optim_sd}
+        if self.extra_state is not None:
+            state["extra"] = self.extra_state.state_dict()
         dcp.load(state, checkpoint_id=str(directory / "state"))
+        if self.extra_state is not None:
+            self.extra_state.load_state_dict(state["extra"])
         set_state_dict(
             self.model,
             self.optimizer,

@@ -44,8 +44,8 @@ def rank_share(state: dict, rank: int, world: int) -> dict:
     """This rank's part of a replicated {"model": {name: tensor}, "optim": {"state": {name:
     {...}}, "param_groups": [...]}} state: each parameter (its weights and its optimizer
     state together) goes to the rank with the fewest bytes so far, largest first, so every
-    rank computes the same split. The small param_groups stay on every rank (DCP writes a
-    replicated item once)."""
+    rank computes the same split. The small param_groups and a method's extra state
+    (AdaLoRA's allocator, Plan.extra_state) stay on every rank (DCP writes a replicated item once)."""
     model, optim = state["model"], state["optim"]
     per_param = optim.get("state", {})
 
@@ -58,5 +58,5 @@ def rank_share(state: dict, rank: int, world: int) -> dict:
         owner[name] = min(range(world), key=lambda r: (load[r], r))
         load[owner[name]] += nbytes(name)
     mine = {n for n, r in owner.items() if r == rank}
-    return {"model": {n: v for n, v in model.items() if n in mine},
+    return {**state, "model": {n: v for n, v in model.items() if n in mine},
             "optim": {**optim, "state": {n: v for n, v in per_param.items() if n in mine}}}

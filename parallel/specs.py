@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 from parallel.layout import STATE_PARTS, Elements, StateLayout
+from trainers.model.method_settings import plan_refusal as method_plan_refusal
 
 
 class PlanSpec:
@@ -101,7 +102,7 @@ class FSDP2Spec(PlanSpec):
                 f"adapters on the 4-bit base with method=qlora under parallel=fsdp2, fine-tune all "
                 f"weights with method.quantize=null, or keep this combination on parallel=ddp."
             )
-        return None
+        return method_plan_refusal(cfg, self.name)
 
     def layout(self, cfg, world_size: int) -> StateLayout:
         offload = frozenset(STATE_PARTS) if cfg.parallel.cpu_offload else frozenset()
@@ -177,7 +178,7 @@ class DeepSpeedZeroSpec(PlanSpec):
                 f"parallel=zero3_offload, or parallel.offload_optimizer=true to offload the "
                 f"optimizer state at stage {stage}."
             )
-        return _bad_deepspeed_size(p, stage)
+        return _bad_deepspeed_size(p, stage) or method_plan_refusal(cfg, self.name)
 
     def layout(self, cfg, world_size: int) -> StateLayout:
         p = cfg.parallel
@@ -257,6 +258,8 @@ class PipelineSpec(PlanSpec):
                         f"max(1, microbatches // stages) = {rounds}; got {micro}. Use a multiple of "
                         f"{stages}.")
         m = cfg.method
+        if method_plan_refusal(cfg, self.name):
+            return method_plan_refusal(cfg, self.name)
         if m.name in REFUSED_METHODS or m.peft in REFUSED_METHODS:
             why = REFUSED_METHODS.get(m.name) or REFUSED_METHODS[m.peft]
             return (f"{why}. Use method=lora (or dora, rslora, loraplus, ia3, full) with the pipeline, "

@@ -42,7 +42,8 @@ def tiny_model(tmp_path_factory) -> Path:
 
 # (lr, minimum first/last loss ratio after 30 steps) of tests/test_methods.py. Virtual-token
 # methods and IA3 train far fewer, less expressive parameters: a higher lr, a lower bar.
-METHOD_SETTINGS = {"prompt": (0.1, 1.8), "prefix": (3e-2, 2.0), "ia3": (5e-2, 4.0)}
+# vera: a few thousand trained scalars on shared random projections (measured 8.73 -> 1.17, 7.5x)
+METHOD_SETTINGS = {"prompt": (0.1, 1.8), "prefix": (3e-2, 2.0), "ia3": (5e-2, 4.0), "vera": (None, 5.0)}
 DEFAULT_METHOD_SETTING = (None, 10.0)
 
 

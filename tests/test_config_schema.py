@@ -129,7 +129,7 @@ def enumerated_cases():
     """(key, a value outside its set, overrides choosing an option that defines the key)."""
     from launch.choices import AUTO_OR_NUMBER, CHECKED_ELSEWHERE, CHOICES, NAMED_GROUPS
 
-    special = {"method.quantize": "int8", "optim.name": "adamw_8bit", "method.peft": "lokr"}
+    special = {"method.quantize": "int4", "optim.name": "adamw_8bit", "method.peft": "lokr"}
     keys = [*CHOICES, *CHECKED_ELSEWHERE, *AUTO_OR_NUMBER, *(f"{g}.name" for g in NAMED_GROUPS)]
     listed = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "config.yaml"), resolve=False)["defaults"]
     defaults = {next(iter(d)): d[next(iter(d))] for d in listed if isinstance(d, dict)}

@@ -35,6 +35,7 @@ from trainers.model.export import export
 from trainers.metrics.device import record_device
 from trainers.metrics.sinks import MetricsLogger, plot_losses, write_summary
 from trainers.model.load import ModelSource, count_parameters, load_tokenizer
+from trainers.model.method_step import MethodStep
 from trainers.objectives.catalog import get_objective
 from trainers.model.peft_methods import method_summary
 from trainers.objectives.reference import precompute_kl_reference, precompute_reference
@@ -123,6 +124,7 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
             precompute_kl_reference(plan, batches, data.eval, run_dir, cfg.train.max_steps,
                                     cfg.train.micro_batch_size, tokenizer.pad_token_id, int(cfg.data.max_seq_len))
     trainable, total = count_parameters(plan.inner)
+    method_step = MethodStep(cfg.method, plan)  # the method's own part of a step (AdaLoRA), before any resume
     speed = Throughput(cfg, env.device, total, env.world_size)
     if env.is_main:
         for r in data.reports:
@@ -173,7 +175,7 @@ def run_job(cfg, plan, watchdog: Watchdog, leave_process_group: bool) -> dict:
                     f"untouched. Lower optim.lr, or check the data and train.precision."
                 )
             lr = plan.lr
-            grad_norm = plan.step(skip=guard.judge(step + 1, loss))
+            grad_norm = method_step.step(step, skip=guard.judge(step + 1, loss))
             step += 1
             watchdog.progress(step)
             tokens_seen += int(real_tokens)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from trainers.files import write_json
-from trainers.model.peft_methods import MERGEABLE
+from trainers.model.peft_methods import MERGEABLE, init_from_base_weights
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,18 @@ def nf4_roundtrip(weight: torch.Tensor) -> torch.Tensor:
         quant_storage=torch.bfloat16,
     )
     return bnbf.dequantize_4bit(packed, state).float()
+
+
+def int8_roundtrip(weight: torch.Tensor) -> torch.Tensor:
+    """What a bf16 weight becomes once bitsandbytes has stored it as LLM.int8's row-wise
+    absmax int8 (Int8Params), back in fp32: the weight the 8-bit base multiplies with."""
+    import bitsandbytes.functional as bnbf
+
+    codes, scales, _ = bnbf.int8_vectorwise_quant(weight.to(torch.bfloat16).to(torch.float16))
+    return codes.float() * scales.float().unsqueeze(1) / 127
+
+
+ROUNDTRIPS = {"nf4": nf4_roundtrip, "int8": int8_roundtrip}
 
 
 def quantized_keys(model: torch.nn.Module) -> set[str]:
@@ -54,19 +66,51 @@ def quantized_keys(model: torch.nn.Module) -> set[str]:
     return keys
 
 
-def merged_weight(module: torch.nn.Module, base_weight: torch.Tensor) -> torch.Tensor:
+def merged_weight(module: torch.nn.Module, base_weight: torch.Tensor, reinit=None) -> torch.Tensor:
     """`base_weight` with `module`'s adapter merged in by PEFT itself (LoRA, DoRA, rsLoRA,
-    IA3 alike); the module gets its placeholder back so nothing accumulates."""
+    IA3, AdaLoRA, VeRA alike); the module gets its placeholder back so nothing accumulates.
+    `reinit(module)` (PiSSA/OLoRA): the training started from the residual of this weight,
+    so it is redone first (the trained factors are kept) and the merge lands on that residual."""
     from trainers.model.weights import make_placeholder
 
     base = module.get_base_layer()
     placeholder = base.weight
     base.weight = torch.nn.Parameter(base_weight, requires_grad=False)
+    if reinit is not None:
+        trained = {k: v.detach().clone() for k, v in module.state_dict().items() if ".lora_" in f".{k}"}
+        reinit(module)
+        module.initial_factors = {k: v.detach().clone() for k, v in module.state_dict().items() if k in trained}
+        module.load_state_dict(trained, strict=False)
     module.merge(safe_merge=True)
     merged = base.weight.data
     base.weight = make_placeholder(placeholder.shape, placeholder.dtype)
     module.merged_adapters = []
     return merged
+
+
+def as_plain_lora(inner, trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]):
+    """A PiSSA/OLoRA adapter as a plain LoRA adapter on the original base, PEFT's own
+    conversion (LoraModel.subtract_mutated_init): dW = B A - B0 A0 = [B | -B0] [A ; A0], so
+    rank 2r with alpha doubled (alpha x sqrt 2 under rsLoRA) keeps the scale. Returns
+    (PEFT-format state dict, its config)."""
+    import copy
+    import math
+
+    from peft.utils import get_peft_model_state_dict
+
+    out = {}
+    for key, value in trained.items():
+        if ".lora_A." in key:
+            out[key] = torch.cat([value, initial[key]], dim=0)
+        elif ".lora_B." in key:
+            out[key] = torch.cat([value, -initial[key]], dim=1)
+        else:
+            out[key] = value
+    config = copy.deepcopy(inner.peft_config[inner.active_adapter])
+    config.lora_alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)
+    config.r *= 2
+    config.init_lora_weights = True
+    return get_peft_model_state_dict(inner, state_dict=out), config
 
 
 class SafetensorsShards:
@@ -114,8 +158,10 @@ class SafetensorsShards:
                        {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
 
 
-def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> None:
-    """Write base + adapter merged, one tensor at a time."""
+def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> dict[str, torch.Tensor]:
+    """Write base + adapter merged, one tensor at a time. Returns the adapters' initial
+    factors where they came from the base weights (PiSSA/OLoRA), under adapter_sd's names."""
+    from trainers.model.peft_methods import init_from_base_weights, init_layer_from_base
     from omegaconf import OmegaConf
 
     from trainers.model.load import ModelSource
@@ -133,23 +179,33 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> None
         raise RuntimeError(f"adapter keys the model does not have: {unexpected[:3]}")
     files = source.files()
     names = checkpoint_names(model, files)  # parameter name -> checkpoint key
-    owner = {}  # checkpoint key -> the PEFT layer whose base weight it is
+    owner = {}  # checkpoint key -> (the PEFT layer whose base weight it is, its name)
     for mname, module in model.named_modules():
         if hasattr(module, "merge") and hasattr(module, "get_base_layer"):
-            owner[checkpoint_key(f"{mname}.base_layer.weight")] = module
+            owner[checkpoint_key(f"{mname}.base_layer.weight")] = (module, mname)
+    from_base = init_from_base_weights(cfg.method)
+    initial: dict[str, torch.Tensor] = {}
     four_bit = quantized_keys(model) if cfg.method.quantize else set()
     wanted = set(names.values())
     writer = SafetensorsShards(out, shard_bytes(cfg))
+    # modules trained in full beside the adapter (method.modules_to_save, a reward model's
+    # score head): written from their trained copy below, not from the base
+    trained_in_full = {checkpoint_key(n) for n, _ in model.named_parameters() if ".modules_to_save." in n}
     for key in files.keys():
-        if key not in wanted:
+        if key not in wanted or key in trained_in_full:
             continue  # e.g. a tied lm_head saved twice: the model does not own it
         value = files.read(key, torch.float32)
         if key in four_bit:
-            value = nf4_roundtrip(value)
+            value = ROUNDTRIPS[cfg.method.quantize](value)
         elif cfg.method.quantize:  # the 4-bit model holds the rest in bf16
             value = value.to(torch.bfloat16).float()
-        module = owner.get(key)
-        writer.add(key, value if module is None else merged_weight(module, value))
+        module, mname = owner.get(key, (None, None))
+        if module is None:
+            writer.add(key, value)
+            continue
+        reinit = (lambda layer, n=mname: init_layer_from_base(layer, n, cfg.method, cfg.seed)) if from_base else None
+        writer.add(key, merged_weight(module, value, reinit))
+        initial.update({f"{mname}.{k}": v for k, v in getattr(module, "initial_factors", {}).items()})
     for name, p in model.named_parameters():  # trained in full beside the adapter (a reward model's score head)
         if ".modules_to_save." in name:
             writer.add(checkpoint_key(name), p.detach().float())
@@ -160,6 +216,7 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> None
     config.dtype = torch.float32
     config.save_pretrained(out)
     source.close()
+    return initial
 
 
 def shard_bytes(cfg) -> int:
@@ -217,16 +274,32 @@ def export(plan, cfg, tokenizer, run_dir: Path) -> dict:
     sd = {k: v for k, v in plan.export_tensors(trainable_only=True) if v is not None}
     if not plan.env.is_main:
         return written
+    if method.peft == "vera":  # its shared projections, under every name PEFT saves them by (a plan
+        # that gives a tensor once gives them under one layer's name); buffers, the same on every rank
+        sd.update({k: v.detach().cpu() for k, v in plan.inner.state_dict().items()
+                   if (".vera_A." in k or ".vera_B." in k) and k not in sd})
     adapter = out / "adapter"
-    plan.inner.save_pretrained(adapter, state_dict=sd, safe_serialization=True)
-    tokenizer.save_pretrained(adapter)
-    written["adapter"] = str(adapter)
+    from_base = init_from_base_weights(method)
+    if not from_base:
+        plan.inner.save_pretrained(adapter, state_dict=sd, safe_serialization=True)
+        tokenizer.save_pretrained(adapter)
+        written["adapter"] = str(adapter)
     if method.peft not in MERGEABLE:
         written["merged_skipped"] = f"{method.name} adds virtual tokens, not weight deltas: nothing to merge"
         log.info("export: %s", written["merged_skipped"])
         return written
     merged = out / "merged"
-    merge_streaming(cfg, sd, merged)
+    initial = merge_streaming(cfg, sd, merged)
     tokenizer.save_pretrained(merged)
     written["merged"] = str(merged)
+    if from_base:  # the adapter as plain LoRA on the original base (it trained on the residual)
+        from safetensors.torch import save_file
+
+        state, config = as_plain_lora(plan.inner, sd, initial)
+        adapter.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(adapter / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        config.save_pretrained(adapter)
+        tokenizer.save_pretrained(adapter)
+        written["adapter"] = f"{adapter} (converted to plain LoRA of rank {config.r} on the original base)"
     return written

@@ -63,8 +63,12 @@ def load_config(model_cfg):
 
 
 def quantization_config(method_cfg):
+    """method.quantize as transformers' BitsAndBytesConfig: nf4 (QLoRA's 4-bit base) or
+    int8 (LLM.int8: row-wise absmax int8 weights, outlier features above 6.0 in 16 bits)."""
     from transformers import BitsAndBytesConfig
 
+    if method_cfg.quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -124,8 +128,9 @@ def head_config(config, head: str):
 
 
 def load_quantized_model(model_cfg, method_cfg, device: torch.device, head: str = "lm"):
-    """The 4-bit NF4 base: transformers quantizes tensor by tensor while it loads (no full
-    bf16 copy); the other weights (embeddings, lm_head, norms) stay frozen in bf16."""
+    """The 4-bit NF4 (or 8-bit LLM.int8) base: transformers quantizes tensor by tensor while
+    it loads (no full bf16 copy); the other weights (embeddings, lm_head, norms) stay frozen
+    in bf16."""
     _check_path(model_cfg.path)
     try:
         model = HEADS[head].from_pretrained(
@@ -140,8 +145,25 @@ def load_quantized_model(model_cfg, method_cfg, device: torch.device, head: str 
     except OSError as e:
         raise UserError(f"Could not load model weights from model.path={model_cfg.path!r}: {e}") from None
     disable_cpu_weight_repacking(model)
+    drop_int8_state_extras(model)
     model.train()  # from_pretrained returns eval mode (dropout off; see bnb note above)
     return model
+
+
+def drop_int8_state_extras(model: torch.nn.Module) -> None:
+    """An 8-bit linear adds its row scales and weight format to its state dict under names
+    that are no attributes (`SCB`, `weight_format`), which torch.distributed.checkpoint
+    cannot resolve to a module. They belong to the frozen base, which a resume rebuilds
+    from the model files: leave them out of this model's state dicts."""
+    import bitsandbytes as bnb
+
+    def drop(module, state_dict, prefix, local_metadata):
+        for name in ("SCB", "weight_format"):
+            state_dict.pop(prefix + name, None)
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear8bitLt):
+            m.register_state_dict_post_hook(drop)
 
 
 class ModelSource:
@@ -291,12 +313,15 @@ class ModelSource:
         return self.load(self.skeleton(), device)
 
     def load(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        """Every placeholder left in `model` read onto `device`, then DoRA's magnitudes."""
+        """Every placeholder left in `model` read onto `device`, then DoRA's magnitudes and
+        PiSSA/OLoRA's adapters (both computed from the loaded base weights)."""
+        from trainers.model.peft_methods import init_from_base
         from trainers.model.weights import init_dora_magnitudes
 
         self.fill(model, device)
         model.to(device)
         init_dora_magnitudes(model)
+        init_from_base(model, self.method_cfg, self.seed)
         return model
 
     def close(self) -> None:
