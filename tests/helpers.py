@@ -301,3 +301,19 @@ def refused(run_dir: Path, *overrides: str) -> str:
     assert "error: " in proc.stderr and "Traceback" not in text, text
     assert (metrics_file.read_bytes() if metrics_file.exists() else None) == before, "training started"
     return text
+
+
+def data_cfg(**kw):
+    """A `data` config with the settings the tokenizing code reads, for in-process data tests
+    (the conf/data/common.yaml values those tests do not vary)."""
+    from omegaconf import OmegaConf
+
+    base = dict(format="auto", max_seq_len=64, truncation=True, on_bad_row="error", packing=True, num_proc=1,
+                columns={})
+    base.update(kw)
+    return OmegaConf.create(base)
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

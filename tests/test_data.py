@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainers.data.batches import BatchLayout, GlobalBatches, Mixture, Shuffle, Source, collate
@@ -17,23 +16,12 @@ from trainers.errors import UserError
 from trainers.data.packing import best_fit_decreasing
 from trainers.data.rows import IGNORE, tokenize_messages
 from trainers.data.token_cache import TokenStore, entry_dir, entry_key, prepare
-
-
-def data_cfg(**kw):
-    base = dict(format="auto", max_seq_len=64, truncation=True, on_bad_row="error", packing=True, num_proc=1,
-                columns={})
-    base.update(kw)
-    return OmegaConf.create(base)
+from tests.helpers import data_cfg, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def load(path, tok, cfg, root):

@@ -22,26 +22,19 @@ from trainers.data.source_specs import parse_sources
 from trainers.data.token_cache import ARRAYS, TokenStore, content_digest, prepare
 from trainers.errors import UserError
 from trainers.model.load import load_tokenizer
+from tests.helpers import data_cfg as helpers_data_cfg, write_jsonl  # noqa: E402
 
 EXAMPLES = REPO / "data" / "examples"
 BUNDLED = REPO / "assets" / "tiny-llama"
 
 
 def data_cfg(**kw):
-    base = dict(format="auto", max_seq_len=64, truncation=True, on_bad_row="error", packing=True, num_proc=1,
-                columns=None)
-    base.update(kw)
-    return OmegaConf.create(base)
+    return helpers_data_cfg(**{"columns": None, **kw})
 
 
 @pytest.fixture(scope="module")
 def tok():
     return AutoTokenizer.from_pretrained(BUNDLED)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def answers(tok, store, i):

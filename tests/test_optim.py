@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from trainers.errors import UserError
-from trainers.optim import SCHEDULES, build_optimizer, build_scheduler, lr_factor, param_groups
+from trainers.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
 def optim_cfg(**kw):

@@ -5,15 +5,14 @@ wrong kind for the objective stop before launch, and the objective settings are 
 before launch."""
 from __future__ import annotations
 
-import json
 
 import pytest
-from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
 from tests.trl_preference_reference import REPO, build_trainer, expected_tokens, read_jsonl, tokenized_rows
 from trainers.errors import UserError
 from trainers.data.token_cache import TokenStore, prepare
+from tests.helpers import data_cfg as helpers_data_cfg, write_jsonl  # noqa: E402
 
 MODEL = REPO / "assets/tiny-llama"
 PREF = REPO / "data/reverse_pref/train.jsonl"
@@ -21,20 +20,12 @@ KTO = REPO / "data/reverse_kto/train.jsonl"
 
 
 def data_cfg(**kw):
-    base = dict(format="auto", max_seq_len=64, truncation=True, on_bad_row="error", packing=False, num_proc=1,
-                columns={})
-    base.update(kw)
-    return OmegaConf.create(base)
+    return helpers_data_cfg(**{"packing": False, **kw})
 
 
 @pytest.fixture(scope="module")
 def tok():
     return AutoTokenizer.from_pretrained(MODEL)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def split(store, i):

@@ -175,7 +175,7 @@ def precompute_kl_reference(plan, batches: GlobalBatches, eval_sources: list[Sou
         pairs = _heldout_pairs(len(source))
         path = _path(run_dir, source).with_name(
             f"{source.store.folder.name}.kl-{_fingerprint(pairs, [source], eval_max_len)}.npy")
-        values = _stored(plan, path, n)
+        values = _stored(plan, path, len(pairs))
         if values is None:
             values = compute_mismatched(plan, [source], pairs, micro_batch_size, pad_id, eval_max_len)
             _save(plan, path, values)
