@@ -73,6 +73,14 @@ def test_after_sweep_greedy_soup_keeps_and_drops_as_the_scores_say(sweep):
     for p in sweep["points"]:
         summary = json.loads((p / "summary.json").read_text())
         assert abs(scores[str(p / "export" / "merged")] - summary["final_eval_loss"]) < 1e-5
+    # and on the forgetting probe (eval.probes), a column of its own, again as the run scored itself
+    assert "eval_loss/general" in rep["columns"] and "| general loss |" in (out / "merge_report.md").read_text()
+    probe = {r["path"]: r["scores"]["eval_loss/general"] for r in rep["rows"] if r["role"].startswith("input")}
+    for p in sweep["points"]:
+        final = [json.loads(line) for line in (p / "metrics.jsonl").read_text().splitlines()]
+        final = [m for m in final if "eval_loss/general" in m][-1]["eval_loss/general"]
+        assert abs(probe[str(p / "export" / "merged")] - final) < 1e-5
+    assert math.isfinite(rep["scores"]["eval_loss/general"])
     _check_greedy(rep, scores, out)
 
 

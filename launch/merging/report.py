@@ -10,13 +10,20 @@ NAMES = {"eval_loss": "eval loss", "eval_exact_match": "exact match", "eval_rewa
          "eval_rewards/margins": "reward margin", "eval_accuracy": "accuracy", "eval_margin": "margin"}
 
 
+def _name(key: str) -> str:
+    """A column's heading: eval_loss/general (a probe set's loss) reads "general loss"."""
+    if key.startswith("eval_loss/"):
+        return f"{key.split('/', 1)[1]} loss"
+    return NAMES.get(key, key)
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
 def table(report: dict) -> str:
     scored = report.get("scores") is not None
-    columns = [(k, NAMES.get(k, k)) for k in report.get("columns") or ("eval_loss", "eval_exact_match")]
+    columns = [(k, _name(k)) for k in report.get("columns") or ("eval_loss", "eval_exact_match")]
     head = ["model", "role", *(name for _, name in columns)] if scored else ["model", "role"]
     lines = [f"# Merge: {report['method']}", "", f"output: `{report['out']}`  ",
              *([f"scored as objective={report['objective']} runs on {report['scored_on']}'s held-out sets  "]

@@ -228,7 +228,7 @@ def execute(plan: MergePlan) -> dict:
         else:
             merge_into(work, plan.mergekit(), cfg, plan.inputs[0].model_dir)
         merged_scores = scorer(work) if scorer is not None else None
-        rep = _report(plan, scores, merged_scores, greedy, time.time() - t0)
+        rep = _report(plan, scores, merged_scores, greedy, time.time() - t0, scorer.columns if scorer else ())
         text = report.write(work, rep)
         plan.out.parent.mkdir(parents=True, exist_ok=True)
         if plan.out.exists():  # an empty folder (checked in prepare)
@@ -277,7 +277,8 @@ def _greedy_soup(plan: MergePlan, scorer: Scorer, scores: dict, work: Path) -> l
     return trace
 
 
-def _report(plan: MergePlan, scores: dict, merged_scores: dict | None, greedy, seconds: float) -> dict:
+def _report(plan: MergePlan, scores: dict, merged_scores: dict | None, greedy, seconds: float,
+            columns: tuple = ()) -> dict:
     import resource
 
     method, cfg = plan.method, plan.cfg
@@ -302,7 +303,7 @@ def _report(plan: MergePlan, scores: dict, merged_scores: dict | None, greedy, s
         "kept": [str(i.model_dir) for i in plan.kept or plan.inputs],
         "metric": cfg.metric, "scored_on": plan.eval_from,
         "objective": plan.eval_run.objective.name if plan.eval_run is not None else None,
-        "columns": list(SCORED[plan.eval_run.objective.name]) if plan.eval_run is not None else [],
+        "columns": list(columns),
         "scores": merged_scores, "not_scored": None if merged_scores is not None else
         "eval=false" if not cfg.eval else "no input is a run (give eval_from=RUN_DIR)",
         "rows": rows, "greedy": greedy, "left_out": plan.left_out,

@@ -85,7 +85,8 @@ class Scorer:
         self.sets, self.packed = data.eval, data.packed
         self.names = [s.name for s in self.sets]
         self.objective = get_objective(self.cfg.objective)
-        self.columns = SCORED[self.objective.name]
+        # the forgetting probe (eval.probes) and other loss-only sets: their loss beside the task's
+        self.columns = SCORED[self.objective.name] + tuple(f"eval_loss/{s.name}" for s in self.sets if s.loss_only)
         if self.objective.reference:  # dpo, ipo, kto: log-probs of the run's starting model
             from trainers.objectives.reference import heldout_reference
 
