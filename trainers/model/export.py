@@ -211,6 +211,11 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> dict
             writer.add(checkpoint_key(name), p.detach().float())
     writer.close()
     config = source.config()
+    if cfg.model.special_tokens is not None:  # the grown vocabulary and the run's pad/eos ids
+        from trainers.memory import hf_model
+
+        config = hf_model(model).config
+        hf_model(model).generation_config.save_pretrained(out)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.float32
