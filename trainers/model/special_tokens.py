@@ -30,10 +30,16 @@ EMBEDDINGS = ("embed_tokens", "lm_head")
 EXAMPLE = "model.special_tokens='{pad_token: \"<|pad|>\", eos_token: \"<|eot|>\", additional: [\"<tool>\"]}'"
 
 
+def _full(spec) -> dict:
+    """The spec with every key (a user gives only those they set)."""
+    return {k: spec[k] if k in spec else None for k in KEYS}
+
+
 def _tokens(spec) -> list[str]:
     """Every token string the spec names."""
-    out = [spec[k] for k in ("pad_token", "eos_token") if spec.get(k) is not None]
-    return out + list(spec.get("additional") or [])
+    spec = _full(spec)
+    out = [spec[k] for k in ("pad_token", "eos_token") if spec[k] is not None]
+    return out + list(spec["additional"] or [])
 
 
 def _known_tokens(model_path: str) -> set[str] | None:
@@ -43,9 +49,10 @@ def _known_tokens(model_path: str) -> set[str] | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    vocab = data.get("model", {}).get("vocab") or {}
+    model = data["model"] if "model" in data else {}
+    vocab = (model["vocab"] if "vocab" in model else None) or {}
     known = set(vocab) if isinstance(vocab, dict) else {entry[0] for entry in vocab}
-    return known | {t["content"] for t in data.get("added_tokens", [])}
+    return known | {t["content"] for t in (data["added_tokens"] if "added_tokens" in data else None) or []}
 
 
 def new_tokens(spec, model_path: str) -> list[str]:
@@ -64,11 +71,12 @@ def check(model_cfg, method, plan: str) -> None:
     if not isinstance(spec, (dict, DictConfig)) or set(spec) - set(KEYS):
         raise UserError(f"model.special_tokens={spec!r} is not accepted: give a mapping with the keys "
                         f"{', '.join(KEYS)} (each optional), e.g. {EXAMPLE}, or null for the tokenizer's own.")
+    spec = _full(spec)
     for key in ("pad_token", "eos_token"):
-        value = spec.get(key)
+        value = spec[key]
         if value is not None and (not isinstance(value, str) or not value):
             raise UserError(f"model.special_tokens.{key}={value!r} must be a token string (e.g. \"<|pad|>\") or null.")
-    extra = spec.get("additional")
+    extra = spec["additional"]
     if extra is not None and (not isinstance(extra, (list, tuple, ListConfig))
                               or not all(isinstance(t, str) and t for t in extra)):
         raise UserError(f"model.special_tokens.additional={extra!r} must be a list of token strings "
@@ -106,8 +114,9 @@ def apply_to_tokenizer(tokenizer, spec) -> int:
     """The spec's tokens set on `tokenizer`; returns how many the vocabulary gained."""
     if spec is None:
         return 0
-    special = {k: spec[k] for k in ("pad_token", "eos_token") if spec.get(k) is not None}
-    if spec.get("additional"):
+    spec = _full(spec)
+    special = {k: spec[k] for k in ("pad_token", "eos_token") if spec[k] is not None}
+    if spec["additional"]:
         special["additional_special_tokens"] = list(spec["additional"])
     return tokenizer.add_special_tokens(special, replace_extra_special_tokens=False)
 
