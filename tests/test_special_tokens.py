@@ -126,3 +126,21 @@ def test_tokens_the_tokenizer_has_need_no_growth_and_pass_any_plan():
     bad = compose("model.special_tokens={pad:'x'}")
     with pytest.raises(Exception, match="pad_token, eos_token, additional"):
         check(bad.model, bad.method, "none")
+
+
+def test_modules_to_save_copies_start_from_the_checkpoint():
+    """Without a grown vocabulary the embedding and LM head are placeholders when PEFT copies
+    them (modules_to_save): the copies must be read from the checkpoint too, not left as the
+    zeros a deep copy of a placeholder becomes."""
+    import torch
+
+    from trainers.model.load import ModelSource
+
+    cfg = compose(*LORA)
+    source = ModelSource(cfg.model, cfg.method, torch.float32, cfg.seed)
+    params = dict(source.load(source.skeleton(), torch.device("cpu")).named_parameters())
+    source.close()
+    for module in ("model.embed_tokens", "lm_head"):
+        copy = params[f"base_model.model.{module}.modules_to_save.default.weight"]
+        assert copy.requires_grad and copy.abs().sum() > 0
+        assert torch.equal(copy, params[f"base_model.model.{module}.original_module.weight"])

@@ -245,7 +245,9 @@ class ModelSource:
         replace_parameters(model, lambda _, p: None if is_4bit(p) or p is fresh else make_placeholder(p.shape, p.dtype))
         if self.model_cfg.special_tokens is not None:
             self._special_tokens(model)
-        return self.apply_method(model)
+        model = self.apply_method(model)
+        copies_as_placeholders(model)
+        return model
 
     def _special_tokens(self, model: torch.nn.Module) -> None:
         """model.special_tokens (trainers/model/special_tokens.py): a vocabulary that grows
@@ -351,6 +353,28 @@ class ModelSource:
             self._files = None
         self._filling = None
         release_freed_host_memory()
+
+
+def copies_as_placeholders(model: torch.nn.Module) -> None:
+    """PEFT's modules_to_save copy of a module whose weights are still placeholders is a deep
+    copy that materialises them as zeros, which `fill` would skip (an LM head trained from
+    zeros): make such copies placeholders again, read from the checkpoint like their original
+    (weights.checkpoint_key gives both the same key). A copy of real weights (a grown
+    vocabulary's resized embedding, a reward model's fresh score head) is kept."""
+    import re
+
+    from trainers.model.weights import is_placeholder, make_placeholder, replace_parameters
+
+    originals = {n for n, p in model.named_parameters() if ".original_module." in n and is_placeholder(p)}
+
+    def placeholder(name, p):
+        if ".modules_to_save." not in name or is_placeholder(p):
+            return None
+        if re.sub(r"\.modules_to_save\.[^.]+\.", ".original_module.", name) not in originals:
+            return None
+        return make_placeholder(p.shape, p.dtype).requires_grad_(p.requires_grad)
+
+    replace_parameters(model, placeholder)
 
 
 def release_freed_host_memory() -> None:
