@@ -117,7 +117,7 @@ def apply_to_tokenizer(tokenizer, spec) -> int:
     spec = _full(spec)
     special = {k: spec[k] for k in ("pad_token", "eos_token") if spec[k] is not None}
     if spec["additional"]:
-        special["additional_special_tokens"] = list(spec["additional"])
+        special["extra_special_tokens"] = list(spec["additional"])  # transformers 5: additional_special_tokens
     return tokenizer.add_special_tokens(special, replace_extra_special_tokens=False)
 
 
