@@ -28,6 +28,9 @@ WANDB_KEY = re.compile(r"\b[0-9a-f]{40}\b")
 # (not `loss_chunk_tokens` or `max_new_tokens`: those count tokens).
 SECRET_KEY = re.compile(r"(^|[_-])(token|api_?key|apikey|password|passwd|secret|secret_key|access_key|"
                         r"private_key|credentials?|auth_token)$", re.I)
+# Keys whose names say `token` in the vocabulary's sense (model.special_tokens.pad_token: a
+# token string such as "<|pad|>"): their values are still checked for credential shapes.
+VOCABULARY_KEYS = ("model.special_tokens.",)
 
 
 def env_for_key(key: str) -> str:
@@ -47,7 +50,7 @@ def credential_in(key: str, value) -> tuple[str, str] | None:
     if value is None or value == "" or value == [] or value == {}:
         return None
     last = key.split("[")[0].rsplit(".", 1)[-1].lstrip("+~")
-    if SECRET_KEY.search(last):
+    if SECRET_KEY.search(last) and not key.lstrip("+~").startswith(VOCABULARY_KEYS):
         return f"`{key}` is named like a credential", env_for_key(key)
     text = str(value)
     for pattern, what, env in SHAPES:

@@ -17,6 +17,7 @@ from trainers.errors import UserError
 from trainers.data.neftune import check_alpha
 from trainers.memory import chunk_tokens_for
 from trainers.model.method_settings import check_method
+from trainers.model.special_tokens import check as check_special_tokens
 from trainers.data.rows import KIND_FORMATS
 
 POSITIVE_INTS = (
@@ -113,6 +114,7 @@ def check_values(cfg: DictConfig) -> None:
         if not 0 <= m.dropout < 1:
             raise UserError(f"method.dropout={m.dropout!r} must be in [0, 1).")
     check_method(m)
+    check_special_tokens(cfg.model, m, cfg.parallel.name)
 
 
 def check_spike_guard(train: DictConfig) -> None:

@@ -174,6 +174,11 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> dict
     model = source.skeleton()
     # (a 4-bit base adds its quantization state under .base_layer.: not adapter weights)
     trained = {k: v for k, v in adapter_sd.items() if ".base_layer." not in k}
+    from trainers.model.weights import is_placeholder, replace_parameter
+
+    for name, p in list(model.named_parameters()):  # modules trained in full: their trained copy, not a placeholder
+        if name in trained and is_placeholder(p):
+            replace_parameter(model, name, torch.nn.Parameter(trained[name].to(p.dtype), requires_grad=False))
     missing, unexpected = model.load_state_dict(trained, strict=False)
     if unexpected:
         raise RuntimeError(f"adapter keys the model does not have: {unexpected[:3]}")
@@ -211,6 +216,11 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> dict
             writer.add(checkpoint_key(name), p.detach().float())
     writer.close()
     config = source.config()
+    if cfg.model.special_tokens is not None:  # the grown vocabulary and the run's pad/eos ids
+        from trainers.memory import hf_model
+
+        config = hf_model(model).config
+        hf_model(model).generation_config.save_pretrained(out)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.float32

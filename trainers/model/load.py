@@ -44,6 +44,9 @@ def load_tokenizer(model_cfg, chat_template=None):
         tok = AutoTokenizer.from_pretrained(model_cfg.path, trust_remote_code=model_cfg.trust_remote_code)
     except OSError as e:
         raise UserError(f"Could not load a tokenizer from model.path={model_cfg.path!r}: {e}") from None
+    from trainers.model.special_tokens import apply_to_tokenizer
+
+    apply_to_tokenizer(tok, model_cfg.special_tokens)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     from trainers.data.chat_template import apply
@@ -240,7 +243,25 @@ class ModelSource:
                 make_placeholder(p.shape, self.dtype).data, requires_grad=False, **p.__dict__) if is_4bit(p) else None)
             disable_cpu_weight_repacking(model)
         replace_parameters(model, lambda _, p: None if is_4bit(p) or p is fresh else make_placeholder(p.shape, p.dtype))
-        return self.apply_method(model)
+        if self.model_cfg.special_tokens is not None:
+            self._special_tokens(model)
+        model = self.apply_method(model)
+        copies_as_placeholders(model)
+        return model
+
+    def _special_tokens(self, model: torch.nn.Module) -> None:
+        """model.special_tokens (trainers/model/special_tokens.py): a vocabulary that grows
+        needs the embedding and LM head loaded (the new rows come from their statistics), so
+        those two are read now, before PEFT wraps the model; the rest stays placeholders."""
+        from trainers.model.special_tokens import apply_to_model
+
+        tokenizer = load_tokenizer(self.model_cfg)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if module is not None:
+                    self.fill(model, torch.device("cpu"), within=module)
+            self._filling = None  # the resized modules are no placeholders: index the model afresh
+        apply_to_model(model, tokenizer, self.seed)
 
     def _fresh_head(self, model: torch.nn.Module) -> torch.nn.Parameter | None:
         """A reward model built from a causal LM checkpoint has no `score` weight there:
@@ -332,6 +353,28 @@ class ModelSource:
             self._files = None
         self._filling = None
         release_freed_host_memory()
+
+
+def copies_as_placeholders(model: torch.nn.Module) -> None:
+    """PEFT's modules_to_save copy of a module whose weights are still placeholders is a deep
+    copy that materialises them as zeros, which `fill` would skip (an LM head trained from
+    zeros): make such copies placeholders again, read from the checkpoint like their original
+    (weights.checkpoint_key gives both the same key). A copy of real weights (a grown
+    vocabulary's resized embedding, a reward model's fresh score head) is kept."""
+    import re
+
+    from trainers.model.weights import is_placeholder, make_placeholder, replace_parameters
+
+    originals = {n for n, p in model.named_parameters() if ".original_module." in n and is_placeholder(p)}
+
+    def placeholder(name, p):
+        if ".modules_to_save." not in name or is_placeholder(p):
+            return None
+        if re.sub(r"\.modules_to_save\.[^.]+\.", ".original_module.", name) not in originals:
+            return None
+        return make_placeholder(p.shape, p.dtype).requires_grad_(p.requires_grad)
+
+    replace_parameters(model, placeholder)
 
 
 def release_freed_host_memory() -> None:
