@@ -169,7 +169,7 @@ def build_trainer(
         train_sampling_strategy="sequential", dataloader_num_workers=0, disable_dropout=True,
         dataset_num_proc=None,
     )
-    sched_cfg = SimpleNamespace(schedule=schedule, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
+    sched_cfg = SimpleNamespace(schedule=schedule, warmup_steps=warmup_steps, warmup_ratio=None, min_lr_ratio=min_lr_ratio)
 
     def with_schedule(cls):
         class Reference(cls):
