@@ -127,7 +127,7 @@ def test_chat_template_by_name_or_file_and_a_tokenizer_without_one_is_refused(tm
     tok.save_pretrained(plain)
     (plain / "chat_template.jinja").unlink(missing_ok=True)
     (plain / "config.json").write_text((BUNDLED / "config.json").read_text())
-    model = OmegaConf.create({"path": str(plain), "trust_remote_code": False})
+    model = OmegaConf.create({"path": str(plain), "trust_remote_code": False, "special_tokens": None})
     bare = load_tokenizer(model)
     assert bare.chat_template is None
     with pytest.raises(UserError, match="data.chat_template"):
