@@ -74,7 +74,8 @@ def ours(tmp_path, tiny_model, data, overrides, table, monkeypatch):
     from trainers.loop import train
     from trainers.objectives import grpo, rollout
 
-    monkeypatch.setattr(rollout, "generate", lambda plan, tok, prompts, *a, **k: table(prompts))
+    monkeypatch.setattr(rollout, "generate", lambda plan, tok, prompts, *a, copies=1, **k:
+                        table([p for p in prompts for _ in range(copies)]))
     advantages = []
     built = grpo.GRPO.score_and_build
 

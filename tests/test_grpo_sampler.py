@@ -5,10 +5,13 @@ it, and a resume across the change, would differ."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
 from trainers.objectives.rollout import Sampler, draw
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_draw_equals_multinomial_row_by_row_over_many_tokens():
@@ -38,3 +41,43 @@ def test_sampler_returns_the_draw_as_a_one_hot_greedy_choice_with_temperature_an
     probs = torch.full_like(scores, -math.inf).scatter(1, top5, scores.gather(1, top5) / 0.7).softmax(-1)
     gens = [torch.Generator().manual_seed(s) for s in range(8)]
     assert torch.equal(picks, torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(gens)]))
+
+
+def test_a_group_prefilled_once_generates_what_each_row_prefilled_alone_generates():
+    """generate(copies=G) runs each prompt's prefix once and repeats its KV cache for the G
+    rows; the completions (sampled from per-row generators, and greedy) must equal those of
+    the same prompts repeated G times and prefilled row by row, on prompts of unequal length
+    (left padding) through a LoRA model, and the prefix forward must see one row per prompt."""
+    import contextlib
+    import types
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainers.objectives.rollout import completion_seed, generate
+
+    base = REPO / "assets" / "tiny-llama"
+    tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    plan = types.SimpleNamespace(eval_model=model, env=types.SimpleNamespace(device=torch.device("cpu")),
+                                 autocast=contextlib.nullcontext, dp_world=1)
+    prompts = [tok(t)["input_ids"] for t in ("Reverse: abc", "Reverse: hatofwd", "Reverse: qz")]
+    G = 4
+    rows_seen = []
+    hook = model.get_base_model().model.register_forward_pre_hook(
+        lambda mod, args, kw: rows_seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    seeds = [completion_seed(7, 3, i) for i in range(len(prompts) * G)]
+    for s in (seeds, None):
+        rows_seen.clear()
+        shared = generate(plan, tok, prompts, 12, len(prompts) * G, s, temperature=1.0, top_k=20, copies=G)
+        assert rows_seen[0] == (len(prompts), max(map(len, prompts)) - 1) and rows_seen[1][0] == len(prompts) * G
+        alone = generate(plan, tok, [p for p in prompts for _ in range(G)], 12, len(prompts) * G, s,
+                         temperature=1.0, top_k=20)
+        assert shared == alone and len(shared) == len(prompts) * G
+    hook.remove()
+    assert len({tuple(c) for c in shared}) < len(shared)  # greedy: a group's rows agree

@@ -177,14 +177,15 @@ class GRPO:
         cfg, k = plan.cfg, self.knobs
         items = R.prompt_items(micro)
         G, rank, world = self.G, plan.dp_rank, plan.dp_world
-        prompt_ids = [p for p in R.prompt_arrays(items) for _ in range(G)]
+        prompts_once = R.prompt_arrays(items)
+        prompt_ids = [p for p in prompts_once for _ in range(G)]
         n_local = len(prompt_ids)
         seeds = [R.completion_seed(int(cfg.seed), gen_step, rank * n_local + i) for i in range(n_local)]
         # The rank's whole batch in one generate call, as TRL does (its generation batch):
         # at these scales a decoding step costs the same for 16 or 32 rows, so one call of
         # n_local rows makes half the decoding forwards of grad_accum calls.
-        completion_ids = R.generate(plan, tok, prompt_ids, int(k["max_completion_length"]), n_local, seeds,
-                                    float(k["temperature"]), int(k["top_k"]), float(k["top_p"]))
+        completion_ids = R.generate(plan, tok, prompts_once, int(k["max_completion_length"]), n_local, seeds,
+                                    float(k["temperature"]), int(k["top_k"]), float(k["top_p"]), copies=G)
         rows = R.raw_rows([(it["path"], it["row"]) for it in items], cfg.data.columns)
         rows = [r for r in rows for _ in range(G)]
         names = [it["name"] for it in items for _ in range(G)]
@@ -252,7 +253,7 @@ class GRPO:
                                 bool(k["mask_truncated_completions"]))
         whole["advantages"] = adv[rank * n_local:(rank + 1) * n_local].float()
         size = micro_size or n_local
-        batches = R.split_rows(whole, size)
+        batches = R.micro_batches(whole, size)
         for b in batches:
             b["n_real_tokens"] = int(b["attention_mask"].sum())
         active = float(sum((b["labels"] != -100).sum() for b in batches))

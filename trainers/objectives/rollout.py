@@ -81,23 +81,29 @@ def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 @torch.no_grad()
 def generate(plan, tokenizer, prompts: list[list[int]], max_new_tokens: int, per_call: int,
-             seeds: list[int] | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> list[list[int]]:
+             seeds: list[int] | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             copies: int = 1) -> list[list[int]]:
     """Completion token ids (cut after the first EOS, which they keep, as TRL does) of each
-    prompt, `per_call` sequences per generate call; `seeds` None: greedy. Every rank must
-    call this with the same number of prompts."""
+    prompt, `copies` completions per prompt (a GRPO group: rows i*copies..(i+1)*copies-1 are
+    prompt i's), `per_call` completions per generate call; `seeds` (one per completion)
+    None: greedy. Every rank must call this with the same number of prompts."""
     model, device = plan.eval_model, plan.env.device
     was_training = model.training
     model.eval()
     eos = tokenizer.eos_token_id
     out: list[list[int]] = []
+    step = max(per_call // copies, 1)
     try:
-        for s in range(0, len(prompts), per_call):
-            ids, mask = left_padded(prompts[s:s + per_call], tokenizer.pad_token_id)
+        for s in range(0, len(prompts), step):
+            ids, mask = left_padded(prompts[s:s + step], tokenizer.pad_token_id)
             processors = LogitsProcessorList()
             if seeds is not None:
-                processors.append(Sampler(seeds[s:s + per_call], temperature, top_k, top_p, device))
+                processors.append(Sampler(seeds[s * copies:(s + step) * copies], temperature, top_k, top_p, device))
+            ids, mask = ids.to(device), mask.to(device)
             with plan.autocast():
-                seq = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                cache = shared_prefix(model, ids, mask, copies)
+                ids, mask = ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
+                seq = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
                                      max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
                                      synced_gpus=plan.dp_world > 1 and dist.is_initialized())
@@ -107,6 +113,26 @@ def generate(plan, tokenizer, prompts: list[list[int]], max_new_tokens: int, per
     finally:
         model.train(was_training)
     return out
+
+
+def shared_prefix(model, ids: torch.Tensor, mask: torch.Tensor, copies: int):
+    """The KV cache of every prompt token but the last, computed once per prompt and repeated
+    for its `copies` rows (None: nothing to share). `generate` resumes from it and runs the
+    last prompt token itself, for all rows: a group's prompt is prefilled once instead of
+    num_generations times (vLLM's prefix caching does this for TRL's GPU users), which at
+    8 generations was a quarter of the generate call here (docs/grpo.md). Positions are
+    generate's own (cumsum of the mask - 1, 0 on padding), so the cache is the one generate
+    would have built, row for row."""
+    if copies == 1 or ids.size(1) < 2:
+        return None
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], past_key_values=cache,
+          use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(copies)
+    return cache
 
 
 def training_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int, eos_id: int,
@@ -131,9 +157,25 @@ def training_rows(prompts: list[list[int]], completions: list[list[int]], pad_id
     return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
 
-def split_rows(batch: dict, size: int) -> list[dict]:
-    n = batch["input_ids"].size(0)
-    return [{k: v[i:i + size] for k, v in batch.items()} for i in range(0, n, size)]
+def micro_batches(batch: dict, size: int) -> list[dict]:
+    """The rank's rows as micro-batches of `size` rows, rows of like extent together, each
+    micro-batch cut to the columns its rows use. A step's loss is a sum over tokens (or
+    sequences) divided by a count over the global batch, so which micro-batch a row trains
+    in changes no term, only the padding the forward and backward compute: completions of
+    8 generations range from a few tokens to max_completion_length, and TRL's layout pads
+    every row to the longest of the batch (a third of the trained positions here)."""
+    mask = batch["attention_mask"]
+    width = mask.size(1)
+    end = width - mask.flip(1).int().argmax(1)  # one past each row's last attended column
+    order = torch.argsort(end, stable=True)
+    out = []
+    for i in range(0, mask.size(0), size):
+        rows = order[i:i + size]
+        b = {k: v.index_select(0, rows) for k, v in batch.items()}
+        used = b["attention_mask"].any(0).nonzero().squeeze(1)
+        lo, hi = (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, width)
+        out.append({k: v[:, lo:hi] if v.dim() == 2 and v.size(1) == width else v for k, v in b.items()})
+    return out
 
 
 def raw_rows(items: list[tuple[str, int]], columns=None) -> list[dict]:
