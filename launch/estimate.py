@@ -54,7 +54,9 @@ is what one rank holds at its peak, the larger of training and loading:
              sequences (the rank's whole step batch, as TRL generates), the KV cache
              (2 * kv * layers elements per token) and fp32 scores of V per row: the larger
              of that and the training activations counts (the reference pass, no grad,
-             holds less than either).
+             holds less than either). With objective.merged_generation (plain LoRA, unquantized,
+             a plan that keeps whole parameters) the rollout also holds a merged copy of the
+             adapted linears' weights, in the compute dtype.
   buffers    plans that gather parameters unit by unit (layout.gathers_units): the largest
              unit (the root: embeddings + lm_head + final norm, or one decoder layer) + one
              prefetched decoder layer, in the compute dtype, or what the plan may keep
@@ -145,6 +147,7 @@ class Setup:
     device: str = "gpu"  # "gpu": overhead and offload apply; "cpu": one memory for all
     forwards_per_step: int = 1  # micro-batches (pipeline: pipeline micro-batches) per rank per step
     rollout_rows: int = 0  # objective=grpo: sequences per generate call (0: no rollout): the rank's step batch
+    merged_generation: bool = False  # objective=grpo: the rollout holds a merged copy of the adapted linears
     optimizer: str = "adamw"  # optim.name; optim_moments: SGD's momentum / Adafactor's beta1 (0: none), Lion's bits
     optim_moments: float = 0.0
     optim_bits: int = 32
@@ -307,6 +310,8 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
         plan=cfg.parallel.name, layout=layout, world=world, nodes=nodes(cfg),
         tokens=rows * seq, act_bytes=2 if bf16 else 4,
         rollout_rows=int(cfg.train.micro_batch_size) * int(cfg.train.grad_accum) if on_policy else 0,
+        merged_generation=on_policy and bool(cfg.objective.merged_generation) and m.peft == "lora"
+        and not m.use_dora and m.quantize is None and "params" not in layout.shards,
         activation_checkpointing=bool(cfg.train.activation_checkpointing),
         loss_chunk_tokens=int(chunk) if chunk else None, device=device,
         forwards_per_step=max(1, int(cfg.train.micro_batch_size) * int(cfg.train.grad_accum) // rows),
@@ -375,6 +380,9 @@ def estimate(a: Arch, s: Setup) -> Estimate:
     activations = layer_acts * c + logit_tokens * a.vocab * (c + 8)
     if s.rollout_rows:  # GRPO's generation: KV cache of one generate call + its fp32 scores
         rollout = s.tokens * s.forwards_per_step * layers_here * 2 * a.kv_dim * c + s.rollout_rows * a.vocab * 4
+        if s.merged_generation:  # trainers/objectives/merged_generation.py: W + scale B A of each adapted linear
+            shapes = a.linear_shapes()
+            rollout += a.layers * sum(shapes[t][0] * shapes[t][1] for t in s.lora_targets) * c
         activations = max(activations, rollout)
 
     layer = a.layer_linear_params + 2 * a.hidden
@@ -500,7 +508,8 @@ def suggestions(cfg: DictConfig, est: Estimate, budget: float) -> list[str]:
             note = f"; needs ~{node:.0f} GiB of CPU RAM per node for the offloaded state"
         return f"  (~{e.total / GIB:.0f} GiB/GPU on {e.setup.world} GPUs{note})"
 
-    for same_plan in ({"train__activation_checkpointing": True} if not s.activation_checkpointing else None,
+    for same_plan in ({"objective__merged_generation": False} if s.merged_generation else None,
+                      {"train__activation_checkpointing": True} if not s.activation_checkpointing else None,
                       one_row):
         if same_plan and (e := fitting(variant(cfg, **same_plan))):
             out.append(flags(cfg, same_plan) + fit_note(e))

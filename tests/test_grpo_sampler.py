@@ -81,3 +81,45 @@ def test_a_group_prefilled_once_generates_what_each_row_prefilled_alone_generate
         assert shared == alone and len(shared) == len(prompts) * G
     hook.remove()
     assert len({tuple(c) for c in shared}) < len(shared)  # greedy: a group's rows agree
+
+
+def test_merged_generation_forwards_through_w_plus_delta_and_leaves_the_weights_untouched():
+    """Inside merged_linears each plain LoRA linear is one matmul with W + scale B A: logits
+    equal the adapter path's to float rounding, greedy completions are the same, and on exit
+    every parameter is bit for bit what it was and the modules forward through PEFT again."""
+    import contextlib
+    import types
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainers.objectives.merged_generation import mergeable, merged_linears
+    from trainers.objectives.rollout import generate
+
+    base = REPO / "assets" / "tiny-llama"
+    tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")).eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.tensor([tok("Reverse: hatofwd")["input_ids"]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with merged_linears(model) as n:
+            got = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    n_linears = sum(mergeable(m) for m in model.modules())
+    assert n == n_linears == 7 * model.config.num_hidden_layers
+    assert torch.allclose(got, want, atol=1e-5) and not torch.equal(got, want)  # one matmul, not base + A, B
+    assert torch.equal(again, want)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all("forward" not in m.__dict__ for m in model.modules() if mergeable(m))
+    plan = types.SimpleNamespace(eval_model=model, env=types.SimpleNamespace(device=torch.device("cpu")),
+                                 autocast=contextlib.nullcontext, dp_world=1)
+    prompts = [tok(t)["input_ids"] for t in ("Reverse: abc", "Reverse: hatofwd")]
+    assert generate(plan, tok, prompts, 12, 8, None, merged=True) == generate(plan, tok, prompts, 12, 8, None)
+    with model.disable_adapter(), merged_linears(model) as n:
+        assert n == 0  # the reference pass (adapter disabled) is never merged

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -42,6 +43,9 @@ from trainers.objectives import rollout as R
 from trainers.objectives.grpo_settings import reward_names
 from trainers.objectives.reward import load_rewards, score
 from trainers.objectives.token_logps import install, token_logps
+
+log = logging.getLogger("train")
+_SAID: set[int] = set()
 
 # ------------------------------------------------------------------------- the math
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str):
@@ -140,7 +144,24 @@ class GRPO:
             self._chunk_n = self._chunk(plan)
             self._rewards = load_rewards(self.knobs["rewards"], self.knobs["reward_weights"], plan.compute_dtype,
                                          plan.env.device)
+            self._log_generation_path(plan)
         return self._tokenizer
+
+    def _log_generation_path(self, plan) -> None:
+        from trainers.objectives.merged_generation import mergeable
+
+        if id(plan) in _SAID:  # (the evaluator's GRPO and the loop's share the plan: say it once)
+            return
+        _SAID.add(id(plan))
+        linears = [m for m in plan.eval_model.modules() if mergeable(m)]
+        if self.knobs["merged_generation"] and linears:
+            mib = sum(m.base_layer.weight.nbytes for m in linears) / 2**20
+            log.info("grpo: rollouts generate through merged LoRA weights (%d linears, a %.0f MiB copy while "
+                     "generating; objective.merged_generation=false: through the adapter)", len(linears), mib)
+        else:
+            log.info("grpo: rollouts generate through the model as it trains (%s)",
+                     "objective.merged_generation=false" if self.knobs["merged_generation"] is False else
+                     "no whole, unquantized plain-LoRA linear to merge under this plan and method")
 
     def _chunk(self, plan) -> int:
         from trainers.objectives.lm_loss import chunk_tokens_for
@@ -185,7 +206,8 @@ class GRPO:
         # at these scales a decoding step costs the same for 16 or 32 rows, so one call of
         # n_local rows makes half the decoding forwards of grad_accum calls.
         completion_ids = R.generate(plan, tok, prompts_once, int(k["max_completion_length"]), n_local, seeds,
-                                    float(k["temperature"]), int(k["top_k"]), float(k["top_p"]), copies=G)
+                                    float(k["temperature"]), int(k["top_k"]), float(k["top_p"]), copies=G,
+                                    merged=bool(k["merged_generation"]))
         rows = R.raw_rows([(it["path"], it["row"]) for it in items], cfg.data.columns)
         rows = [r for r in rows for _ in range(G)]
         names = [it["name"] for it in items for _ in range(G)]
@@ -314,7 +336,8 @@ class GRPO:
         shard = _shard(items, plan.dp_rank, plan.dp_world)
         mine = [it for it, _ in shard]
         ids = R.generate(plan, tok, R.prompt_arrays(mine), int(self.knobs["max_completion_length"]),
-                         max(int(cfg.train.micro_batch_size), 16), None)
+                         max(int(cfg.train.micro_batch_size), 16), None,
+                         merged=bool(self.knobs["merged_generation"]))
         rows = R.raw_rows([(it["path"], it["row"]) for it in mine], cfg.data.columns)
         prompts = [r["prompt"] for r in rows]
         texts = tok.batch_decode(ids, skip_special_tokens=True)

@@ -119,6 +119,7 @@ def check_knobs(k: dict) -> None:
     need(k["importance_sampling_level"] in IS_LEVELS, "importance_sampling_level",
          f"use one of {', '.join(IS_LEVELS)}")
     need(isinstance(k["mask_truncated_completions"], bool), "mask_truncated_completions", "true or false")
+    need(isinstance(k["merged_generation"], bool), "merged_generation", "true or false")
     need(isinstance(k["use_bias_correction_kl"], bool), "use_bias_correction_kl", "true or false")
     check_reward_specs(k["rewards"], k["reward_weights"])
 

@@ -31,6 +31,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, TopKLogitsWarper,
 
 from trainers.data.formats import map_columns
 from trainers.data.rows import IGNORE, read_rows
+from trainers.objectives.merged_generation import merged_linears
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -82,11 +83,13 @@ def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 @torch.no_grad()
 def generate(plan, tokenizer, prompts: list[list[int]], max_new_tokens: int, per_call: int,
              seeds: list[int] | None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             copies: int = 1) -> list[list[int]]:
+             copies: int = 1, merged: bool = False) -> list[list[int]]:
     """Completion token ids (cut after the first EOS, which they keep, as TRL does) of each
     prompt, `copies` completions per prompt (a GRPO group: rows i*copies..(i+1)*copies-1 are
     prompt i's), `per_call` completions per generate call; `seeds` (one per completion)
-    None: greedy. Every rank must call this with the same number of prompts."""
+    None: greedy; `merged`: through merged LoRA weights where the plan allows
+    (trainers/objectives/merged_generation.py). Every rank must call this with the same
+    number of prompts."""
     model, device = plan.eval_model, plan.env.device
     was_training = model.training
     model.eval()
@@ -94,22 +97,23 @@ def generate(plan, tokenizer, prompts: list[list[int]], max_new_tokens: int, per
     out: list[list[int]] = []
     step = max(per_call // copies, 1)
     try:
-        for s in range(0, len(prompts), step):
-            ids, mask = left_padded(prompts[s:s + step], tokenizer.pad_token_id)
-            processors = LogitsProcessorList()
-            if seeds is not None:
-                processors.append(Sampler(seeds[s * copies:(s + step) * copies], temperature, top_k, top_p, device))
-            ids, mask = ids.to(device), mask.to(device)
-            with plan.autocast():
-                cache = shared_prefix(model, ids, mask, copies)
-                ids, mask = ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
-                seq = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
-                                     max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                                     synced_gpus=plan.dp_world > 1 and dist.is_initialized())
-            for row in seq[:, ids.size(1):].tolist():
-                cut = row.index(eos) + 1 if eos in row else len(row)
-                out.append(row[:cut])
+        with merged_linears(model, merged):
+            for s in range(0, len(prompts), step):
+                ids, mask = left_padded(prompts[s:s + step], tokenizer.pad_token_id)
+                processors = LogitsProcessorList()
+                if seeds is not None:
+                    processors.append(Sampler(seeds[s * copies:(s + step) * copies], temperature, top_k, top_p, device))
+                ids, mask = ids.to(device), mask.to(device)
+                with plan.autocast():
+                    cache = shared_prefix(model, ids, mask, copies)
+                    ids, mask = ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
+                    seq = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                         max_new_tokens=max_new_tokens, do_sample=False, logits_processor=processors,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                                         synced_gpus=plan.dp_world > 1 and dist.is_initialized())
+                for row in seq[:, ids.size(1):].tolist():
+                    cut = row.index(eos) + 1 if eos in row else len(row)
+                    out.append(row[:cut])
     finally:
         model.train(was_training)
     return out
