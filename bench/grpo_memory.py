@@ -56,10 +56,11 @@ def prompt_rows(path: Path, n: int = 32) -> Path:
     return path
 
 
-def overrides(plan: str, data: Path) -> list[str]:
+def overrides(plan: str, data: Path, micro: int = 8) -> list[str]:
     return ["objective=grpo", f"data.train={data}", "data.eval=null", f"data.max_seq_len={PROMPT_TOKENS}",
             f"objective.max_completion_length={COMPLETION_TOKENS}", "objective.num_generations=8",
-            "train.micro_batch_size=8", "train.grad_accum=1", "train.max_steps=3", "train.save_every=1000",
+            f"train.micro_batch_size={micro}", f"train.grad_accum={8 // micro}", "train.max_steps=3",
+            "train.save_every=1000",
             "train.host_memory=compact", "method=lora", "method.dropout=0", "train.precision=fp32",
             "optim.lr=1e-5", *PLANS[plan][0]]
 
@@ -70,6 +71,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "grpo_memory.json"))
     ap.add_argument("--plans", nargs="+", default=["none", "ddp", "zero3"], choices=list(PLANS))
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--micro-batch", type=int, default=8, choices=[1, 2, 4, 8],
+                    help="completions per micro-batch (grad_accum = 8 / this: the generate call stays 8 rows); "
+                         "2 makes the rollout (KV cache + merged LoRA copy) the step's peak instead of training")
+    ap.add_argument("--set", nargs="*", default=[], help="extra launch overrides, e.g. objective.merged_generation=false")
     args = ap.parse_args()
     from _model100m import build
 
@@ -83,23 +88,26 @@ def main() -> None:
         for label, path in (("model", big), ("base", tiny)):
             run = work / "runs" / f"grpo-{plan}-{label}"
             subprocess.run(["rm", "-rf", str(run)])
-            peaks = peak_through_step_two([*overrides(plan, data), f"model.path={path}", f"hydra.run.dir={run}"],
+            peaks = peak_through_step_two([*overrides(plan, data, args.micro_batch), *args.set, f"model.path={path}",
+                                           f"hydra.run.dir={run}"],
                                           work / f"{run.name}.log", REPO, args.timeout)
             result[label] = (max(peaks.values()), cpu_estimate_mib(run))
         measured = result["model"][0] - result["base"][0]
         estimate = result["model"][1] - result["base"][1]
         row = {"plan": plan, "world_size": PLANS[plan][1], "method": "lora", "precision": "fp32",
                "prompt_tokens": PROMPT_TOKENS, "completion_tokens": COMPLETION_TOKENS, "completions_per_rank": 8,
+               "micro_batch": args.micro_batch, "overrides": args.set,
                "estimate_mib": round(estimate), "measured_mib": round(measured),
                "ratio": round(estimate / measured, 3) if measured else None,
                "peak_rss_mib": round(result["model"][0]), "fixed_overhead_mib": round(result["base"][0])}
         rows.append(row)
         print(json.dumps(row), flush=True)
         Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
-    print("| plan | N | estimate MiB | measured MiB | est/meas | peak RSS | fixed overhead |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| plan | N | micro-batch | overrides | estimate MiB | measured MiB | est/meas | peak RSS | fixed overhead |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['plan']} | {r['world_size']} | {r['estimate_mib']} | {r['measured_mib']} | {r['ratio']:.2f} "
+        print(f"| {r['plan']} | {r['world_size']} | {r['micro_batch']} | {' '.join(r['overrides'])} "
+              f"| {r['estimate_mib']} | {r['measured_mib']} | {r['ratio']:.2f} "
               f"| {r['peak_rss_mib']} | {r['fixed_overhead_mib']} |")
 
 
