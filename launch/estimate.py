@@ -497,7 +497,7 @@ def suggestions(cfg: DictConfig, est: Estimate, budget: float) -> list[str]:
         parts = [f"parallel={c.parallel.name}"] if c.parallel.name != cfg.parallel.name else []
         if c.method.name != cfg.method.name:
             parts.insert(0, f"method={c.method.name}")
-        parts += [f"{k.replace('__', '.')}={v}" for k, v in changed.items()]
+        parts += [f"{k.replace('__', '.')}={str(v).lower() if isinstance(v, bool) else v}" for k, v in changed.items()]
         return " ".join(parts)
 
     def fit_note(e: Estimate) -> str:

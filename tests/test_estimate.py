@@ -333,3 +333,29 @@ def test_grpo_counts_prompt_plus_completion_rows_and_the_rollout_kv_cache(tmp_pa
     a = arch_of(grpo.model)
     kv = s.tokens * s.forwards_per_step * a.layers * 2 * a.kv_dim * s.act_bytes + s.rollout_rows * a.vocab * 4
     assert est.activations >= kv and est.activations > sft.activations
+
+
+def test_grpo_rollout_counts_the_merged_lora_copy_only_where_generation_merges(tmp_path):
+    """objective.merged_generation: plain LoRA on an unquantized base under a plan that keeps
+    whole parameters holds W + scale B A of every adapted linear during the rollout (the
+    measured copy: bench/results/grpo_memory_rollout_peak.json); not under zero3 / fsdp2, not
+    for QLoRA or DoRA, not when turned off; a run that fits only without it is told so."""
+    from launch.estimate import arch_of, estimate, setup_of, suggestions
+
+    base = ["model=8b", "data.max_seq_len=256", "data.train=x.jsonl", "objective=grpo", "train.micro_batch_size=1",
+            "train.grad_accum=8"]
+    merged = cfg_for(tmp_path, *base, "method=lora", "parallel=ddp")
+    assert setup_of(merged).merged_generation
+    for other in (["objective.merged_generation=false", "method=lora", "parallel=ddp"],
+                  ["method=lora", "parallel=zero3"], ["method=lora", "parallel=fsdp2"],
+                  ["method=qlora", "parallel=ddp"], ["method=dora", "parallel=ddp"]):
+        assert not setup_of(cfg_for(tmp_path, *base, *other)).merged_generation, other
+    a, s = arch_of(merged.model), setup_of(merged)
+    on, off = estimate(a, s), estimate(a, replace(s, merged_generation=False))
+    shapes = a.linear_shapes()
+    copy = a.layers * sum(shapes[t][0] * shapes[t][1] for t in s.lora_targets) * s.act_bytes
+    assert copy > 10 * GIB  # 8B in bf16: the adapted linears are most of the model
+    assert on.activations == max(off.activations, on.activations) and on.total > off.total
+    assert on.activations - off.activations <= copy
+    budget = (on.total + off.total) / 2 / GIB  # fits without the copy, not with it
+    assert any("objective.merged_generation=false" in line for line in suggestions(merged, on, budget))
