@@ -168,6 +168,8 @@ class Estimate:
     grads_and_activations: float = 0.0  # what the two hold together at their peak (see `estimate`)
     step_extra: float = 0.0  # the optimizer step's transients, counted inside grads & activations
     optim_per_param: float = 8.0  # the optimizer's state bytes per trainable parameter (master copy apart)
+    rollout: float = 0.0  # objective=grpo: what the rollout holds (activations is the larger of it and training's)
+    merged_copy: float = 0.0  # of which the merged LoRA copy (objective.merged_generation)
 
     @property
     def train(self) -> float:
@@ -186,6 +188,10 @@ class Estimate:
         act = f"{s.tokens} tokens/micro-batch, {s.act_bytes} B/element"
         if s.activation_checkpointing:
             act += ", recomputed per layer"
+        if self.rollout:
+            act += f"; the rollout holds {_bytes(self.rollout).strip()}" + (
+                f" ({_bytes(self.merged_copy).strip()} of it a merged LoRA copy: objective.merged_generation)"
+                if self.merged_copy else "")
         lines = [
             f"memory per GPU (estimate; formula in launch/estimate.py), {s.world} rank(s):",
             f"  parameters   {_bytes(self.params)}   {_count(self.total_params)} params"
@@ -378,11 +384,13 @@ def estimate(a: Arch, s: Setup) -> Estimate:
         layer_acts = L.in_flight * s.tokens * layers_here * per_layer
     logit_tokens = min(s.tokens, s.loss_chunk_tokens) if s.loss_chunk_tokens else s.tokens
     activations = layer_acts * c + logit_tokens * a.vocab * (c + 8)
+    rollout = merged_copy = 0.0
     if s.rollout_rows:  # GRPO's generation: KV cache of one generate call + its fp32 scores
         rollout = s.tokens * s.forwards_per_step * layers_here * 2 * a.kv_dim * c + s.rollout_rows * a.vocab * 4
         if s.merged_generation:  # trainers/objectives/merged_generation.py: W + scale B A of each adapted linear
             shapes = a.linear_shapes()
-            rollout += a.layers * sum(shapes[t][0] * shapes[t][1] for t in s.lora_targets) * c
+            merged_copy = a.layers * sum(shapes[t][0] * shapes[t][1] for t in s.lora_targets) * c
+            rollout += merged_copy
         activations = max(activations, rollout)
 
     layer = a.layer_linear_params + 2 * a.hidden
@@ -441,7 +449,7 @@ def estimate(a: Arch, s: Setup) -> Estimate:
     load_state = params + in_flight
     load = load_state + (CUDA_OVERHEAD + FRAGMENTATION * load_state if s.device == "gpu" else 0.0)
     return Estimate(s, total, trainable, params, grads, optim, activations, buffers, overhead, load,
-                    grads_and_activations, step_extra, optim_per_param)
+                    grads_and_activations, step_extra, optim_per_param, rollout, merged_copy)
 
 
 # ------------------------------------------------------------------- the check
