@@ -1,4 +1,4 @@
-"""GRPO's sampler draws exactly what torch.multinomial draws from the same per-completion
+"""GRPO's rollout pieces. The sampler draws exactly what torch.multinomial draws from the same per-completion
 generators (trainers/objectives/rollout.py writes the draw out to skip multinomial's per-row
 checks): a faster sampler must not change a single sampled token, or runs before and after
 it, and a resume across the change, would differ."""
@@ -123,3 +123,34 @@ def test_merged_generation_forwards_through_w_plus_delta_and_leaves_the_weights_
     assert generate(plan, tok, prompts, 12, 8, None, merged=True) == generate(plan, tok, prompts, 12, 8, None)
     with model.disable_adapter(), merged_linears(model) as n:
         assert n == 0  # the reference pass (adapter disabled) is never merged
+
+
+def test_token_logps_in_one_chunk_or_many_give_the_same_values_and_gradients():
+    """Several chunks are recomputed in backward, a single chunk is kept: both give the
+    log-probs, entropies and gradients of a plain full-logits log_softmax (to float rounding:
+    the head's matmul runs on chunks of different sizes)."""
+    from transformers import AutoModelForCausalLM
+
+    from trainers.objectives.token_logps import install, token_logps
+
+    model = AutoModelForCausalLM.from_pretrained(REPO / "assets" / "tiny-llama", dtype=torch.float32)
+    install(model)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 100, (3, 12))
+    labels = torch.full_like(ids, -100)
+    labels[:, 4:11] = ids[:, 5:12]
+    out = {}
+    model.zero_grad()
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits.float() / 0.7
+    logp = plain.log_softmax(-1)
+    want = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).masked_fill(labels == -100, 0.0)
+    for chunk in (5, 1 << 40):
+        model.zero_grad()
+        lp, ent = token_logps(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels, 0.7, chunk)
+        lp.sum().backward()
+        out[chunk] = (lp.detach(), ent, [p.grad.clone() for p in model.parameters()])
+    (a, ea, ga), (b, eb, gb) = out.values()
+    assert torch.allclose(a, want, atol=1e-5) and torch.allclose(b, want, atol=1e-5)
+    assert torch.allclose(ea, eb, atol=1e-5) and all((x - y).norm() <= 1e-4 * y.norm() + 1e-7 for x, y in zip(ga, gb))
+    assert (a != 0).sum() == 21 and (a[labels == -100] == 0).all() and any(x.abs().sum() > 0 for x in ga)

@@ -7,8 +7,8 @@ Same idea as trainers/objectives/lm_loss.py's chunked loss, and inside the lm_he
 forward for the same reason (ZeRO-3 and FSDP2 gather its weight around that call): while
 `token_logps` has put labels in context, the head returns a [rows, positions] tensor of
 log-probs (0 where the label is ignored) in place of logits, computing `chunk` target
-positions at a time, each chunk recomputed in backward. Logits are divided by the sampling
-temperature first, as TRL does.
+positions at a time, each chunk recomputed in backward (unless there is only one). Logits
+are divided by the sampling temperature first, as TRL does.
 """
 from __future__ import annotations
 
@@ -44,9 +44,12 @@ def _chunked(head, hidden: torch.Tensor, req: _Request) -> torch.Tensor:
     h = hidden.reshape(-1, hidden.size(-1)).index_select(0, keep)
     y = flat.index_select(0, keep)
     lps, ents = [], []
+    # One chunk: its logits are what a chunk costs anyway (the estimate's logits term), so
+    # keep them for backward instead of recomputing the head (bitwise the same gradients).
+    recompute = torch.is_grad_enabled() and h.size(0) > req.chunk
     for start in range(0, max(h.size(0), 1), req.chunk):
         hs, ys = h[start:start + req.chunk], y[start:start + req.chunk]
-        if torch.is_grad_enabled():
+        if recompute:
             lp, ent = checkpoint(_chunk, head, hs, ys, req.temperature, use_reentrant=False)
         else:
             lp, ent = _chunk(head, hs, ys, req.temperature)
