@@ -160,7 +160,7 @@ class GRPO:
                      "generating; objective.merged_generation=false: through the adapter)", len(linears), mib)
         else:
             log.info("grpo: rollouts generate through the model as it trains (%s)",
-                     "objective.merged_generation=false" if self.knobs["merged_generation"] is False else
+                     "objective.merged_generation=false" if not self.knobs["merged_generation"] else
                      "no whole, unquantized plain-LoRA linear to merge under this plan and method")
 
     def _chunk(self, plan) -> int:
