@@ -81,6 +81,7 @@ from dataclasses import dataclass, replace
 
 from omegaconf import DictConfig, OmegaConf
 
+from parallel import optim_state
 from parallel.layout import StateLayout
 from trainers.errors import UserError
 
@@ -203,20 +204,14 @@ class Estimate:
         return "\n".join(lines)
 
 
-# bitsandbytes quantizes 8-bit state blockwise: one fp32 absmax per block of 256 values.
-BNB_BLOCK = 256
-EIGHT_BIT = 1 + 4 / BNB_BLOCK
-
-
 def optimizer_state(a: Arch, s: Setup, trainable: int) -> float:
-    """The optimizer's state bytes for the trainable parameters, unsharded: AdamW 8 B/param
-    (two fp32 moments), 8-bit AdamW 2 x (1 + 4/256), Lion one moment (4, or 8-bit), SGD a
-    momentum buffer or nothing, Adafactor a row and a column vector per matrix (plus beta1's
-    first moment when set)."""
-    per = {"adamw": 8.0, "paged_adamw32bit": 8.0, "adamw8bit": 2 * EIGHT_BIT, "paged_adamw8bit": 2 * EIGHT_BIT,
-           "lion": 4.0 if s.optim_bits == 32 else EIGHT_BIT, "sgd": 4.0 if s.optim_moments else 0.0}
+    """The optimizer's state bytes for the trainable parameters, unsharded (the table is
+    parallel/optim_state.py, shared with the runtime plan's expected-state line): AdamW
+    8 B/param (two fp32 moments), 8-bit AdamW 2 x (1 + 4/256), Lion one moment (4, or 8-bit),
+    SGD a momentum buffer or nothing, Adafactor a row and a column vector per matrix (plus
+    beta1's first moment when set)."""
     if s.optimizer != "adafactor":
-        return per[s.optimizer] * trainable
+        return optim_state.per_param(s.optimizer, s.optim_bits, s.optim_moments) * trainable
     if s.peft is None:
         mats = [shape for shape in a.linear_shapes().values()] * a.layers + [(a.vocab, a.hidden)] * (1 if a.tied else 2)
         vectors = (2 * a.layers + 1) * a.hidden
@@ -226,8 +221,7 @@ def optimizer_state(a: Arch, s: Setup, trainable: int) -> float:
         vectors = trainable - sum(r * c for r, c in mats)  # DoRA's magnitudes
     else:  # IA3 vectors, prompt / prefix tables: counted unfactored
         mats, vectors = [], trainable
-    factored = 4.0 * (sum(r + c for r, c in mats) + vectors)
-    return factored + (4.0 * trainable if s.optim_moments else 0.0)
+    return optim_state.adafactor(mats, vectors, s.optim_moments, trainable)
 
 
 def optimizer_text(per_param: float, s: Setup) -> str:
@@ -280,7 +274,8 @@ def layout_of(cfg: DictConfig, world: int) -> StateLayout:
 def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
     from launch.config import nodes, world_size
 
-    m, o = cfg.method, cfg.optim
+    m = cfg.method
+    optimizer, bits, moments = optim_state.settings(cfg.optim)
     targets = m.target_modules if m.peft in ("lora", "ia3", "adalora", "vera") else None
     if targets is None or targets == "all-linear":
         targets = LINEARS
@@ -310,8 +305,7 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
         activation_checkpointing=bool(cfg.train.activation_checkpointing),
         loss_chunk_tokens=int(chunk) if chunk else None, device=device,
         forwards_per_step=max(1, int(cfg.train.micro_batch_size) * int(cfg.train.grad_accum) // rows),
-        optimizer=o.name, optim_bits=int(o.bits) if o.name == "lion" else 32,
-        optim_moments=float(o.momentum if o.name == "sgd" else (o.beta1 or 0) if o.name == "adafactor" else 0),
+        optimizer=optimizer, optim_bits=bits, optim_moments=moments,
     )
 
 

@@ -333,3 +333,38 @@ def test_grpo_counts_prompt_plus_completion_rows_and_the_rollout_kv_cache(tmp_pa
     a = arch_of(grpo.model)
     kv = s.tokens * s.forwards_per_step * a.layers * 2 * a.kv_dim * s.act_bytes + s.rollout_rows * a.vocab * 4
     assert est.activations >= kv and est.activations > sft.activations
+
+
+@pytest.mark.parametrize("overrides, per_param", [
+    (["optim=adamw"], 8), (["optim=sgd", "optim.momentum=0.9"], 4), (["optim=sgd"], 0),
+    (["optim=adafactor", "optim.beta1=0.9"], None),  # factored: rows + columns per matrix, + beta1's moment
+])
+def test_the_plans_expected_optimizer_state_follows_the_optimizer_as_the_estimate_does(tmp_path, overrides, per_param):
+    """The runtime plan's "expected model state" line (parallel/base.py) counts the configured
+    optimizer's state from the loaded model with the estimate's table (parallel/optim_state.py):
+    AdamW two fp32 moments, SGD a momentum buffer or nothing, Adafactor factored; the same bytes
+    as the estimate."""
+    import torch
+
+    from parallel import build_plan
+    from trainers.distributed import DistEnv
+    from trainers.model.load import ModelSource
+
+    cfg = finalize(compose_default("method=full", *overrides), str(tmp_path / "run"))
+    plan = build_plan(cfg, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    plan.prepare(ModelSource(cfg.model, cfg.method, plan.compute_dtype, cfg.seed, cfg.train))
+    trainable = sum(p.numel() for p in plan.inner.parameters() if p.requires_grad)
+    state = plan.expected_state_bytes()
+    assert state["optim"] == for_config(cfg, device="cpu").optim
+    line = plan.expected_state_line()
+    assert f"+ optimizer {state['optim'] / 2**20:.1f} MiB (optim={cfg.optim.name})" in line, line
+    if per_param is None:
+        assert 4 * trainable < state["optim"] < 5 * trainable  # the first moment + a small factored second
+    else:
+        assert state["optim"] == per_param * trainable
+
+
+def compose_default(*overrides: str):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return compose("config", overrides=list(overrides))
