@@ -21,6 +21,10 @@ is what one rank holds at its peak, the larger of training and loading:
              trained weights (method=full) as fp32 masters (4 B); QLoRA: the decoder's
              linear weights in NF4 = 0.5 B/param + double-quantized absmax constants
              (~0.127 bit/param), everything else in bf16 (2 B); adapters fp32 (4 B).
+             method.quantize=int8 (bitsandbytes LLM.int8, Int8Params): the decoder's
+             linear weights as int8 codes (CB, 1 B/param) + one fp32 absmax per output row
+             (SCB), the embeddings, norms and lm_head in bf16 (2 B); adapters fp32 (4 B).
+             Checked against the loaded 8-bit model (tests/test_estimate.py, within 5 %).
   grads      4 B per trainable parameter (fp32), twice where the plan also keeps them in
              communication buckets (DDP). With one forward per step they peak after the
              activations are freed (grads & activations = kept buffers + the larger of
@@ -61,7 +65,8 @@ is what one rank holds at its peak, the larger of training and loading:
              gathered at once if that is more (layout.live_gathered: ZeRO-3's live
              and prefetched parameters once it has recorded the module order), + one
              layer's unsharded fp32 gradients before the reduce-scatter. QLoRA dequantizes one linear at a time
-             (h*I elements in bf16). The plan's own gradient communication buffers
+             (h*I elements in bf16); an 8-bit base one linear's codes x scales in the
+             compute dtype (backward's dequantized weight). The plan's own gradient communication buffers
              (layout.buckets, DeepSpeed) in the compute dtype.
   load       what the rank keeps (params) + layout.load_transient: one tensor in flight
              (the largest, V*h), one module's full tensors (ZeRO-3: the largest module,
@@ -89,6 +94,7 @@ GIB = 2**30
 CUDA_OVERHEAD = 1.5 * GIB
 FRAGMENTATION = 0.10
 NF4_BYTES = 0.5 + 0.127 / 8
+INT8_SCALE_BYTES = 4  # LLM.int8: one fp32 absmax (SCB) per output row of a quantized linear
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -116,6 +122,11 @@ class Arch:
         return sum(a * b for a, b in self.linear_shapes().values())
 
     @property
+    def layer_linear_rows(self) -> int:
+        """Output rows of a decoder layer's linears (LLM.int8 keeps one scale per row)."""
+        return sum(out for _, out in self.linear_shapes().values())
+
+    @property
     def root_params(self) -> int:
         """Embeddings + lm_head + final norm (FSDP2's root unit)."""
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
@@ -130,7 +141,7 @@ class Setup:
     """Everything the estimate depends on (so suggestions can vary one thing)."""
     method: str          # method name, for messages
     peft: str | None
-    quantized: bool
+    quantized: bool      # a 4-bit NF4 base (method.quantize=nf4)
     lora_r: int
     lora_targets: tuple[str, ...]
     dora: bool
@@ -149,6 +160,7 @@ class Setup:
     optimizer: str = "adamw"  # optim.name; optim_moments: SGD's momentum / Adafactor's beta1 (0: none), Lion's bits
     optim_moments: float = 0.0
     optim_bits: int = 32
+    int8: bool = False   # an 8-bit LLM.int8 base (method.quantize=int8)
 
 
 @dataclass
@@ -187,7 +199,7 @@ class Estimate:
         lines = [
             f"memory per GPU (estimate; formula in launch/estimate.py), {s.world} rank(s):",
             f"  parameters   {_bytes(self.params)}   {_count(self.total_params)} params"
-            + (", 4-bit base" if s.quantized else "") + _sharded("params", s),
+            + (", 4-bit base" if s.quantized else ", 8-bit base" if s.int8 else "") + _sharded("params", s),
             f"  gradients    {_bytes(self.grads)}   {_count(self.trainable)} trainable" + _sharded("grads", s),
             f"  optimizer    {_bytes(self.optim)}   {optimizer_text(self.optim_per_param, s)}"
             + _sharded("optim", s),
@@ -295,7 +307,7 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
         a = arch_of(cfg.model)
         chunk = max(1, (128 * 2**20) // (4 * a.vocab)) if a else 0
     return Setup(
-        method=m.name, peft=m.peft, quantized=m.quantize == "nf4",
+        method=m.name, peft=m.peft, quantized=m.quantize == "nf4", int8=m.quantize == "int8",
         lora_r=int(m.init_r) if m.peft == "adalora" else int(m.r) if m.peft in ("lora", "vera") else 0, lora_targets=tuple(t for t in targets if t in LINEARS),
         dora=m.peft == "lora" and bool(m.use_dora),
         virtual_tokens=int(m.num_virtual_tokens) if m.peft in ("prefix", "prompt") else 0,
@@ -341,6 +353,10 @@ def estimate(a: Arch, s: Setup) -> Estimate:
     if s.quantized:
         quantized = a.layers * a.layer_linear_params
         params = quantized * NF4_BYTES + (total - quantized) * 2 + adapters * 4
+    elif s.int8:  # int8 codes + per-row fp32 scales; embeddings, norms and lm_head stay bf16
+        quantized = a.layers * a.layer_linear_params
+        scales = a.layers * a.layer_linear_rows * INT8_SCALE_BYTES
+        params = quantized + scales + (total - quantized) * 2 + adapters * 4
     elif s.peft is None:
         # trained weights: fp32 masters, unless the plan keeps its own master copy
         params = total * (c if L.master_copy else 4)
@@ -383,6 +399,8 @@ def estimate(a: Arch, s: Setup) -> Estimate:
         buffers += layer_trainable * 4
     if s.quantized:
         buffers += a.hidden * a.intermediate * 2
+    elif s.int8:
+        buffers += a.hidden * a.intermediate * c
     # DeepSpeed's gradient communication buffers: allocated whole on a GPU; on CPU only
     # the pages a step fills count (at most every trainable gradient, unpartitioned).
     bucket = L.buckets.at(a.hidden)
@@ -419,7 +437,7 @@ def estimate(a: Arch, s: Setup) -> Estimate:
     overhead = CUDA_OVERHEAD + FRAGMENTATION * subtotal if s.device == "gpu" else 0.0
 
     # Loading: what the rank keeps + what is in flight while the checkpoint is read.
-    largest_tensor = a.vocab * a.hidden * (4 if s.peft is None else 2 if s.quantized else c)
+    largest_tensor = a.vocab * a.hidden * (4 if s.peft is None else 2 if s.quantized or s.int8 else c)
     if L.load_transient == "whole":
         in_flight = estimate(a, replace(s, layout=StateLayout(), world=1)).params - params + largest_tensor
     else:  # "tensor" or "module": the largest module is the embedding (one V x h tensor)
@@ -515,7 +533,7 @@ def suggestions(cfg: DictConfig, est: Estimate, budget: float) -> list[str]:
             if found:
                 out.append(found)
                 break
-    if not s.quantized:
+    if not s.quantized:  # an 8-bit base may fit as a 4-bit one
         for plan in [cfg.parallel.name, *[p for p in PLANS if p != cfg.parallel.name]]:
             c = variant(cfg, parallel=None if plan == cfg.parallel.name else plan, method="qlora")
             if (e := fitting(c)):

@@ -368,3 +368,25 @@ def compose_default(*overrides: str):
     register_resolvers()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         return compose("config", overrides=list(overrides))
+
+
+def test_an_int8_base_is_estimated_as_loaded(tmp_path):
+    """method.quantize=int8: the estimate's parameter bytes (int8 codes of the decoder's
+    linears, one fp32 scale per output row, the rest in bf16, fp32 adapters) against the
+    bundled model loaded as training loads it, every parameter and buffer storage counted once
+    plus each Int8Params' row scales (SCB, an attribute, no buffer). Measured 0.01 % apart
+    here and on a 125M random Llama; counting the base as 16-bit was 2.6x over (fp32 compute)."""
+    import torch
+
+    from trainers.model.load import ModelSource
+
+    cfg = finalize(compose_default("method=lora", "method.quantize=int8", "train.precision=fp32"),
+                   str(tmp_path / "run"))
+    est = for_config(cfg, device="cpu")
+    model = ModelSource(cfg.model, cfg.method, torch.float32, cfg.seed, cfg.train).whole(torch.device("cpu"))
+    tensors = [*model.parameters(), *model.buffers(), *(p.SCB for p in model.parameters() if hasattr(p, "SCB"))]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    assert any(p.dtype == torch.int8 for p in model.parameters())
+    measured = sum(storages.values())
+    assert abs(est.params - measured) / measured < 0.05, (est.params, measured)
+    assert ", 8-bit base" in est.table(None)
