@@ -3,11 +3,16 @@
 Hydra prints the config (`--cfg job`), creates the run directory and writes
 RUN_DIR/.hydra/ before the launcher's own checks run: a credential typed on the command
 line would already be on screen and on disk, and a run directory that is a file or cannot
-be written would end in Hydra's traceback. These two are checked here first; everything
-else is checked on the composed config (launch/validate.py).
+be written would end in Hydra's traceback. A mistyped group option (`optim=adamw9bit`) would
+end in Hydra's "Could not find" text, and under `-m` only after the points before it ran.
+These three are checked here first; everything else is checked on the composed config
+(launch/validate.py).
 """
 from __future__ import annotations
 
+import contextlib
+import difflib
+import io
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +21,7 @@ from launch import credentials
 from trainers.errors import UserError
 
 RUN_DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
+CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def check_run_dir(value: str, key: str = "hydra.run.dir") -> None:
@@ -39,8 +45,64 @@ def check_run_dir(value: str, key: str = "hydra.run.dir") -> None:
                         f"Give a directory you can write, e.g. {key}=runs/my-run.") from None
 
 
+def _group_overrides(argv: list[str], groups: list[str]) -> list:
+    """Hydra's parse of the overrides that choose an option of one of `groups`; none when the
+    command line points Hydra at another config (it checks those itself) or does not parse
+    (Hydra reports that in its own words)."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = get_args_parser().parse_args(argv)
+        if args.config_path or args.config_name or args.config_dir or args.shell_completion:
+            return []
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except (SystemExit, Exception):  # noqa: BLE001 - Hydra refuses it next, with its own message
+        return []
+    if any(o.key_or_group == "hydra.searchpath" for o in overrides):
+        return []
+    return [o for o in overrides if o.key_or_group in groups and not o.is_delete()]
+
+
+def _chosen(override) -> list[str]:
+    """The option names an override chooses: one, a list (`g=[a,b]`) or a sweep (`g=a,b`,
+    `g=choice(a,b)`); a glob or range sweep chooses among existing options only."""
+    from hydra.core.override_parser.types import ChoiceSweep
+
+    value = override.value()
+    if isinstance(value, ChoiceSweep):
+        return [str(v) for v in value.list]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if value is None or override.is_sweep_override():
+        return []
+    return [str(value)]
+
+
+def check_group_options(argv: list[str]) -> None:
+    """Every `group=option` names a file conf/group/option.yaml, the sweep's points included."""
+    named = {a.lstrip("+~").partition("=")[0] for a in argv}
+    if not any((CONF / name).is_dir() for name in named if name and "/" not in name and "." not in name):
+        return  # no group chosen: the common case costs no parse
+    from launch.schema import groups, options
+
+    known = groups()
+    for override in _group_overrides(argv, known):
+        group = override.key_or_group
+        accepted = options(group)
+        for value in _chosen(override):
+            if value in accepted:
+                continue
+            nearest = difflib.get_close_matches(value, accepted, n=1, cutoff=0.5)
+            hint = f" Did you mean {group}={nearest[0]}?" if nearest else ""
+            raise UserError(f"{group}={value} is not an option of the config group `{group}`: conf/{group}/ holds "
+                            f"{', '.join(accepted)} (one .yaml file per option).{hint}")
+
+
 def check(argv: list[str]) -> None:
     credentials.check_overrides(argv)
+    check_group_options(argv)
     for arg in argv:
         key, _, value = arg.lstrip("+").partition("=")
         if key in RUN_DIR_KEYS and value:

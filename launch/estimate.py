@@ -21,6 +21,10 @@ is what one rank holds at its peak, the larger of training and loading:
              trained weights (method=full) as fp32 masters (4 B); QLoRA: the decoder's
              linear weights in NF4 = 0.5 B/param + double-quantized absmax constants
              (~0.127 bit/param), everything else in bf16 (2 B); adapters fp32 (4 B).
+             method.quantize=int8 (bitsandbytes LLM.int8, Int8Params): the decoder's
+             linear weights as int8 codes (CB, 1 B/param) + one fp32 absmax per output row
+             (SCB), the embeddings, norms and lm_head in bf16 (2 B); adapters fp32 (4 B).
+             Checked against the loaded 8-bit model (tests/test_estimate.py, within 5 %).
   grads      4 B per trainable parameter (fp32), twice where the plan also keeps them in
              communication buckets (DDP). With one forward per step they peak after the
              activations are freed (grads & activations = kept buffers + the larger of
@@ -63,7 +67,8 @@ is what one rank holds at its peak, the larger of training and loading:
              gathered at once if that is more (layout.live_gathered: ZeRO-3's live
              and prefetched parameters once it has recorded the module order), + one
              layer's unsharded fp32 gradients before the reduce-scatter. QLoRA dequantizes one linear at a time
-             (h*I elements in bf16). The plan's own gradient communication buffers
+             (h*I elements in bf16); an 8-bit base one linear's codes x scales in the
+             compute dtype (backward's dequantized weight). The plan's own gradient communication buffers
              (layout.buckets, DeepSpeed) in the compute dtype.
   load       what the rank keeps (params) + layout.load_transient: one tensor in flight
              (the largest, V*h), one module's full tensors (ZeRO-3: the largest module,
@@ -83,6 +88,7 @@ from dataclasses import dataclass, replace
 
 from omegaconf import DictConfig, OmegaConf
 
+from parallel import optim_state
 from parallel.layout import StateLayout
 from trainers.errors import UserError
 
@@ -90,6 +96,7 @@ GIB = 2**30
 CUDA_OVERHEAD = 1.5 * GIB
 FRAGMENTATION = 0.10
 NF4_BYTES = 0.5 + 0.127 / 8
+INT8_SCALE_BYTES = 4  # LLM.int8: one fp32 absmax (SCB) per output row of a quantized linear
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -117,6 +124,11 @@ class Arch:
         return sum(a * b for a, b in self.linear_shapes().values())
 
     @property
+    def layer_linear_rows(self) -> int:
+        """Output rows of a decoder layer's linears (LLM.int8 keeps one scale per row)."""
+        return sum(out for _, out in self.linear_shapes().values())
+
+    @property
     def root_params(self) -> int:
         """Embeddings + lm_head + final norm (FSDP2's root unit)."""
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
@@ -131,7 +143,7 @@ class Setup:
     """Everything the estimate depends on (so suggestions can vary one thing)."""
     method: str          # method name, for messages
     peft: str | None
-    quantized: bool
+    quantized: bool      # a 4-bit NF4 base (method.quantize=nf4)
     lora_r: int
     lora_targets: tuple[str, ...]
     dora: bool
@@ -151,6 +163,7 @@ class Setup:
     optimizer: str = "adamw"  # optim.name; optim_moments: SGD's momentum / Adafactor's beta1 (0: none), Lion's bits
     optim_moments: float = 0.0
     optim_bits: int = 32
+    int8: bool = False   # an 8-bit LLM.int8 base (method.quantize=int8)
 
 
 @dataclass
@@ -195,7 +208,7 @@ class Estimate:
         lines = [
             f"memory per GPU (estimate; formula in launch/estimate.py), {s.world} rank(s):",
             f"  parameters   {_bytes(self.params)}   {_count(self.total_params)} params"
-            + (", 4-bit base" if s.quantized else "") + _sharded("params", s),
+            + (", 4-bit base" if s.quantized else ", 8-bit base" if s.int8 else "") + _sharded("params", s),
             f"  gradients    {_bytes(self.grads)}   {_count(self.trainable)} trainable" + _sharded("grads", s),
             f"  optimizer    {_bytes(self.optim)}   {optimizer_text(self.optim_per_param, s)}"
             + _sharded("optim", s),
@@ -212,20 +225,14 @@ class Estimate:
         return "\n".join(lines)
 
 
-# bitsandbytes quantizes 8-bit state blockwise: one fp32 absmax per block of 256 values.
-BNB_BLOCK = 256
-EIGHT_BIT = 1 + 4 / BNB_BLOCK
-
-
 def optimizer_state(a: Arch, s: Setup, trainable: int) -> float:
-    """The optimizer's state bytes for the trainable parameters, unsharded: AdamW 8 B/param
-    (two fp32 moments), 8-bit AdamW 2 x (1 + 4/256), Lion one moment (4, or 8-bit), SGD a
-    momentum buffer or nothing, Adafactor a row and a column vector per matrix (plus beta1's
-    first moment when set)."""
-    per = {"adamw": 8.0, "paged_adamw32bit": 8.0, "adamw8bit": 2 * EIGHT_BIT, "paged_adamw8bit": 2 * EIGHT_BIT,
-           "lion": 4.0 if s.optim_bits == 32 else EIGHT_BIT, "sgd": 4.0 if s.optim_moments else 0.0}
+    """The optimizer's state bytes for the trainable parameters, unsharded (the table is
+    parallel/optim_state.py, shared with the runtime plan's expected-state line): AdamW
+    8 B/param (two fp32 moments), 8-bit AdamW 2 x (1 + 4/256), Lion one moment (4, or 8-bit),
+    SGD a momentum buffer or nothing, Adafactor a row and a column vector per matrix (plus
+    beta1's first moment when set)."""
     if s.optimizer != "adafactor":
-        return per[s.optimizer] * trainable
+        return optim_state.per_param(s.optimizer, s.optim_bits, s.optim_moments) * trainable
     if s.peft is None:
         mats = [shape for shape in a.linear_shapes().values()] * a.layers + [(a.vocab, a.hidden)] * (1 if a.tied else 2)
         vectors = (2 * a.layers + 1) * a.hidden
@@ -235,8 +242,7 @@ def optimizer_state(a: Arch, s: Setup, trainable: int) -> float:
         vectors = trainable - sum(r * c for r, c in mats)  # DoRA's magnitudes
     else:  # IA3 vectors, prompt / prefix tables: counted unfactored
         mats, vectors = [], trainable
-    factored = 4.0 * (sum(r + c for r, c in mats) + vectors)
-    return factored + (4.0 * trainable if s.optim_moments else 0.0)
+    return optim_state.adafactor(mats, vectors, s.optim_moments, trainable)
 
 
 def optimizer_text(per_param: float, s: Setup) -> str:
@@ -289,7 +295,8 @@ def layout_of(cfg: DictConfig, world: int) -> StateLayout:
 def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
     from launch.config import nodes, world_size
 
-    m, o = cfg.method, cfg.optim
+    m = cfg.method
+    optimizer, bits, moments = optim_state.settings(cfg.optim)
     targets = m.target_modules if m.peft in ("lora", "ia3", "adalora", "vera") else None
     if targets is None or targets == "all-linear":
         targets = LINEARS
@@ -309,7 +316,7 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
         a = arch_of(cfg.model)
         chunk = max(1, (128 * 2**20) // (4 * a.vocab)) if a else 0
     return Setup(
-        method=m.name, peft=m.peft, quantized=m.quantize == "nf4",
+        method=m.name, peft=m.peft, quantized=m.quantize == "nf4", int8=m.quantize == "int8",
         lora_r=int(m.init_r) if m.peft == "adalora" else int(m.r) if m.peft in ("lora", "vera") else 0, lora_targets=tuple(t for t in targets if t in LINEARS),
         dora=m.peft == "lora" and bool(m.use_dora),
         virtual_tokens=int(m.num_virtual_tokens) if m.peft in ("prefix", "prompt") else 0,
@@ -321,8 +328,7 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
         activation_checkpointing=bool(cfg.train.activation_checkpointing),
         loss_chunk_tokens=int(chunk) if chunk else None, device=device,
         forwards_per_step=max(1, int(cfg.train.micro_batch_size) * int(cfg.train.grad_accum) // rows),
-        optimizer=o.name, optim_bits=int(o.bits) if o.name == "lion" else 32,
-        optim_moments=float(o.momentum if o.name == "sgd" else (o.beta1 or 0) if o.name == "adafactor" else 0),
+        optimizer=optimizer, optim_bits=bits, optim_moments=moments,
     )
 
 
@@ -358,6 +364,10 @@ def estimate(a: Arch, s: Setup) -> Estimate:
     if s.quantized:
         quantized = a.layers * a.layer_linear_params
         params = quantized * NF4_BYTES + (total - quantized) * 2 + adapters * 4
+    elif s.int8:  # int8 codes + per-row fp32 scales; embeddings, norms and lm_head stay bf16
+        quantized = a.layers * a.layer_linear_params
+        scales = a.layers * a.layer_linear_rows * INT8_SCALE_BYTES
+        params = quantized + scales + (total - quantized) * 2 + adapters * 4
     elif s.peft is None:
         # trained weights: fp32 masters, unless the plan keeps its own master copy
         params = total * (c if L.master_copy else 4)
@@ -405,6 +415,8 @@ def estimate(a: Arch, s: Setup) -> Estimate:
         buffers += layer_trainable * 4
     if s.quantized:
         buffers += a.hidden * a.intermediate * 2
+    elif s.int8:
+        buffers += a.hidden * a.intermediate * c
     # DeepSpeed's gradient communication buffers: allocated whole on a GPU; on CPU only
     # the pages a step fills count (at most every trainable gradient, unpartitioned).
     bucket = L.buckets.at(a.hidden)
@@ -441,7 +453,7 @@ def estimate(a: Arch, s: Setup) -> Estimate:
     overhead = CUDA_OVERHEAD + FRAGMENTATION * subtotal if s.device == "gpu" else 0.0
 
     # Loading: what the rank keeps + what is in flight while the checkpoint is read.
-    largest_tensor = a.vocab * a.hidden * (4 if s.peft is None else 2 if s.quantized else c)
+    largest_tensor = a.vocab * a.hidden * (4 if s.peft is None else 2 if s.quantized or s.int8 else c)
     if L.load_transient == "whole":
         in_flight = estimate(a, replace(s, layout=StateLayout(), world=1)).params - params + largest_tensor
     else:  # "tensor" or "module": the largest module is the embedding (one V x h tensor)
@@ -538,7 +550,7 @@ def suggestions(cfg: DictConfig, est: Estimate, budget: float) -> list[str]:
             if found:
                 out.append(found)
                 break
-    if not s.quantized:
+    if not s.quantized:  # an 8-bit base may fit as a 4-bit one
         for plan in [cfg.parallel.name, *[p for p in PLANS if p != cfg.parallel.name]]:
             c = variant(cfg, parallel=None if plan == cfg.parallel.name else plan, method="qlora")
             if (e := fitting(c)):

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-from parallel import plan_spec
+from parallel import optim_state, plan_spec
 from trainers.distributed import DistEnv
 from trainers.model.load import resolve_precision
 from trainers.optim import build_optimizer, build_scheduler, param_groups
@@ -76,7 +76,7 @@ class Plan:
         model = self.build(source)
         source.close()
         self._inner = model
-        self._unsharded_bytes = self.count_state_bytes(model)
+        self._unsharded_bytes = self.count_state_bytes(model, self.cfg.optim)
         groups = [g for g in param_groups(model, self.cfg.optim, self.cfg.method) if g["params"]]
         optimizer = build_optimizer(groups, self.cfg.optim)
         self.scheduler = build_scheduler(optimizer, self.cfg.optim, self.cfg.train.max_steps)
@@ -99,27 +99,33 @@ class Plan:
 
     def expected_state_bytes(self) -> dict[str, int]:
         """Model-state bytes per rank this plan should hold: parameters, gradients of the
-        trainable ones, and AdamW's two fp32 moments, divided where the plan shards."""
+        trainable ones, and the optimizer's state, divided where the plan shards."""
         n = self.dp_world
         return {k: v // n if k in self.layout.shards else v for k, v in self._unsharded_bytes.items()}
 
     @staticmethod
-    def count_state_bytes(model: torch.nn.Module) -> dict[str, int]:
-        params = grads = optim = 0
+    def count_state_bytes(model: torch.nn.Module, optim_cfg) -> dict[str, int]:
+        """Unsharded bytes of the parameters, the trainable ones' gradients and the configured
+        optimizer's state (the estimate's table, parallel/optim_state.py)."""
+        params = grads = 0
+        trained = []
         for p in model.parameters():
-            n = getattr(p, "ds_numel", None) or p.numel()  # a ZeRO-3 partition's full size
+            shape = getattr(p, "ds_shape", None) or p.shape  # a ZeRO-3 partition's full shape
+            n = getattr(p, "ds_numel", None) or p.numel()
             params += n * p.element_size()
             if p.requires_grad:
                 grads += n * p.element_size()
-                optim += n * 8
-        return {"params": params, "grads": grads, "optim": optim}
+                trained.append(tuple(shape))
+        name, bits, moments = optim_state.settings(optim_cfg)
+        optim = optim_state.state_bytes(name, trained, bits, moments)
+        return {"params": params, "grads": grads, "optim": int(optim)}
 
     def expected_state_line(self) -> str:
         b = self.expected_state_bytes()
         mib = {k: v / 2**20 for k, v in b.items()}
         text = (
             f"expected model state per rank: params {mib['params']:.1f} MiB + grads {mib['grads']:.1f} MiB "
-            f"+ optimizer {mib['optim']:.1f} MiB = {sum(mib.values()):.1f} MiB"
+            f"+ optimizer {mib['optim']:.1f} MiB (optim={self.cfg.optim.name}) = {sum(mib.values()):.1f} MiB"
         )
         if self.layout.offload:
             text += f" ({', '.join(sorted(self.layout.offload))} offloaded to CPU memory)"

@@ -36,17 +36,30 @@ def assert_refused(proc, run_dir, *needles):
     assert not (run_dir / "metrics.jsonl").exists(), "training started"
 
 
+def test_bad_config_is_refused_by_hydra_without_traceback(tmp_path, tiny_model):
+    proc = launch(f"model.path={tiny_model}", "train.nope=1", f"hydra.run.dir={tmp_path}", check=False)
+    assert_refused(proc, tmp_path, "Key 'nope' is not in struct")
+
+
 @pytest.mark.parametrize(
-    "overrides, needles",
+    "args, needles",
     [
-        (["model=nope"], ["Could not find 'model/nope'", "70b"]),
-        (["method=nope"], ["Could not find 'method/nope'", "qlora"]),
-        (["train.nope=1"], ["Key 'nope' is not in struct"]),
+        (["--cfg", "job", "optim=adamw9bit"],
+         ["optim=adamw9bit", "config group `optim`", "adafactor, adamw, adamw8bit, lion", "Did you mean optim=adamw8bit?"]),
+        (["-m", "optim=adamw,adamw9bit"], ["optim=adamw9bit", "Did you mean optim=adamw8bit?"]),
+        (["parallel=zero4"], ["parallel=zero4", "zero3_offload", "Did you mean parallel=zero3?"]),
+        (["data=nope"], ["data=nope", "conf/data/ holds", "reverse_pref"]),
     ],
 )
-def test_bad_config_is_refused_by_hydra_without_traceback(tmp_path, tiny_model, overrides, needles):
-    proc = launch(f"model.path={tiny_model}", *overrides, f"hydra.run.dir={tmp_path}", check=False)
-    assert_refused(proc, tmp_path, *needles)
+def test_a_mistyped_group_option_is_refused_before_hydra_composes_or_writes(tmp_path, args, needles):
+    """One paragraph naming the option files of the group and the nearest one, exit code 2
+    like every refusal; under -m before the sweep's first point runs."""
+    run_dir, sweep_dir = tmp_path / "run", tmp_path / "sweep"
+    proc = launch(*args, f"hydra.run.dir={run_dir}", f"hydra.sweep.dir={sweep_dir}", check=False)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert all(n in proc.stderr for n in needles), proc.stderr
+    assert not run_dir.exists() and not sweep_dir.exists()
 
 
 def test_launcher_refusal_reaches_the_command_line_as_exit_code_2(tmp_path, tiny_model):
