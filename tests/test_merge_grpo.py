@@ -19,25 +19,62 @@ from tests.helpers import REPO, launch_many
 
 pytestmark = pytest.mark.slow  # two short runs in one launch worker, then in-process merges
 
-ARGS = ["objective=grpo", "data=reverse_rl", "train.max_steps=2", "train.micro_batch_size=4", "train.grad_accum=1",
-        "objective.num_generations=4", "objective.max_completion_length=8", "train.eval_every=1000",
+ARGS = ["objective=grpo", "data=reverse_rl", "train.max_steps=2", "train.micro_batch_size=8", "train.grad_accum=1",
+        "objective.num_generations=4", "objective.max_completion_length=8", "objective.temperature=1.5", "train.eval_every=1000",
         "train.save_every=1000", "data.metric_rows=4", "method.dropout=0", "optim.warmup_steps=0",
         "optim.schedule=constant"]
 
 
+USER_REWARD = '''
+def vowels(completions, answer, **kwargs):
+    """A user's reward from outside the project: the share of vowels in each completion."""
+    texts = [c[-1]["content"] for c in completions]
+    return [sum(ch in "aeiou" for ch in t) / max(len(t), 1) for t in texts]
+'''
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, default_run) -> dict:
+    """Rewards of every kind: two built-in functions, a user module (on PYTHONPATH for the
+    runs, on sys.path for the in-process merges, as `python -m launch.merge` with that
+    PYTHONPATH would have it) and a reward model (the SFT export with a seeded random score
+    head: a sequence classifier with one label)."""
+    import os
+    import sys
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     root = tmp_path_factory.mktemp("merge-grpo")
     cut = []
     for split, n in (("train", 8), ("eval", 4)):
         path = root / f"{split}.jsonl"
         path.write_text("".join((REPO / "data" / "reverse_rl" / f"{split}.jsonl").read_text().splitlines(True)[:n]))
         cut.append(f"data.{split}={path}")
-    start = f"model.path={default_run / 'export' / 'merged'}"
-    launches = {f"grpo{seed}": (root / f"grpo{seed}", [f"seed={seed}", f"optim.lr={lr}", start, *ARGS, *cut])
-                for seed, lr in ((1, 1e-2), (2, 3e-2))}
-    launch_many(root, launches)
-    return {name: run_dir for name, (run_dir, _) in launches.items()} | {"root": root}
+    (root / "merge_user_rewards.py").write_text(USER_REWARD)
+    sft = default_run / "export" / "merged"
+    torch.manual_seed(0)
+    rm = root / "judge"
+    AutoModelForSequenceClassification.from_pretrained(str(sft), num_labels=1).save_pretrained(str(rm))
+    AutoTokenizer.from_pretrained(str(sft)).save_pretrained(str(rm))
+    rewards = ("objective.rewards=[{fn: trainers.objectives.reverse_rewards:partial_credit, weight: 1.0}, "
+               "{fn: trainers.objectives.reverse_rewards:exact_match, weight: 0.0}, "
+               f"{{fn: merge_user_rewards:vowels, weight: 0.5}}, {{model: {rm}, weight: 0.1}}]")
+    launches = {f"grpo{seed}": (root / f"grpo{seed}", [f"seed={seed}", f"optim.lr={lr}", f"model.path={sft}",
+                                                       rewards, *ARGS, *cut])
+                for seed, lr in ((1, 3e-3), (2, 1e-2))}
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(root), old or ""])
+    try:
+        launch_many(root, launches)
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    sys.path.insert(0, str(root))
+    yield {name: run_dir for name, (run_dir, _) in launches.items()} | {"root": root}
+    sys.path.remove(str(root))
 
 
 def final_eval(run_dir: Path) -> dict:
@@ -56,7 +93,8 @@ def merge_cfg(**values):
     return cfg(**values)
 
 
-COLUMNS = ["eval_reward", "eval_exact_match", "eval_rewards/partial_credit/mean", "eval_rewards/exact_match/mean"]
+COLUMNS = ["eval_reward", "eval_exact_match", "eval_rewards/partial_credit/mean", "eval_rewards/exact_match/mean",
+           "eval_rewards/vowels/mean", "eval_rewards/judge/mean"]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +110,8 @@ def linear(runs) -> dict:
 def test_grpo_inputs_scored_as_their_final_eval(runs, linear):
     rep = linear["report"]
     assert rep["objective"] == "grpo" and rep["columns"] == COLUMNS
-    assert "| model | role | mean reward | exact match | partial_credit reward | exact_match reward |" in rep["table"]
+    assert ("| model | role | mean reward | exact match | partial_credit reward | exact_match reward | vowels reward | "
+            "judge reward |") in rep["table"]
     for row in rep["rows"][:2]:  # each input scored as its run scored itself at its end
         want = final_eval(Path(row["run_dir"]))
         for key in COLUMNS:
@@ -88,7 +127,7 @@ def test_scoring_writes_nothing_into_the_runs(runs, linear):
         assert files_of(runs[name]) == before, name
         assert (runs[name] / "completions" / "step_2.jsonl").exists()  # the run's own sample, untouched
     sample = [json.loads(line) for line in (linear["out"] / "completions.jsonl").read_text().splitlines()]
-    assert len(sample) == 4 and set(sample[0]["rewards"]) == {"partial_credit", "exact_match"}  # the merge's
+    assert len(sample) == 4 and set(sample[0]["rewards"]) == {"partial_credit", "exact_match", "vowels", "judge"}  # the merge's
 
 
 def test_grpo_greedy_soup_by_eval_reward(runs, linear):
