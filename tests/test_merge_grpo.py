@@ -135,11 +135,12 @@ def test_grpo_greedy_soup_by_eval_reward(runs, linear):
     from trainers.errors import UserError
 
     inputs = [str(runs["grpo1"]), str(runs["grpo2"])]
-    with pytest.raises(UserError) as e:  # the default metric, eval_loss: GRPO's evaluation reports none
-        prepare(merge_cfg(method="greedy_soup", inputs=inputs, out=str(runs["root"] / "never")))
+    with pytest.raises(UserError) as e:  # GRPO's evaluation reports no loss
+        prepare(merge_cfg(method="greedy_soup", inputs=inputs, metric="eval_loss", out=str(runs["root"] / "never")))
     assert "reports eval_reward, eval_exact_match" in str(e.value) and not (runs["root"] / "never").exists()
-    rep = execute(prepare(merge_cfg(method="greedy_soup", inputs=inputs, metric="eval_reward",
-                                    out=str(runs["root"] / "grpo-greedy"))))
+    # metric=null (the default, what merge.after_sweep=greedy_soup uses): grpo runs rank by eval_reward
+    rep = execute(prepare(merge_cfg(method="greedy_soup", inputs=inputs, out=str(runs["root"] / "grpo-greedy"))))
+    assert rep["metric"] == "eval_reward"
     first = {row["label"]: row["scores"]["eval_reward"] for row in linear["report"]["rows"][:2]}
     trace = rep["greedy"]
     assert [g["score"] for g in trace] == sorted(first.values(), reverse=True)  # best mean reward first

@@ -69,7 +69,8 @@ def default_out(cfg, method: Method) -> Path:
 def prepare(cfg) -> MergePlan:
     """Every check, from headers and run records; nothing is written."""
     method = get_method(cfg.method)
-    check_metric(cfg.metric)
+    if cfg.metric is not None:
+        check_metric(cfg.metric)
     if str(cfg.dtype) not in MATH_BYTES:
         raise UserError(f"dtype={cfg.dtype!r} is not a dtype mergekit computes in; accepted: {', '.join(MATH_BYTES)}.")
     ctype = adapters.combination_type(method.name, cfg.combination) if cfg.adapters else None
@@ -135,6 +136,8 @@ def prepare(cfg) -> MergePlan:
                 raise UserError(f"merge evaluation scores runs of objective {', '.join(SCORED)}, and {source} trained "
                                 f"objective={objective}: pass eval=false to merge without scoring.")
             if method.name == "greedy_soup":
+                if cfg.metric is None:  # the objective's headline metric (grpo: eval_reward, the others: eval_loss)
+                    cfg.metric = SCORED[objective][0]
                 check_scored_metric(cfg.metric, objective, str(source))
         elif method.name == "greedy_soup":
             raise UserError("method=greedy_soup ranks and keeps inputs by their held-out score, and no input is a "

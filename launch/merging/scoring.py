@@ -36,6 +36,7 @@ METRICS = {"eval_loss": False, "eval_exact_match": True, "eval_rewards/accuracie
            "eval_rewards/margins": True, "eval_accuracy": True, "eval_margin": True, "eval_reward": True}
 _PAIRS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_exact_match")
 # what the evaluator reports for each objective's runs: the report's columns, greedy_soup's metrics
+# (the first: what it ranks by when metric=null)
 SCORED = {"sft": ("eval_loss", "eval_exact_match"), "dpo": _PAIRS, "ipo": _PAIRS, "simpo": _PAIRS, "orpo": _PAIRS,
           "kto": ("eval_loss", "eval_rewards/margins", "eval_exact_match"),
           "reward": ("eval_loss", "eval_accuracy", "eval_margin"),
