@@ -148,3 +148,21 @@ def test_grpo_greedy_soup_by_eval_reward(runs, linear):
     if trace[1]["kept"]:  # the soup of both is the linear merge, scored alike
         assert trace[1]["soup_score"] == pytest.approx(linear["report"]["scores"]["eval_reward"], rel=1e-6)
     assert rep["scores"]["eval_reward"] == pytest.approx(max(trace[0]["score"], trace[1]["soup_score"]), rel=1e-6)
+
+
+def test_rewards_checked_before_anything_is_scored(runs):
+    """A grpo run's rewards are the scoring's: a reward model folder that is gone (or a module
+    the merging process cannot import) is refused by prepare, before a model is loaded."""
+    import yaml
+
+    from launch.merging.run import prepare
+    from trainers.errors import UserError
+
+    cfg = yaml.safe_load((runs["grpo1"] / "config.yaml").read_text())
+    cfg["objective"]["rewards"][-1]["model"] = str(runs["root"] / "judge-gone")
+    moved = runs["root"] / "moved-config.yaml"
+    moved.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UserError) as e:
+        prepare(merge_cfg(method="linear", inputs=[str(runs["grpo1"]), str(runs["grpo2"])], eval_from=str(moved),
+                          out=str(runs["root"] / "never")))
+    assert "judge-gone" in str(e.value) and "config.json" in str(e.value)

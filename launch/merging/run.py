@@ -135,6 +135,10 @@ def prepare(cfg) -> MergePlan:
             if objective not in SCORED:
                 raise UserError(f"merge evaluation scores runs of objective {', '.join(SCORED)}, and {source} trained "
                                 f"objective={objective}: pass eval=false to merge without scoring.")
+            if objective == "grpo":  # the rewards scoring calls: importable here, reward model folders present
+                from trainers.objectives.grpo_settings import check_reward_specs
+
+                check_reward_specs(plan.eval_run.objective.rewards, plan.eval_run.objective.reward_weights)
             if method.name == "greedy_soup":
                 if cfg.metric is None:  # the objective's headline metric (grpo: eval_reward, the others: eval_loss)
                     cfg.metric = SCORED[objective][0]
