@@ -45,8 +45,9 @@ SCORED = {"sft": ("eval_loss", "eval_exact_match"), "dpo": _PAIRS, "ipo": _PAIRS
 
 class _OneProcess:
     """The part of the runtime plan (parallel/base.py) the evaluator uses, for one CPU process:
-    the loaded model is what it trains, evaluates and generates with (GRPO's evaluation reads
-    `model`, `inner`, `cfg` and `compute_dtype` too), in fp32 as scoring loads it."""
+    the loaded model is the plan's model, its inner module and its eval model at once (GRPO's
+    evaluation reads `model`, `inner`, `cfg` and `compute_dtype` too: rewards load in fp32,
+    the dtype scoring loads the model in)."""
 
     def __init__(self, model: torch.nn.Module, cfg):
         self.env = DistEnv(0, 1, 0, torch.device("cpu"))
