@@ -7,13 +7,17 @@ from trainers.files import atomic_write, write_json
 
 # held-out metric -> its column (which ones a report shows: scoring.SCORED, by objective)
 NAMES = {"eval_loss": "eval loss", "eval_exact_match": "exact match", "eval_rewards/accuracies": "preference accuracy",
-         "eval_rewards/margins": "reward margin", "eval_accuracy": "accuracy", "eval_margin": "margin"}
+         "eval_rewards/margins": "reward margin", "eval_accuracy": "accuracy", "eval_margin": "margin",
+         "eval_reward": "mean reward"}
 
 
 def _name(key: str) -> str:
-    """A column's heading: eval_loss/general (a probe set's loss) reads "general loss"."""
+    """A column's heading: eval_loss/general (a probe set's loss) reads "general loss", a GRPO
+    reward's mean (eval_rewards/partial_credit/mean) "partial_credit reward"."""
     if key.startswith("eval_loss/"):
         return f"{key.split('/', 1)[1]} loss"
+    if key.startswith("eval_rewards/") and key.endswith("/mean"):
+        return f"{key[len('eval_rewards/'):-len('/mean')]} reward"
     return NAMES.get(key, key)
 
 

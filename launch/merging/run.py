@@ -18,7 +18,7 @@ from launch.config import REPO_ROOT
 from launch.merging import adapters, estimate, report
 from launch.merging.inputs import MergeInput, check_compatible, default_base, resolve, sweep_inputs
 from launch.merging.methods import Method, check_count, get_method, input_weights, mergekit_config
-from launch.merging.scoring import SCORED, Scorer, better, check_metric, check_scored_metric
+from launch.merging.scoring import METRICS, SCORED, Scorer, better, check_metric, check_scored_metric
 from trainers.errors import UserError
 
 log = logging.getLogger("merge")
@@ -69,7 +69,8 @@ def default_out(cfg, method: Method) -> Path:
 def prepare(cfg) -> MergePlan:
     """Every check, from headers and run records; nothing is written."""
     method = get_method(cfg.method)
-    check_metric(cfg.metric)
+    if cfg.metric is not None:
+        check_metric(cfg.metric)
     if str(cfg.dtype) not in MATH_BYTES:
         raise UserError(f"dtype={cfg.dtype!r} is not a dtype mergekit computes in; accepted: {', '.join(MATH_BYTES)}.")
     ctype = adapters.combination_type(method.name, cfg.combination) if cfg.adapters else None
@@ -134,7 +135,13 @@ def prepare(cfg) -> MergePlan:
             if objective not in SCORED:
                 raise UserError(f"merge evaluation scores runs of objective {', '.join(SCORED)}, and {source} trained "
                                 f"objective={objective}: pass eval=false to merge without scoring.")
+            if objective == "grpo":  # the rewards scoring calls: importable here, reward model folders present
+                from trainers.objectives.grpo_settings import check_reward_specs
+
+                check_reward_specs(plan.eval_run.objective.rewards, plan.eval_run.objective.reward_weights)
             if method.name == "greedy_soup":
+                if cfg.metric is None:  # the objective's headline metric (grpo: eval_reward, the others: eval_loss)
+                    cfg.metric = SCORED[objective][0]
                 check_scored_metric(cfg.metric, objective, str(source))
         elif method.name == "greedy_soup":
             raise UserError("method=greedy_soup ranks and keeps inputs by their held-out score, and no input is a "
@@ -227,7 +234,7 @@ def execute(plan: MergePlan) -> dict:
             _copy_tokenizer(plan.inputs[0].adapter_dir, work, plan.base.model_dir)
         else:
             merge_into(work, plan.mergekit(), cfg, plan.inputs[0].model_dir)
-        merged_scores = scorer(work) if scorer is not None else None
+        merged_scores = scorer(work, samples_to=work / "completions.jsonl") if scorer is not None else None
         rep = _report(plan, scores, merged_scores, greedy, time.time() - t0, scorer.columns if scorer else ())
         text = report.write(work, rep)
         plan.out.parent.mkdir(parents=True, exist_ok=True)
@@ -245,6 +252,11 @@ def _greedy_soup(plan: MergePlan, scorer: Scorer, scores: dict, work: Path) -> l
     """Wortsman et al. (2022), recipe 1: inputs in order of their held-out score, best first;
     each is added to the soup (a uniform average) only if the soup's score improves."""
     metric = plan.cfg.metric
+    for i in plan.inputs:
+        if metric not in scores[i.model_dir]:  # (a grpo run's exact match needs an `answer` column)
+            raise UserError(f"metric={metric}: the held-out evaluation of {i.label} reports no {metric}, only "
+                            f"{', '.join(k for k in scores[i.model_dir] if k in METRICS)}; rank by one "
+                            f"of those.")
     order = sorted(plan.inputs, key=lambda i: scores[i.model_dir][metric], reverse=better(1.0, 0.0, metric))
     soup, best = [order[0]], scores[order[0].model_dir][metric]
     trace = [{"label": order[0].label, "score": best, "soup_score": best, "kept": True}]
