@@ -158,7 +158,7 @@ class GRPO:
             mib = sum(m.base_layer.weight.nbytes for m in linears) / 2**20
             log.info("grpo: rollouts generate through merged LoRA weights (%d linears, a %.0f MiB copy while "
                      "generating; objective.merged_generation=false: through the adapter)", len(linears), mib)
-        else:
+        elif hasattr(plan.eval_model, "peft_config"):  # (a plain model, e.g. a merge being scored: nothing to say)
             log.info("grpo: rollouts generate through the model as it trains (%s)",
                      "objective.merged_generation=false" if not self.knobs["merged_generation"] else
                      "no whole, unquantized plain-LoRA linear to merge under this plan and method")
