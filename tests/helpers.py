@@ -317,3 +317,14 @@ def data_cfg(**kw):
 def write_jsonl(path, rows) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def bundled_head(root: Path, dataset: str, rows: dict[str, int]) -> list[str]:
+    """The first rows[split] rows of each split of data/<dataset>, written under `root`, as
+    data.<split>=PATH overrides (a short run on real bundled rows)."""
+    out = []
+    for split, n in rows.items():
+        path = root / f"{split}.jsonl"
+        path.write_text("".join((REPO / "data" / dataset / f"{split}.jsonl").read_text().splitlines(True)[:n]))
+        out.append(f"data.{split}={path}")
+    return out

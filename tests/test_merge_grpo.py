@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, launch_many
+from tests.helpers import bundled_head, launch_many
 
 pytestmark = pytest.mark.slow  # two short runs in one launch worker, then in-process merges
 
@@ -46,11 +46,7 @@ def runs(tmp_path_factory, default_run) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     root = tmp_path_factory.mktemp("merge-grpo")
-    cut = []
-    for split, n in (("train", 8), ("eval", 4)):
-        path = root / f"{split}.jsonl"
-        path.write_text("".join((REPO / "data" / "reverse_rl" / f"{split}.jsonl").read_text().splitlines(True)[:n]))
-        cut.append(f"data.{split}={path}")
+    cut = bundled_head(root, "reverse_rl", {"train": 8, "eval": 4})
     (root / "merge_user_rewards.py").write_text(USER_REWARD)
     sft = default_run / "export" / "merged"
     torch.manual_seed(0)

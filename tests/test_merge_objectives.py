@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, launch_many
+from tests.helpers import bundled_head, launch_many
 
 pytestmark = pytest.mark.slow  # four short runs in one launch worker, then in-process merges
 
@@ -24,11 +24,7 @@ ARGS = ["data=reverse_pref", "train.max_steps=3", "train.micro_batch_size=4", "t
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("merge-objectives")
-    cut = []
-    for split, n in (("train", 24), ("eval", 8)):
-        path = root / f"{split}.jsonl"
-        path.write_text("".join((REPO / "data" / "reverse_pref" / f"{split}.jsonl").read_text().splitlines(True)[:n]))
-        cut.append(f"data.{split}={path}")
+    cut = bundled_head(root, "reverse_pref", {"train": 24, "eval": 8})
     launches = {f"{obj}{seed}": (root / f"{obj}{seed}", [f"objective={obj}", f"seed={seed}", *ARGS, *cut])
                 for obj in ("dpo", "reward") for seed in (1, 2)}
     launch_many(root, launches)
