@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import io
+import math
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -80,6 +82,17 @@ def _chosen(override) -> list[str]:
     return [str(value)]
 
 
+def _nearest(value: str, accepted: list[str]) -> str | None:
+    """The accepted option a typo most likely meant: for sizes (model=7b) the nearest size,
+    since by spelling 7b is closer to 70b than to 8b; else the closest spelling."""
+    size = re.fullmatch(r"(\d+(?:\.\d+)?)b", value.lower())
+    sizes = {o: float(o[:-1]) for o in accepted if re.fullmatch(r"\d+(?:\.\d+)?b", o)}
+    if size and sizes:
+        return min(sizes, key=lambda o: abs(math.log(sizes[o] / max(float(size[1]), 1e-3))))
+    close = difflib.get_close_matches(value, accepted, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def check_group_options(argv: list[str]) -> None:
     """Every `group=option` names a file conf/group/option.yaml, the sweep's points included."""
     named = {a.lstrip("+~").partition("=")[0] for a in argv}
@@ -94,8 +107,8 @@ def check_group_options(argv: list[str]) -> None:
         for value in _chosen(override):
             if value in accepted:
                 continue
-            nearest = difflib.get_close_matches(value, accepted, n=1, cutoff=0.5)
-            hint = f" Did you mean {group}={nearest[0]}?" if nearest else ""
+            nearest = _nearest(value, accepted)
+            hint = f" Did you mean {group}={nearest}?" if nearest else ""
             raise UserError(f"{group}={value} is not an option of the config group `{group}`: conf/{group}/ holds "
                             f"{', '.join(accepted)} (one .yaml file per option).{hint}")
 

@@ -49,6 +49,7 @@ def test_bad_config_is_refused_by_hydra_without_traceback(tmp_path, tiny_model):
         (["-m", "optim=adamw,adamw9bit"], ["optim=adamw9bit", "Did you mean optim=adamw8bit?"]),
         (["parallel=zero4"], ["parallel=zero4", "zero3_offload", "Did you mean parallel=zero3?"]),
         (["data=nope"], ["data=nope", "conf/data/ holds", "reverse_pref"]),
+        (["model=7b"], ["model=7b", "Did you mean model=8b?"]),  # the nearest size, not the nearest spelling (70b)
     ],
 )
 def test_a_mistyped_group_option_is_refused_before_hydra_composes_or_writes(tmp_path, args, needles):
