@@ -163,6 +163,7 @@ class Setup:
     optimizer: str = "adamw"  # optim.name; optim_moments: SGD's momentum / Adafactor's beta1 (0: none), Lion's bits
     optim_moments: float = 0.0
     optim_bits: int = 32
+    optim_min_8bit: int = 0  # 8-bit optimizers: tensors under this many elements keep 32-bit state
     int8: bool = False   # an 8-bit LLM.int8 base (method.quantize=int8)
 
 
@@ -228,21 +229,29 @@ class Estimate:
 def optimizer_state(a: Arch, s: Setup, trainable: int) -> float:
     """The optimizer's state bytes for the trainable parameters, unsharded (the table is
     parallel/optim_state.py, shared with the runtime plan's expected-state line): AdamW
-    8 B/param (two fp32 moments), 8-bit AdamW 2 x (1 + 4/256), Lion one moment (4, or 8-bit),
-    SGD a momentum buffer or nothing, Adafactor a row and a column vector per matrix (plus
-    beta1's first moment when set)."""
-    if s.optimizer != "adafactor":
+    8 B/param (two fp32 moments), 8-bit AdamW 2 x (1 + 4/256) (32-bit for tensors under
+    optim.min_8bit_size), Lion one moment (4, or 8-bit), SGD a momentum buffer or nothing,
+    Adafactor a row and a column vector per matrix (plus beta1's first moment when set)."""
+    shapes = trainable_shapes(a, s, trainable)
+    if shapes is None:  # IA3 vectors, prompt / prefix tables, VeRA, AdaLoRA: counted as large tensors
+        if s.optimizer == "adafactor":
+            return optim_state.adafactor([], trainable, s.optim_moments, trainable)
         return optim_state.per_param(s.optimizer, s.optim_bits, s.optim_moments) * trainable
+    return optim_state.state_bytes(s.optimizer, shapes, s.optim_bits, s.optim_moments, s.optim_min_8bit)
+
+
+def trainable_shapes(a: Arch, s: Setup, trainable: int) -> list[tuple[int, ...]] | None:
+    """The shapes of the trainable tensors, where the method's layout is known: every weight
+    (full), or LoRA's A (r x in) and B (out x r) per target and layer, + DoRA's magnitudes."""
     if s.peft is None:
-        mats = [shape for shape in a.linear_shapes().values()] * a.layers + [(a.vocab, a.hidden)] * (1 if a.tied else 2)
-        vectors = (2 * a.layers + 1) * a.hidden
-    elif s.peft == "lora":
+        linears = [(out, into) for into, out in a.linear_shapes().values()] * a.layers
+        return linears + [(a.vocab, a.hidden)] * (1 if a.tied else 2) + [(a.hidden,)] * (2 * a.layers + 1)
+    if s.peft == "lora":
         shapes = a.linear_shapes()
         mats = [m for t in s.lora_targets for m in ((s.lora_r, shapes[t][0]), (shapes[t][1], s.lora_r))] * a.layers
-        vectors = trainable - sum(r * c for r, c in mats)  # DoRA's magnitudes
-    else:  # IA3 vectors, prompt / prefix tables: counted unfactored
-        mats, vectors = [], trainable
-    return optim_state.adafactor(mats, vectors, s.optim_moments, trainable)
+        magnitudes = [(shapes[t][1],) for t in s.lora_targets] * a.layers if s.dora else []
+        return mats + magnitudes
+    return None
 
 
 def optimizer_text(per_param: float, s: Setup) -> str:
@@ -296,7 +305,7 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
     from launch.config import nodes, world_size
 
     m = cfg.method
-    optimizer, bits, moments = optim_state.settings(cfg.optim)
+    optimizer, bits, moments, min_8bit = optim_state.settings(cfg.optim)
     targets = m.target_modules if m.peft in ("lora", "ia3", "adalora", "vera") else None
     if targets is None or targets == "all-linear":
         targets = LINEARS
@@ -328,7 +337,7 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
         activation_checkpointing=bool(cfg.train.activation_checkpointing),
         loss_chunk_tokens=int(chunk) if chunk else None, device=device,
         forwards_per_step=max(1, int(cfg.train.micro_batch_size) * int(cfg.train.grad_accum) // rows),
-        optimizer=optimizer, optim_bits=bits, optim_moments=moments,
+        optimizer=optimizer, optim_bits=bits, optim_moments=moments, optim_min_8bit=min_8bit,
     )
 
 

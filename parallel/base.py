@@ -116,8 +116,8 @@ class Plan:
             if p.requires_grad:
                 grads += n * p.element_size()
                 trained.append(tuple(shape))
-        name, bits, moments = optim_state.settings(optim_cfg)
-        optim = optim_state.state_bytes(name, trained, bits, moments)
+        name, bits, moments, min_8bit = optim_state.settings(optim_cfg)
+        optim = optim_state.state_bytes(name, trained, bits, moments, min_8bit)
         return {"params": params, "grads": grads, "optim": int(optim)}
 
     def expected_state_line(self) -> str:

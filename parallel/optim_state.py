@@ -6,7 +6,8 @@ cannot disagree about what an optimizer keeps. Plain Python: the static half imp
 AdamW keeps two fp32 moments (8 B/param); bitsandbytes' 8-bit state is blockwise, one fp32
 absmax per 256 values; Lion one moment; SGD a momentum buffer or nothing; Adafactor a row and
 a column vector per matrix (transformers' factored second moment), a full one per vector,
-plus a first moment when beta1 is set.
+plus a first moment when beta1 is set. bitsandbytes keeps tensors under `min_8bit_size`
+elements in 32-bit state.
 """
 from __future__ import annotations
 
@@ -16,13 +17,18 @@ BNB_BLOCK = 256
 EIGHT_BIT = 1 + 4 / BNB_BLOCK
 
 
-def settings(optim_cfg) -> tuple[str, int, float]:
-    """(name, bits, moments) of an `optim` config: Lion's bits (32 or 8); SGD's momentum or
-    Adafactor's beta1 (0: no moment buffer)."""
+def settings(optim_cfg) -> tuple[str, int, float, int]:
+    """(name, bits, moments, min_8bit_size) of an `optim` config: Lion's bits (32 or 8); SGD's
+    momentum or Adafactor's beta1 (0: no moment buffer); the 8-bit optimizers' min_8bit_size
+    (0 for the others)."""
     name = optim_cfg.name
     bits = int(optim_cfg.bits) if name == "lion" else 32
     moments = float(optim_cfg.momentum if name == "sgd" else (optim_cfg.beta1 or 0) if name == "adafactor" else 0)
-    return name, bits, moments
+    return name, bits, moments, int(optim_cfg.min_8bit_size) if eight_bit(name, bits) else 0
+
+
+def eight_bit(name: str, bits: int = 32) -> bool:
+    return name in ("adamw8bit", "paged_adamw8bit") or (name == "lion" and bits == 8)
 
 
 def per_param(name: str, bits: int = 32, moments: float = 0.0) -> float:
@@ -41,12 +47,17 @@ def adafactor(matrices: Iterable[tuple[int, int]], vector_elements: int, moments
     return factored + (4.0 * trainable if moments else 0.0)
 
 
-def state_bytes(name: str, shapes: Iterable[tuple[int, ...]], bits: int = 32, moments: float = 0.0) -> float:
-    """The optimizer's state bytes for trainable parameters of these shapes, unsharded."""
+def state_bytes(name: str, shapes: Iterable[tuple[int, ...]], bits: int = 32, moments: float = 0.0,
+                min_8bit_size: int = 0) -> float:
+    """The optimizer's state bytes for trainable parameters of these shapes, unsharded. An
+    8-bit optimizer keeps 32-bit state for tensors under min_8bit_size elements, as
+    bitsandbytes does (Optimizer8bit.init_state): a small model's LoRA factors, every norm."""
     shapes = [tuple(s) for s in shapes]
     numels = [_numel(s) for s in shapes]
     if name != "adafactor":
-        return per_param(name, bits, moments) * sum(numels)
+        small = sum(n for n in numels if n < min_8bit_size) if eight_bit(name, bits) else 0
+        full = per_param("lion" if name == "lion" else "adamw", 32)
+        return per_param(name, bits, moments) * (sum(numels) - small) + full * small
     # transformers' Adafactor factors every tensor of 2+ dims: a row over all but the last dim,
     # a column over all but the second-to-last
     matrices = [(n // s[-1], n // s[-2]) for s, n in zip(shapes, numels) if len(s) >= 2]
