@@ -230,7 +230,7 @@ def execute(plan: MergePlan) -> dict:
         elif plan.combination is not None:
             call = plan.peft()["add_weighted_adapter"]
             adapters.combine(plan.base.model_dir, plan.inputs, call["weights"], plan.combination, cfg.density,
-                             int(cfg.seed), work)
+                             int(cfg.seed), work, int(float(cfg.out_shard_mib) * 2**20))
             _copy_tokenizer(plan.inputs[0].adapter_dir, work, plan.base.model_dir)
         else:
             merge_into(work, plan.mergekit(), cfg, plan.inputs[0].model_dir)
