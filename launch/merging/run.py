@@ -173,8 +173,10 @@ def dry_run_text(plan: MergePlan) -> str:
         n = len(plan.inputs) + (plan.base is not None)
         lines.append(estimate.describe(plan.estimate, n))
     if plan.combination is not None:
-        lines += ["PEFT (the base loaded whole, in fp32, with every adapter):",
-                  yaml.safe_dump(plan.peft(), sort_keys=False).rstrip()]
+        whole = adapters.needs_base_weights(plan.inputs)
+        held = f"the base loaded whole, in fp32: {whole}" if whole else \
+            "the adapters on the base's shapes; the merge written one base tensor at a time"
+        lines += [f"PEFT ({held}):", yaml.safe_dump(plan.peft(), sort_keys=False).rstrip()]
     elif plan.method.name == "greedy_soup":
         lines.append("mergekit config: linear merges of the kept inputs, one candidate soup per input")
     else:
