@@ -250,6 +250,21 @@ def execute(plan: MergePlan) -> dict:
     return rep
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory: VmHWM, not ru_maxrss, which Linux carries over
+    exec from the process that forked it (a merge started by a process that held a model
+    would report that model's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _greedy_soup(plan: MergePlan, scorer: Scorer, scores: dict, work: Path) -> list[dict]:
     """Wortsman et al. (2022), recipe 1: inputs in order of their held-out score, best first;
     each is added to the soup (a uniform average) only if the soup's score improves."""
@@ -293,8 +308,6 @@ def _greedy_soup(plan: MergePlan, scorer: Scorer, scores: dict, work: Path) -> l
 
 def _report(plan: MergePlan, scores: dict, merged_scores: dict | None, greedy, seconds: float,
             columns: tuple = ()) -> dict:
-    import resource
-
     method, cfg = plan.method, plan.cfg
     kept = {i.model_dir for i in plan.kept or plan.inputs}
     rows = []
@@ -325,5 +338,5 @@ def _report(plan: MergePlan, scores: dict, merged_scores: dict | None, greedy, s
         plan.mergekit(plan.kept or plan.inputs, method),
         "peft": plan.peft() if plan.combination is not None else None,
         "estimate": plan.estimate, "seed": int(cfg.seed), "wall_time_s": round(seconds, 2),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": round(_peak_rss_mib(), 1),
     }
