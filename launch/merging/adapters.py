@@ -16,15 +16,35 @@ combination types computes our method's math on the weight deltas (dW = scale * 
   (PEFT's docstring calls `linear` a rough approximation); `combination=` selects them.
 slerp, model_stock and greedy_soup have no adapter form in PEFT and are refused.
 
-Unlike mergekit's streamed merge, this loads the base model once, whole (in fp32), plus
-the adapters: an adapter merge is sized like one model, not like one tensor.
+Memory: the base is never loaded. PEFT builds the adapters on a skeleton of it whose weights
+are one-element CPU placeholders of the right shape (PEFT reads shapes, device and dtype;
+add_weighted_adapter reads and writes only the LoRA factors: cat, *_svd through
+get_delta_weight, the plain types on A and B), and the merged model is written like a run's
+export (trainers/model/export.py write_merged): each base tensor read, its combined delta
+merged in by PEFT's own `merge`, written to files of at most out_shard_mib. Measured
+(bench/adapter_merge_memory.py, two rank-16 adapters, out_shard_mib=64): the private memory
+grows by ~130 MiB plus ~2.5x the adapters (PEFT holds the inputs and their combination),
+whatever the model: 165 MiB (0.43x) for a 385 MiB fp32 Llama, 313 MiB (0.20x) for a 1.5 GiB
+one, where loading the base whole grew it by 516 MiB (1.34x) for the 385 MiB one.
+Adapters whose loading needs the real base weights (modules_to_save, trainable token rows,
+layer_replication, PiSSA/OLoRA/LoftQ-style initialisation, a LoRA on an embedding layer:
+`needs_base_weights`) take the
+whole-model path: the base in fp32, merge_and_unload, save_pretrained.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from trainers.errors import UserError
+
+log = logging.getLogger(__name__)
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBEDDING_LAYER_NAMES (0.21)
+# LoraConfig's fields marked is_lora_variant in peft 0.21 (a variant's layers may read or reshape
+# the base weight; tests/test_adapter_merge_memory.py holds this to PEFT's list)
+LORA_VARIANTS = ("use_dora", "velora_config", "alora_invocation_tokens", "monteclora_config", "use_bdlora",
+                 "arrow_config", "kasa_config")
 
 # our method -> the PEFT combination_type whose math on the deltas is ours
 COMBINATION = {"linear": "cat", "task_arithmetic": "cat", "ties": "ties_svd", "dare_ties": "dare_ties_svd",
@@ -119,15 +139,66 @@ def check_base(base_dir: Path, recorded: str) -> None:
                         f"config.json differ. Leave base= unset to use {recorded}.")
 
 
+def needs_base_weights(inputs: list) -> str | None:
+    """Why combining these adapters needs the base's real weights, or None. PEFT copies a
+    module trained in full (modules_to_save, trainable token rows) from the base module,
+    duplicates base layers (layer_replication), initialises PiSSA/OLoRA/LoftQ/EVA/CorDA
+    adapters from the base weights, and LoRA variants have layers of their own; plain LoRA
+    factors (every adapter this project exports: PiSSA/OLoRA are exported converted to plain
+    LoRA) never read them. PEFT also saves the
+    base's embedding weights in an adapter that targets an embedding layer (peft
+    save_embedding_layers="auto"; "all-linear" never does, a name or pattern naming one may)."""
+    for item in inputs:
+        values = _adapter_config(item.adapter_dir)
+        for key in ("modules_to_save", "trainable_token_indices", "layer_replication"):
+            if values.get(key):
+                return f"input {item.given!r} has {key}"
+        variant = next((key for key in LORA_VARIANTS if values.get(key)), None)
+        if variant:
+            return f"input {item.given!r} is a LoRA variant ({variant})"
+        if values.get("init_lora_weights") not in (True, False, "gaussian", None):
+            return f"input {item.given!r} has init_lora_weights={values.get('init_lora_weights')!r}"
+        targets = values.get("target_modules") or []
+        named = [] if targets == "all-linear" else [targets] if isinstance(targets, str) else list(targets)
+        if any(e in str(t) for t in named for e in EMBEDDING_LAYER_NAMES):
+            return f"input {item.given!r} targets an embedding layer, whose base weights PEFT saves in the adapter"
+    return None
+
+
+def _skeleton(base_dir: Path):
+    """The base model, fp32, with every weight a CPU placeholder that owns one element
+    (trainers/model/weights.py make_placeholder): PEFT reads its shapes, device and dtype to
+    build the adapters, add_weighted_adapter reads and writes LoRA factors only, and the
+    base's values are read from its files one tensor at a time when the merge is written."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainers.model.weights import make_placeholder, replace_parameters
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base_dir)), dtype=torch.float32)
+    replace_parameters(model, lambda _, p: make_placeholder(p.shape, torch.float32))
+    return model
+
+
 def combine(base_dir: Path, inputs: list, weights: list[float], ctype: str, density: float, seed: int,
-            out: Path) -> None:
+            out: Path, shard_bytes: int) -> None:
     """PEFT loads every adapter on the base and adds their weighted combination as the
-    adapter `default`; `out/adapter` gets it, `out` the base with it merged in."""
+    adapter `default`; `out/adapter` gets it, `out` the base with it merged in, written one
+    tensor at a time (or, for the inputs `needs_base_weights` names, PEFT's merge_and_unload
+    of the whole base), in safetensors files of at most `shard_bytes` (out_shard_mib, as the
+    mergekit path writes)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    whole = needs_base_weights(inputs)
+    if whole:
+        log.info("adapters=true: %s, so the base model is loaded whole (fp32)", whole)
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    else:
+        base = _skeleton(base_dir)
     names = [f"input{k}" for k in range(len(inputs))]
     model = PeftModel.from_pretrained(base, str(inputs[0].adapter_dir), adapter_name=names[0])
     for name, item in zip(names[1:], inputs[1:]):
@@ -139,4 +210,49 @@ def combine(base_dir: Path, inputs: list, weights: list[float], ctype: str, dens
     for name in names:
         model.delete_adapter(name)
     model.save_pretrained(str(out / "adapter"), selected_adapters=["default"], safe_serialization=True)
-    model.merge_and_unload().save_pretrained(str(out), safe_serialization=True)
+    if whole:
+        model.merge_and_unload().save_pretrained(str(out), safe_serialization=True, max_shard_size=shard_bytes)
+    else:
+        _write_streamed(model, base_dir, out, shard_bytes)
+
+
+def _return_large_blocks() -> None:
+    """glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), so the
+    tensors read and merged one after another land in the heap, whose freed pages RSS keeps:
+    measured, the private memory then grew by 0.8x the model instead of ~0.4x (bench/
+    adapter_merge_memory.py). A fixed 128 KiB threshold (launch/worker.py's
+    train.host_memory=compact) maps every tensor and unmaps it when freed. Not glibc: its
+    allocator decides."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _write_streamed(model, base_dir: Path, out: Path, shard_bytes: int) -> None:
+    """`out` as merge_and_unload().save_pretrained(max_shard_size=shard_bytes) writes it
+    (byte for byte on the bundled model: fp32 weights, the base's config with dtype float32,
+    its generation config), one base tensor at a time with the combined adapter merged in
+    by PEFT's own `merge` (trainers/model/export.py): the peak is one file being filled plus
+    one tensor."""
+    import torch
+    from transformers import AutoConfig, GenerationConfig
+
+    from trainers.model.export import SafetensorsShards, write_merged
+    from trainers.model.weights import CheckpointFiles
+
+    _return_large_blocks()
+    files = CheckpointFiles(base_dir)
+    try:
+        writer = SafetensorsShards(out, shard_bytes)
+        write_merged(model, files, writer)
+        writer.close()
+    finally:
+        files.close()
+    config = AutoConfig.from_pretrained(str(base_dir))
+    config.dtype = torch.float32
+    config.save_pretrained(str(out))
+    if (base_dir / "generation_config.json").exists():
+        GenerationConfig.from_pretrained(str(base_dir)).save_pretrained(str(out))

@@ -173,8 +173,10 @@ def dry_run_text(plan: MergePlan) -> str:
         n = len(plan.inputs) + (plan.base is not None)
         lines.append(estimate.describe(plan.estimate, n))
     if plan.combination is not None:
-        lines += ["PEFT (the base loaded whole, in fp32, with every adapter):",
-                  yaml.safe_dump(plan.peft(), sort_keys=False).rstrip()]
+        whole = adapters.needs_base_weights(plan.inputs)
+        held = f"the base loaded whole, in fp32: {whole}" if whole else \
+            "the adapters on the base's shapes; the merge written one base tensor at a time"
+        lines += [f"PEFT ({held}):", yaml.safe_dump(plan.peft(), sort_keys=False).rstrip()]
     elif plan.method.name == "greedy_soup":
         lines.append("mergekit config: linear merges of the kept inputs, one candidate soup per input")
     else:
@@ -230,7 +232,7 @@ def execute(plan: MergePlan) -> dict:
         elif plan.combination is not None:
             call = plan.peft()["add_weighted_adapter"]
             adapters.combine(plan.base.model_dir, plan.inputs, call["weights"], plan.combination, cfg.density,
-                             int(cfg.seed), work)
+                             int(cfg.seed), work, int(float(cfg.out_shard_mib) * 2**20))
             _copy_tokenizer(plan.inputs[0].adapter_dir, work, plan.base.model_dir)
         else:
             merge_into(work, plan.mergekit(), cfg, plan.inputs[0].model_dir)
@@ -246,6 +248,21 @@ def execute(plan: MergePlan) -> dict:
         raise
     rep["table"] = text.replace(str(work), str(plan.out))
     return rep
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory: VmHWM, not ru_maxrss, which Linux carries over
+    exec from the process that forked it (a merge started by a process that held a model
+    would report that model's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _greedy_soup(plan: MergePlan, scorer: Scorer, scores: dict, work: Path) -> list[dict]:
@@ -291,8 +308,6 @@ def _greedy_soup(plan: MergePlan, scorer: Scorer, scores: dict, work: Path) -> l
 
 def _report(plan: MergePlan, scores: dict, merged_scores: dict | None, greedy, seconds: float,
             columns: tuple = ()) -> dict:
-    import resource
-
     method, cfg = plan.method, plan.cfg
     kept = {i.model_dir for i in plan.kept or plan.inputs}
     rows = []
@@ -323,5 +338,5 @@ def _report(plan: MergePlan, scores: dict, merged_scores: dict | None, greedy, s
         plan.mergekit(plan.kept or plan.inputs, method),
         "peft": plan.peft() if plan.combination is not None else None,
         "estimate": plan.estimate, "seed": int(cfg.seed), "wall_time_s": round(seconds, 2),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": round(_peak_rss_mib(), 1),
     }

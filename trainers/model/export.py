@@ -165,7 +165,7 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> dict
     from omegaconf import OmegaConf
 
     from trainers.model.load import ModelSource
-    from trainers.model.weights import checkpoint_key, checkpoint_names
+    from trainers.model.weights import checkpoint_key
 
     from trainers.objectives.catalog import get_objective
 
@@ -183,34 +183,23 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> dict
     if unexpected:
         raise RuntimeError(f"adapter keys the model does not have: {unexpected[:3]}")
     files = source.files()
-    names = checkpoint_names(model, files)  # parameter name -> checkpoint key
-    owner = {}  # checkpoint key -> (the PEFT layer whose base weight it is, its name)
-    for mname, module in model.named_modules():
-        if hasattr(module, "merge") and hasattr(module, "get_base_layer"):
-            owner[checkpoint_key(f"{mname}.base_layer.weight")] = (module, mname)
     from_base = init_from_base_weights(cfg.method)
-    initial: dict[str, torch.Tensor] = {}
     four_bit = quantized_keys(model) if cfg.method.quantize else set()
-    wanted = set(names.values())
+
+    def convert(key: str, value: torch.Tensor) -> torch.Tensor:
+        if key in four_bit:
+            return ROUNDTRIPS[cfg.method.quantize](value)
+        if cfg.method.quantize:  # the 4-bit model holds the rest in bf16
+            return value.to(torch.bfloat16).float()
+        return value
+
+    reinit_for = (lambda mname: lambda layer: init_layer_from_base(layer, mname, cfg.method, cfg.seed)) if from_base \
+        else None
     writer = SafetensorsShards(out, shard_bytes(cfg))
     # modules trained in full beside the adapter (method.modules_to_save, a reward model's
     # score head): written from their trained copy below, not from the base
     trained_in_full = {checkpoint_key(n) for n, _ in model.named_parameters() if ".modules_to_save." in n}
-    for key in files.keys():
-        if key not in wanted or key in trained_in_full:
-            continue  # e.g. a tied lm_head saved twice: the model does not own it
-        value = files.read(key, torch.float32)
-        if key in four_bit:
-            value = ROUNDTRIPS[cfg.method.quantize](value)
-        elif cfg.method.quantize:  # the 4-bit model holds the rest in bf16
-            value = value.to(torch.bfloat16).float()
-        module, mname = owner.get(key, (None, None))
-        if module is None:
-            writer.add(key, value)
-            continue
-        reinit = (lambda layer, n=mname: init_layer_from_base(layer, n, cfg.method, cfg.seed)) if from_base else None
-        writer.add(key, merged_weight(module, value, reinit))
-        initial.update({f"{mname}.{k}": v for k, v in getattr(module, "initial_factors", {}).items()})
+    initial = write_merged(model, files, writer, convert, reinit_for, skip=trained_in_full)
     for name, p in model.named_parameters():  # trained in full beside the adapter (a reward model's score head)
         if ".modules_to_save." in name:
             writer.add(checkpoint_key(name), p.detach().float())
@@ -226,6 +215,38 @@ def merge_streaming(cfg, adapter_sd: dict[str, torch.Tensor], out: Path) -> dict
     config.dtype = torch.float32
     config.save_pretrained(out)
     source.close()
+    return initial
+
+
+def write_merged(model: torch.nn.Module, files, writer: SafetensorsShards, convert=None, reinit_for=None,
+                 skip=frozenset()) -> dict[str, torch.Tensor]:
+    """Every checkpoint tensor of `model`'s placeholders (its base weights), read from `files`
+    one at a time (`convert(key, value)` first, if given) and handed to `writer`, each PEFT
+    layer's weight with its active adapter merged in (`merged_weight`). Shared by a run's
+    export and the merge of combined adapters (launch/merging/adapters.py): the peak is one
+    tensor plus the writer's pending file, never the model. Returns the initial factors
+    `reinit_for(module name)` redid (PiSSA/OLoRA), under the model's names."""
+    from trainers.model.weights import checkpoint_key, checkpoint_names
+
+    names = checkpoint_names(model, files)  # parameter name -> checkpoint key
+    owner = {}  # checkpoint key -> (the PEFT layer whose base weight it is, its name)
+    for mname, module in model.named_modules():
+        if hasattr(module, "merge") and hasattr(module, "get_base_layer"):
+            owner[checkpoint_key(f"{mname}.base_layer.weight")] = (module, mname)
+    wanted = set(names.values())
+    initial: dict[str, torch.Tensor] = {}
+    for key in files.keys():
+        if key not in wanted or key in skip:
+            continue  # e.g. a tied lm_head saved twice: the model does not own it
+        value = files.read(key, torch.float32)
+        if convert is not None:
+            value = convert(key, value)
+        module, mname = owner.get(key, (None, None))
+        if module is None:
+            writer.add(key, value)
+            continue
+        writer.add(key, merged_weight(module, value, reinit_for(mname) if reinit_for is not None else None))
+        initial.update({f"{mname}.{k}": v for k, v in getattr(module, "initial_factors", {}).items()})
     return initial
 
 
