@@ -84,6 +84,7 @@ say what would. bench/memory_estimate.py holds it to measurement on CPU.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from omegaconf import DictConfig, OmegaConf
@@ -232,7 +233,7 @@ def optimizer_state(a: Arch, s: Setup, trainable: int) -> float:
     8 B/param (two fp32 moments), 8-bit AdamW 2 x (1 + 4/256) (32-bit for tensors under
     optim.min_8bit_size), Lion one moment (4, or 8-bit), SGD a momentum buffer or nothing,
     Adafactor a row and a column vector per matrix (plus beta1's first moment when set)."""
-    shapes = trainable_shapes(a, s, trainable)
+    shapes = trainable_shapes(a, s)
     if shapes is None:  # IA3 vectors, prompt / prefix tables, VeRA, AdaLoRA: counted as large tensors
         if s.optimizer == "adafactor":
             return optim_state.adafactor([], trainable, s.optim_moments, trainable)
@@ -240,7 +241,7 @@ def optimizer_state(a: Arch, s: Setup, trainable: int) -> float:
     return optim_state.state_bytes(s.optimizer, shapes, s.optim_bits, s.optim_moments, s.optim_min_8bit)
 
 
-def trainable_shapes(a: Arch, s: Setup, trainable: int) -> list[tuple[int, ...]] | None:
+def trainable_shapes(a: Arch, s: Setup) -> list[tuple[int, ...]] | None:
     """The shapes of the trainable tensors, where the method's layout is known: every weight
     (full), or LoRA's A (r x in) and B (out x r) per target and layer, + DoRA's magnitudes."""
     if s.peft is None:
@@ -345,10 +346,8 @@ def setup_of(cfg: DictConfig, device: str = "gpu") -> Setup:
 def trainable_params(a: Arch, s: Setup) -> int:
     if s.peft is None:
         return a.total_params
-    if s.peft == "lora":
-        shapes = a.linear_shapes()
-        per_layer = sum(s.lora_r * sum(shapes[t]) + (shapes[t][1] if s.dora else 0) for t in s.lora_targets)
-        return a.layers * per_layer
+    if s.peft == "lora":  # A (r x in), B (out x r) per target and layer, + DoRA's magnitudes
+        return sum(math.prod(shape) for shape in trainable_shapes(a, s))
     if s.peft == "adalora":  # P (r x in), Q (out x r) and the r singular values, at init_r
         shapes = a.linear_shapes()
         return a.layers * sum(s.lora_r * (sum(shapes[t]) + 1) for t in s.lora_targets)
