@@ -216,21 +216,6 @@ def combine(base_dir: Path, inputs: list, weights: list[float], ctype: str, dens
         _write_streamed(model, base_dir, out, shard_bytes)
 
 
-def _return_large_blocks() -> None:
-    """glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), so the
-    tensors read and merged one after another land in the heap, whose freed pages RSS keeps:
-    measured, the private memory then grew by 0.8x the model instead of ~0.4x (bench/
-    adapter_merge_memory.py). A fixed 128 KiB threshold (launch/worker.py's
-    train.host_memory=compact) maps every tensor and unmaps it when freed. Not glibc: its
-    allocator decides."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def _write_streamed(model, base_dir: Path, out: Path, shard_bytes: int) -> None:
     """`out` as merge_and_unload().save_pretrained(max_shard_size=shard_bytes) writes it
     (byte for byte on the bundled model: fp32 weights, the base's config with dtype float32,
@@ -240,10 +225,16 @@ def _write_streamed(model, base_dir: Path, out: Path, shard_bytes: int) -> None:
     import torch
     from transformers import AutoConfig, GenerationConfig
 
+    from launch.worker import set_host_allocator
     from trainers.model.export import SafetensorsShards, write_merged
     from trainers.model.weights import CheckpointFiles
 
-    _return_large_blocks()
+    # glibc raises its mmap threshold each time a large block is freed, so the tensors read
+    # and merged one after another would land in the heap, whose freed pages RSS keeps:
+    # measured, private memory grew by 0.8x the model instead of ~0.4x
+    # (bench/adapter_merge_memory.py). train.host_memory=compact's fixed threshold maps
+    # every tensor and unmaps it when freed.
+    set_host_allocator("compact")
     files = CheckpointFiles(base_dir)
     try:
         writer = SafetensorsShards(out, shard_bytes)
