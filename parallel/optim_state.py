@@ -11,6 +11,7 @@ elements in 32-bit state.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 BNB_BLOCK = 256
@@ -53,7 +54,7 @@ def state_bytes(name: str, shapes: Iterable[tuple[int, ...]], bits: int = 32, mo
     8-bit optimizer keeps 32-bit state for tensors under min_8bit_size elements, as
     bitsandbytes does (Optimizer8bit.init_state): a small model's LoRA factors, every norm."""
     shapes = [tuple(s) for s in shapes]
-    numels = [_numel(s) for s in shapes]
+    numels = [math.prod(int(d) for d in s) for s in shapes]
     if name != "adafactor":
         small = sum(n for n in numels if n < min_8bit_size) if eight_bit(name, bits) else 0
         full = per_param("lion" if name == "lion" else "adamw", 32)
@@ -64,9 +65,3 @@ def state_bytes(name: str, shapes: Iterable[tuple[int, ...]], bits: int = 32, mo
     vectors = sum(n for s, n in zip(shapes, numels) if len(s) < 2)
     return adafactor(matrices, vectors, moments, sum(numels))
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
