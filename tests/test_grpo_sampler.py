@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from trainers.objectives.rollout import Sampler, draw
@@ -154,3 +155,27 @@ def test_token_logps_in_one_chunk_or_many_give_the_same_values_and_gradients():
     assert torch.allclose(a, want, atol=1e-5) and torch.allclose(b, want, atol=1e-5)
     assert torch.allclose(ea, eb, atol=1e-5) and all((x - y).norm() <= 1e-4 * y.norm() + 1e-7 for x, y in zip(ga, gb))
     assert (a != 0).sum() == 21 and (a[labels == -100] == 0).all() and any(x.abs().sum() > 0 for x in ga)
+
+
+def test_micro_batches_group_rows_of_like_extent_and_drop_unused_columns():
+    """Every row lands in exactly one micro-batch with its own labels and advantage; rows are
+    ordered by their last attended column, and each micro-batch keeps exactly the columns
+    one of its rows attends (TRL's layout pads every row to the batch's longest)."""
+    from trainers.objectives.rollout import micro_batches, training_rows
+
+    prompts = [[5, 6, 7], [5, 6], [8, 9, 10, 11], [12]]
+    completions = [[20, 21, 1], [22] * 9 + [1], [23, 1], [24, 25, 26, 27, 28, 1]]
+    whole = training_rows(prompts, completions, pad_id=0, eos_id=1, mask_truncated=False)
+    whole["advantages"] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    batches = micro_batches(whole, 2)
+    assert [b["advantages"].tolist() for b in batches] == [pytest.approx([0.3, 0.1]), pytest.approx([0.4, 0.2])]
+    width = whole["input_ids"].size(1)
+    assert batches[0]["input_ids"].size(1) < width and batches[1]["input_ids"].size(1) <= width
+    for b in batches:
+        used = b["attention_mask"].any(0)
+        assert used[0] and used[-1]  # no column that no row attends
+        for row in range(2):
+            i = [0.1, 0.2, 0.3, 0.4].index(round(float(b["advantages"][row]), 1))
+            keep = whole["attention_mask"][i] == 1
+            assert torch.equal(b["input_ids"][row][b["attention_mask"][row] == 1], whole["input_ids"][i][keep])
+            assert torch.equal(b["labels"][row][b["labels"][row] != -100], whole["labels"][i][whole["labels"][i] != -100])
